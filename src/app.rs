@@ -1,0 +1,126 @@
+//! The commands: each loads the config, connects the boundaries it needs and runs.
+//!
+//! This is the only place that knows which implementation sits behind each trait.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::Context;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::config::Config;
+use crate::hypervisor::libvirt::LibvirtHypervisor;
+use crate::image::glance::GlanceClient;
+use crate::messaging::{consumer, notifier::AmqpNotifier};
+use crate::pipeline::{Boundaries, PipelineSettings, SnapshotPipeline};
+use crate::reclaim::Reclaimer;
+use crate::storage::ledger::{FileLedger, RadosLedger};
+use crate::storage::rbd::CephRbd;
+use crate::storage::{BlockStorage, WorkLedger};
+use crate::worker::Worker;
+
+fn load(path: &Path) -> anyhow::Result<Config> {
+    Config::load(path).map_err(anyhow::Error::from)
+}
+
+/// Ceph, when instance disks are on RBD (`[libvirt] images_type = rbd`).
+async fn connect_storage(config: &Config) -> anyhow::Result<Option<Arc<CephRbd>>> {
+    if config.libvirt.images_type != "rbd" {
+        return Ok(None);
+    }
+    let rbd = CephRbd::connect(&config.rbd).await.context("connecting to the Ceph cluster")?;
+    Ok(Some(Arc::new(rbd)))
+}
+
+fn reclaimer(config: &Config, storage: Option<Arc<dyn BlockStorage>>, images: Arc<GlanceClient>) -> Reclaimer {
+    Reclaimer {
+        storage,
+        images,
+        disk_pool: config.rbd.pool.clone(),
+        glance_pools: config.rbd.glance_pools.clone(),
+        snapshots_directory: config.libvirt.snapshots_directory.clone(),
+    }
+}
+
+pub async fn serve(path: &Path) -> anyhow::Result<()> {
+    let config = load(path)?;
+    info!(host = %config.host, config = %path.display(), "novasnap starting");
+    let ceph = connect_storage(&config).await?;
+    let ledger: Arc<dyn WorkLedger> = match &ceph {
+        Some(ceph) => Arc::new(RadosLedger::new(
+            ceph.as_ref().clone(),
+            &config.rbd.state_pool,
+            config.worker.instance_lease,
+            &format!("novasnap on {} (pid {})", config.host, std::process::id()),
+        )),
+        None => Arc::new(FileLedger::open(&config.worker.state_directory).context("opening the local work ledger")?),
+    };
+    let storage = ceph.map(|c| c as Arc<dyn BlockStorage>);
+    let images = Arc::new(GlanceClient::new(&config.glance).context("configuring the Glance client")?);
+    let hypervisor = Arc::new(LibvirtHypervisor::connect(&config.libvirt).await.context("connecting to libvirt")?);
+    let notifier = Arc::new(AmqpNotifier::connect(&config).await.context("connecting the notifier")?);
+
+    let shutdown = CancellationToken::new();
+    tokio::spawn(stop_on_signal(shutdown.clone()));
+    tokio::spawn(reclaim_periodically(
+        reclaimer(&config, storage.clone(), images.clone()),
+        config.worker.reclaim_interval,
+        shutdown.clone(),
+    ));
+
+    let boundaries = Boundaries { hypervisor, storage, images, notifier };
+    let pipeline = SnapshotPipeline::new(boundaries, PipelineSettings::from_config(&config));
+    let worker = Arc::new(Worker::new(pipeline, ledger));
+    consumer::serve(&config, worker, shutdown).await.context("consuming casts")?;
+    info!("novasnap stopped");
+    Ok(())
+}
+
+/// SIGTERM (what service managers send) or SIGINT ends the worker gracefully.
+async fn stop_on_signal(shutdown: CancellationToken) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        warn!("cannot install signal handlers; stop novasnap with SIGKILL");
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => info!("SIGTERM: no new casts; finishing the ones in flight"),
+        _ = int.recv() => info!("SIGINT: no new casts; finishing the ones in flight"),
+    }
+    shutdown.cancel();
+}
+
+/// At start-up and every `interval`: dead work's leftovers are removed.
+async fn reclaim_periodically(reclaimer: Reclaimer, interval: std::time::Duration, shutdown: CancellationToken) {
+    loop {
+        match reclaimer.run(false).await {
+            Ok(findings) => info!(found = findings.len(), "reclamation pass done"),
+            Err(e) => warn!(error = %e, "reclamation pass failed; trying again next interval"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(interval) => {}
+            _ = shutdown.cancelled() => return,
+        }
+    }
+}
+
+pub async fn reclaim(path: &Path, dry_run: bool) -> anyhow::Result<()> {
+    let config = load(path)?;
+    let storage = connect_storage(&config).await?.map(|c| c as Arc<dyn BlockStorage>);
+    let images = Arc::new(GlanceClient::new(&config.glance).context("configuring the Glance client")?);
+    let findings = reclaimer(&config, storage, images).run(dry_run).await?;
+    if findings.is_empty() {
+        println!("nothing left behind by novasnap");
+    }
+    for finding in &findings {
+        println!("{}{finding}", if dry_run { "would " } else { "" });
+    }
+    Ok(())
+}
+
+pub fn check_config(path: &Path) -> anyhow::Result<()> {
+    let config = load(path)?;
+    println!("{config:#?}");
+    Ok(())
+}

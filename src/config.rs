@@ -1,0 +1,455 @@
+//! Every option novasnap reads, in one place.
+//!
+//! The file is nova.conf-style INI, so an operator can point novasnap at the nova.conf
+//! they already have: the options Nova defines keep Nova's sections, names and defaults;
+//! novasnap's own live in `[novasnap]`. Unknown sections and keys are ignored (a real
+//! nova.conf has hundreds); a value that does not parse is an error naming file, section
+//! and key.
+
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use ini::Ini;
+
+use crate::retry::RetryPolicy;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {file}: {reason}")]
+    Read { file: PathBuf, reason: String },
+    #[error("{file}: [{section}] {key} = {value:?}: {reason}")]
+    Invalid { file: PathBuf, section: String, key: String, value: String, reason: String },
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// `[DEFAULT] host`: the compute host whose `compute.<host>` queue novasnap serves.
+    pub host: String,
+    pub messaging: MessagingConfig,
+    pub notifications: NotificationConfig,
+    pub libvirt: LibvirtConfig,
+    pub rbd: RbdConfig,
+    pub glance: GlanceConfig,
+    pub worker: WorkerConfig,
+}
+
+/// One broker from `transport_url`, as an AMQP URI lapin understands.
+#[derive(Clone, PartialEq, Eq)]
+pub struct BrokerEndpoint {
+    pub amqp_uri: String,
+    /// `host:port`, for log lines (the URI carries the password).
+    pub display: String,
+}
+
+/// Shows the endpoint without its credentials: configs are printed and logged.
+impl std::fmt::Debug for BrokerEndpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "BrokerEndpoint({})", self.display)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct MessagingConfig {
+    /// `[DEFAULT] transport_url`, one endpoint per comma-separated host, tried in turn.
+    pub brokers: Vec<BrokerEndpoint>,
+    /// `[DEFAULT] control_exchange`; Nova sets `nova`.
+    pub control_exchange: String,
+    /// `[oslo_messaging_rabbit] amqp_durable_queues`
+    pub durable_queues: bool,
+    /// `[oslo_messaging_rabbit] amqp_auto_delete`
+    pub auto_delete: bool,
+    /// `[oslo_messaging_rabbit] rabbit_quorum_queue`
+    pub quorum_queues: bool,
+    /// `[oslo_messaging_rabbit] rabbit_transient_quorum_queue`
+    pub transient_quorum_queues: bool,
+    /// `[oslo_messaging_rabbit] rabbit_transient_queues_ttl` (fanout queue `x-expires`).
+    pub transient_queues_ttl: Duration,
+    /// `[oslo_messaging_rabbit] heartbeat_timeout_threshold`
+    pub heartbeat: Duration,
+    /// Dead-letter exchange for casts novasnap cannot accept (`[novasnap] dead_letter_exchange`).
+    pub dead_letter_exchange: String,
+    /// Queue bound to the dead-letter exchange, so rejected casts are kept (`[novasnap] dead_letter_queue`).
+    pub dead_letter_queue: String,
+    /// Bodies larger than this are dead-lettered unread (`[novasnap] max_message_bytes`).
+    pub max_message_bytes: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NotificationFormat {
+    Versioned,
+    Unversioned,
+    Both,
+}
+
+#[derive(Debug, Clone)]
+pub struct NotificationConfig {
+    /// False when `[oslo_messaging_notifications] driver` is empty or `noop`.
+    pub enabled: bool,
+    /// `messaging` sends format 1.0 (no envelope); `messagingv2` the 2.0 envelope.
+    pub envelope_v2: bool,
+    /// `[novasnap] notification_exchange`: a separate exchange, so subscribers of novasnap
+    /// events need not share nova-compute's.
+    pub exchange: String,
+    /// `[notifications] notification_format`
+    pub format: NotificationFormat,
+    /// `[oslo_messaging_notifications] topics`: where legacy notifications go.
+    pub legacy_topics: Vec<String>,
+    /// `[notifications] versioned_notifications_topics`
+    pub versioned_topics: Vec<String>,
+    /// Minimum time between two progress notifications of one snapshot
+    /// (`[novasnap] progress_interval`, seconds).
+    pub progress_interval: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct LibvirtConfig {
+    /// `[libvirt] connection_uri` (Nova's default, empty, means `qemu:///system`).
+    pub connection_uri: String,
+    /// `[libvirt] images_type`
+    pub images_type: String,
+    /// `[libvirt] snapshot_image_format`: None means "same as the source".
+    pub snapshot_image_format: Option<String>,
+    /// `[libvirt] snapshots_directory`: where the standard path may put temporary files.
+    pub snapshots_directory: PathBuf,
+    /// `[workarounds] disable_libvirt_livesnapshot`
+    pub disable_live_snapshot: bool,
+    /// `[ephemeral_storage_encryption] enabled`: encrypted disks are never snapshotted live.
+    pub ephemeral_encryption: bool,
+    /// `[novasnap] block_copy_timeout`: bound on one live block copy (seconds).
+    pub block_copy_timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct RbdConfig {
+    /// `[libvirt] images_rbd_pool`
+    pub pool: String,
+    /// `[libvirt] images_rbd_ceph_conf` (empty means librados' default search).
+    pub ceph_conf: Option<PathBuf>,
+    /// `[libvirt] rbd_user`
+    pub user: Option<String>,
+    /// `[novasnap] state_pool`: pool holding novasnap's own RADOS objects (duplicate
+    /// `_unique_id`s, per-instance leases). Defaults to `images_rbd_pool`.
+    pub state_pool: String,
+    /// `[novasnap] glance_pools`: the pools Glance stores images in, where reclamation
+    /// looks for copies novasnap made (only those it marked as its own).
+    pub glance_pools: Vec<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct GlanceConfig {
+    /// `[glance] api_servers`, tried in turn.
+    pub api_servers: Vec<String>,
+    /// `[novasnap] glance_timeout`: bound on one HTTP request that is not an upload.
+    pub request_timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    /// `[novasnap] max_concurrent_snapshots` (Nova's `max_concurrent_snapshots`, 5).
+    pub max_concurrent_snapshots: usize,
+    /// `[novasnap] direct_snapshot`: false forces the standard path (benchmarks, or a
+    /// Glance that must own its bytes).
+    pub direct_snapshot: bool,
+    /// `[novasnap] retry_*`: the one retry policy for transient faults.
+    pub retry: RetryPolicy,
+    /// `[novasnap] reclaim_interval`: how often dead work's leftovers are looked for.
+    pub reclaim_interval: Duration,
+    /// `[novasnap] state_directory`: where the work ledger lives when there is no Ceph.
+    pub state_directory: PathBuf,
+    /// `[novasnap] instance_lease`: seconds an instance lease lasts unless renewed, i.e.
+    /// how long a dead replica's snapshot blocks the next one of that instance.
+    pub instance_lease: Duration,
+    /// `[novasnap] shutdown_grace`: on SIGTERM, how long in-flight snapshots may run on
+    /// before their casts are handed back to the broker.
+    pub shutdown_grace: Duration,
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let ini = Ini::load_from_file(path)
+            .map_err(|e| ConfigError::Read { file: path.to_owned(), reason: e.to_string() })?;
+        Self::from_ini(&ini, path)
+    }
+
+    pub fn from_ini(ini: &Ini, file: &Path) -> Result<Self, ConfigError> {
+        let r = Reader { ini, file };
+        let host = r.string("DEFAULT", "host", "")?;
+        let host = if host.is_empty() { hostname() } else { host };
+
+        let transport_url = r.string("DEFAULT", "transport_url", "rabbit://guest:guest@127.0.0.1:5672/")?;
+        let brokers = parse_transport_url(&transport_url)
+            .map_err(|reason| r.invalid("DEFAULT", "transport_url", &transport_url, reason))?;
+
+        let messaging = MessagingConfig {
+            brokers,
+            control_exchange: r.string("DEFAULT", "control_exchange", "nova")?,
+            durable_queues: r.parse("oslo_messaging_rabbit", "amqp_durable_queues", false)?,
+            auto_delete: r.parse("oslo_messaging_rabbit", "amqp_auto_delete", false)?,
+            quorum_queues: r.parse("oslo_messaging_rabbit", "rabbit_quorum_queue", false)?,
+            transient_quorum_queues: r.parse("oslo_messaging_rabbit", "rabbit_transient_quorum_queue", false)?,
+            transient_queues_ttl: r.seconds("oslo_messaging_rabbit", "rabbit_transient_queues_ttl", 1800)?,
+            heartbeat: r.seconds("oslo_messaging_rabbit", "heartbeat_timeout_threshold", 60)?,
+            dead_letter_exchange: r.string("novasnap", "dead_letter_exchange", "novasnap.dead_letter")?,
+            dead_letter_queue: r.string("novasnap", "dead_letter_queue", "novasnap.dead_letter")?,
+            max_message_bytes: r.parse("novasnap", "max_message_bytes", 1024 * 1024)?,
+        };
+
+        let drivers = r.list("oslo_messaging_notifications", "driver", &[])?;
+        let format = match r.string("notifications", "notification_format", "both")?.as_str() {
+            "both" => NotificationFormat::Both,
+            "versioned" => NotificationFormat::Versioned,
+            "unversioned" => NotificationFormat::Unversioned,
+            other => {
+                return Err(r.invalid(
+                    "notifications",
+                    "notification_format",
+                    other,
+                    "expected both, versioned or unversioned".into(),
+                ))
+            }
+        };
+        let notifications = NotificationConfig {
+            enabled: drivers.iter().any(|d| d == "messaging" || d == "messagingv2"),
+            envelope_v2: !drivers.iter().any(|d| d == "messaging"),
+            exchange: r.string("novasnap", "notification_exchange", "nova_notifications")?,
+            format,
+            legacy_topics: r.list("oslo_messaging_notifications", "topics", &["notifications"])?,
+            versioned_topics: r.list(
+                "notifications",
+                "versioned_notifications_topics",
+                &["versioned_notifications"],
+            )?,
+            progress_interval: r.seconds("novasnap", "progress_interval", 3)?,
+        };
+
+        let instances_path = r.string("DEFAULT", "instances_path", "/var/lib/nova/instances")?;
+        let connection_uri = r.string("libvirt", "connection_uri", "")?;
+        let snapshot_image_format = r.string("libvirt", "snapshot_image_format", "")?;
+        if !matches!(snapshot_image_format.as_str(), "" | "raw" | "qcow2" | "vmdk" | "vdi" | "ploop") {
+            return Err(r.invalid(
+                "libvirt",
+                "snapshot_image_format",
+                &snapshot_image_format,
+                "expected raw, qcow2, vmdk, vdi or ploop".into(),
+            ));
+        }
+        let libvirt = LibvirtConfig {
+            connection_uri: if connection_uri.is_empty() { "qemu:///system".into() } else { connection_uri },
+            images_type: r.string("libvirt", "images_type", "default")?,
+            snapshot_image_format: Some(snapshot_image_format).filter(|f| !f.is_empty()),
+            snapshots_directory: PathBuf::from(
+                r.string("libvirt", "snapshots_directory", "$instances_path/snapshots")?
+                    .replace("$instances_path", &instances_path),
+            ),
+            disable_live_snapshot: r.parse("workarounds", "disable_libvirt_livesnapshot", false)?,
+            ephemeral_encryption: r.parse("ephemeral_storage_encryption", "enabled", false)?,
+            block_copy_timeout: r.seconds("novasnap", "block_copy_timeout", 3600)?,
+        };
+
+        let pool = r.string("libvirt", "images_rbd_pool", "rbd")?;
+        let ceph_conf = r.string("libvirt", "images_rbd_ceph_conf", "")?;
+        let rbd_user = r.string("libvirt", "rbd_user", "")?;
+        let rbd = RbdConfig {
+            state_pool: r.string("novasnap", "state_pool", &pool)?,
+            glance_pools: r.list("novasnap", "glance_pools", &["images"])?,
+            pool,
+            ceph_conf: Some(PathBuf::from(ceph_conf)).filter(|p| !p.as_os_str().is_empty()),
+            user: Some(rbd_user).filter(|u| !u.is_empty()),
+        };
+
+        let api_servers = r.list("glance", "api_servers", &["http://127.0.0.1:9292"])?;
+        for server in &api_servers {
+            url::Url::parse(server).map_err(|e| r.invalid("glance", "api_servers", server, e.to_string()))?;
+        }
+        let glance = GlanceConfig { api_servers, request_timeout: r.seconds("novasnap", "glance_timeout", 60)? };
+
+        let max_concurrent_snapshots: usize = r.parse("novasnap", "max_concurrent_snapshots", 5)?;
+        if max_concurrent_snapshots == 0 {
+            return Err(r.invalid("novasnap", "max_concurrent_snapshots", "0", "must be at least 1".into()));
+        }
+        let worker = WorkerConfig {
+            max_concurrent_snapshots,
+            direct_snapshot: r.parse("novasnap", "direct_snapshot", true)?,
+            retry: RetryPolicy {
+                initial_delay: Duration::from_millis(r.parse("novasnap", "retry_initial_delay_ms", 500)?),
+                max_delay: r.seconds("novasnap", "retry_max_delay", 30)?,
+                max_retries: r.parse("novasnap", "retry_max_retries", 8)?,
+            },
+            reclaim_interval: r.seconds("novasnap", "reclaim_interval", 300)?,
+            state_directory: PathBuf::from(r.string("novasnap", "state_directory", "/var/lib/novasnap")?),
+            instance_lease: r.seconds("novasnap", "instance_lease", 30)?,
+            shutdown_grace: r.seconds("novasnap", "shutdown_grace", 120)?,
+        };
+
+        Ok(Self { host, messaging, notifications, libvirt, rbd, glance, worker })
+    }
+}
+
+struct Reader<'a> {
+    ini: &'a Ini,
+    file: &'a Path,
+}
+
+impl Reader<'_> {
+    fn raw(&self, section: &str, key: &str) -> Option<&str> {
+        self.ini.section(Some(section)).and_then(|s| s.get(key)).map(str::trim)
+    }
+
+    fn invalid(&self, section: &str, key: &str, value: &str, reason: String) -> ConfigError {
+        ConfigError::Invalid {
+            file: self.file.to_owned(),
+            section: section.into(),
+            key: key.into(),
+            value: value.into(),
+            reason,
+        }
+    }
+
+    fn string(&self, section: &str, key: &str, default: &str) -> Result<String, ConfigError> {
+        Ok(self.raw(section, key).unwrap_or(default).to_owned())
+    }
+
+    fn list(&self, section: &str, key: &str, default: &[&str]) -> Result<Vec<String>, ConfigError> {
+        Ok(match self.raw(section, key) {
+            Some(v) => v.split(',').map(str::trim).filter(|s| !s.is_empty()).map(String::from).collect(),
+            None => default.iter().map(|s| s.to_string()).collect(),
+        })
+    }
+
+    fn parse<T: ConfigValue>(&self, section: &str, key: &str, default: T) -> Result<T, ConfigError> {
+        match self.raw(section, key) {
+            None => Ok(default),
+            Some(v) => T::parse(v).map_err(|reason| self.invalid(section, key, v, reason)),
+        }
+    }
+
+    fn seconds(&self, section: &str, key: &str, default: u64) -> Result<Duration, ConfigError> {
+        let secs: f64 = self.parse(section, key, default as f64)?;
+        if !secs.is_finite() || secs < 0.0 {
+            return Err(self.invalid(
+                section,
+                key,
+                &secs.to_string(),
+                "expected a non-negative number of seconds".into(),
+            ));
+        }
+        Ok(Duration::from_secs_f64(secs))
+    }
+}
+
+/// How a value is written in an oslo.config file.
+trait ConfigValue: Sized {
+    fn parse(s: &str) -> Result<Self, String>;
+}
+
+impl ConfigValue for bool {
+    fn parse(s: &str) -> Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "true" | "1" | "yes" | "on" => Ok(true),
+            "false" | "0" | "no" | "off" => Ok(false),
+            _ => Err("expected true or false".into()),
+        }
+    }
+}
+
+macro_rules! from_str_value {
+    ($($t:ty),*) => {$(
+        impl ConfigValue for $t {
+            fn parse(s: &str) -> Result<Self, String> {
+                <$t>::from_str(s).map_err(|e| e.to_string())
+            }
+        }
+    )*};
+}
+from_str_value!(u32, u64, usize, f64);
+
+/// Splits an oslo `transport_url` (`rabbit://u:p@h1:5672,u:p@h2:5672/vhost`) into one AMQP
+/// URI per host, as oslo's rabbit driver does when it fails over between them.
+pub fn parse_transport_url(url: &str) -> Result<Vec<BrokerEndpoint>, String> {
+    let rest =
+        url.strip_prefix("rabbit://").ok_or_else(|| "only rabbit:// transport URLs are supported".to_string())?;
+    let (hosts, vhost) = match rest.split_once('/') {
+        Some((h, v)) => (h, v.split('?').next().unwrap_or("")),
+        None => (rest, ""),
+    };
+    let vhost = if vhost.is_empty() { "%2f".to_string() } else { vhost.to_string() };
+    let mut endpoints = Vec::new();
+    let mut last_credentials = None;
+    for host in hosts.split(',').map(str::trim).filter(|h| !h.is_empty()) {
+        let (credentials, hostport) = match host.rsplit_once('@') {
+            Some((c, h)) => (Some(c.to_string()), h),
+            None => (last_credentials.clone(), host),
+        };
+        last_credentials = credentials.clone();
+        let hostport = if hostport.contains(':') { hostport.to_string() } else { format!("{hostport}:5672") };
+        let auth = credentials.map(|c| format!("{c}@")).unwrap_or_default();
+        endpoints.push(BrokerEndpoint { amqp_uri: format!("amqp://{auth}{hostport}/{vhost}"), display: hostport });
+    }
+    if endpoints.is_empty() {
+        return Err("no host in transport URL".into());
+    }
+    Ok(endpoints)
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "localhost".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(text: &str) -> Result<Config, ConfigError> {
+        Config::from_ini(&Ini::load_from_str(text).unwrap(), Path::new("nova.conf"))
+    }
+
+    #[test]
+    fn a_real_nova_conf_with_unknown_options_loads() {
+        let c = load(
+            "[DEFAULT]\ntransport_url = rabbit://nova:s3cret@10.0.0.1:5672,nova:s3cret@10.0.0.2:5672/nova\nhost = cmp1\nmy_ip = 10.0.0.9\n\
+             [libvirt]\nimages_type = rbd\nimages_rbd_pool = vms\nvirt_type = kvm\n\
+             [glance]\napi_servers = http://10.0.0.5:9292\n\
+             [oslo_messaging_notifications]\ndriver = messagingv2\n\
+             [placement]\nauth_type = password\n",
+        )
+        .unwrap();
+        assert_eq!(c.host, "cmp1");
+        assert_eq!(c.messaging.brokers.len(), 2);
+        assert_eq!(c.messaging.brokers[1].amqp_uri, "amqp://nova:s3cret@10.0.0.2:5672/nova");
+        assert_eq!(c.messaging.brokers[0].display, "10.0.0.1:5672");
+        assert!(!format!("{c:?}").contains("s3cret"), "printed configs hide broker passwords");
+        assert_eq!(c.rbd.pool, "vms");
+        assert_eq!(c.rbd.state_pool, "vms");
+        assert!(c.notifications.enabled && c.notifications.envelope_v2);
+        assert_eq!(c.worker.max_concurrent_snapshots, 5);
+        assert_eq!(c.libvirt.connection_uri, "qemu:///system");
+        assert_eq!(c.libvirt.snapshots_directory, PathBuf::from("/var/lib/nova/instances/snapshots"));
+    }
+
+    #[test]
+    fn invalid_values_name_file_section_and_key() {
+        let err = load("[novasnap]\nmax_concurrent_snapshots = lots\n").unwrap_err().to_string();
+        assert!(err.contains("nova.conf") && err.contains("[novasnap] max_concurrent_snapshots"), "{err}");
+        let err = load("[workarounds]\ndisable_libvirt_livesnapshot = maybe\n").unwrap_err().to_string();
+        assert!(err.contains("[workarounds] disable_libvirt_livesnapshot"), "{err}");
+        let err = load("[DEFAULT]\ntransport_url = kafka://x\n").unwrap_err().to_string();
+        assert!(err.contains("transport_url"), "{err}");
+    }
+
+    #[test]
+    fn default_vhost_is_slash() {
+        let b = parse_transport_url("rabbit://guest:guest@127.0.0.1:5672/").unwrap();
+        assert_eq!(b[0].amqp_uri, "amqp://guest:guest@127.0.0.1:5672/%2f");
+    }
+
+    #[test]
+    fn noop_driver_disables_notifications() {
+        let c = load("[oslo_messaging_notifications]\ndriver = noop\n").unwrap();
+        assert!(!c.notifications.enabled);
+        let c = load("[oslo_messaging_notifications]\ndriver = messaging\n").unwrap();
+        assert!(c.notifications.enabled && !c.notifications.envelope_v2);
+    }
+}

@@ -1,0 +1,349 @@
+//! librbd's C API (the `ceph` crate covers librados but not librbd) as a small safe
+//! wrapper, plus the `Send` promise for the librados handle.
+//!
+//! Invariants that hold throughout:
+//! - every pointer passed to librbd is either a handle this module opened and has not yet
+//!   closed, or a NUL-terminated `CString` / buffer that outlives the call;
+//! - a negative return is `-errno` and is turned into [`Errno`] before anything else;
+//! - these calls block: callers run them on the blocking pool, never on the executor.
+
+use std::ffi::{c_char, c_int, c_void, CStr, CString};
+
+use ceph::ceph::{IoCtx, Rados};
+use ceph::rados::rados_ioctx_t;
+
+/// `errno` from a failed librbd call (positive).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Errno(pub i32);
+
+impl std::fmt::Display for Errno {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", std::io::Error::from_raw_os_error(self.0))
+    }
+}
+
+fn check(ret: c_int) -> Result<c_int, Errno> {
+    if ret < 0 {
+        Err(Errno(-ret))
+    } else {
+        Ok(ret)
+    }
+}
+
+fn cstr(s: &str) -> Result<CString, Errno> {
+    CString::new(s).map_err(|_| Errno(libc::EINVAL))
+}
+
+type RbdImageT = *mut c_void;
+type ProgressFn = extern "C" fn(offset: u64, total: u64, data: *mut c_void) -> c_int;
+
+#[repr(C)]
+struct RbdSnapInfo {
+    id: u64,
+    size: u64,
+    name: *const c_char,
+}
+
+#[link(name = "rbd")]
+extern "C" {
+    fn rbd_open(io: rados_ioctx_t, name: *const c_char, image: *mut RbdImageT, snap: *const c_char) -> c_int;
+    fn rbd_open_read_only(io: rados_ioctx_t, name: *const c_char, image: *mut RbdImageT, snap: *const c_char) -> c_int;
+    fn rbd_close(image: RbdImageT) -> c_int;
+    fn rbd_get_size(image: RbdImageT, size: *mut u64) -> c_int;
+    fn rbd_get_features(image: RbdImageT, features: *mut u64) -> c_int;
+    fn rbd_get_parent_info(
+        image: RbdImageT,
+        pool: *mut c_char,
+        pool_len: usize,
+        name: *mut c_char,
+        name_len: usize,
+        snap: *mut c_char,
+        snap_len: usize,
+    ) -> c_int;
+    fn rbd_snap_list(image: RbdImageT, snaps: *mut RbdSnapInfo, max: *mut c_int) -> c_int;
+    fn rbd_snap_list_end(snaps: *mut RbdSnapInfo);
+    fn rbd_snap_exists(image: RbdImageT, snap: *const c_char, exists: *mut bool) -> c_int;
+    fn rbd_snap_create(image: RbdImageT, snap: *const c_char) -> c_int;
+    fn rbd_snap_remove(image: RbdImageT, snap: *const c_char) -> c_int;
+    fn rbd_snap_protect(image: RbdImageT, snap: *const c_char) -> c_int;
+    fn rbd_snap_unprotect(image: RbdImageT, snap: *const c_char) -> c_int;
+    fn rbd_snap_is_protected(image: RbdImageT, snap: *const c_char, protected: *mut c_int) -> c_int;
+    fn rbd_clone(
+        p_io: rados_ioctx_t,
+        p_name: *const c_char,
+        p_snap: *const c_char,
+        c_io: rados_ioctx_t,
+        c_name: *const c_char,
+        features: u64,
+        order: *mut c_int,
+    ) -> c_int;
+    fn rbd_flatten_with_progress(image: RbdImageT, cb: ProgressFn, data: *mut c_void) -> c_int;
+    fn rbd_remove(io: rados_ioctx_t, name: *const c_char) -> c_int;
+    fn rbd_list(io: rados_ioctx_t, names: *mut c_char, size: *mut usize) -> c_int;
+    fn rbd_read(image: RbdImageT, ofs: u64, len: usize, buf: *mut c_char) -> isize;
+    fn rbd_metadata_set(image: RbdImageT, key: *const c_char, value: *const c_char) -> c_int;
+    fn rbd_metadata_get(image: RbdImageT, key: *const c_char, value: *mut c_char, len: *mut usize) -> c_int;
+}
+
+/// The cluster connection, shared by every worker thread.
+pub struct Cluster(pub Rados);
+
+// SAFETY: a `rados_t` is documented thread-safe once connected (librados serialises
+// internally); the `ceph` crate only omits `Send` because it holds a raw pointer. The
+// handle is shut down once, by `Rados`'s `Drop`, when the last owner goes.
+unsafe impl Send for Cluster {}
+
+/// A pool (librados I/O context) in which images are opened, created and removed.
+pub struct Pool(pub IoCtx);
+
+impl Pool {
+    fn io(&self) -> rados_ioctx_t {
+        *self.0.inner()
+    }
+
+    /// Opens `name`, at `snap` if given (then read-only).
+    pub fn open(&self, name: &str, snap: Option<&str>) -> Result<Image, Errno> {
+        let name = cstr(name)?;
+        let snap = snap.map(cstr).transpose()?;
+        let snap_ptr = snap.as_ref().map_or(std::ptr::null(), |s| s.as_ptr());
+        let mut handle: RbdImageT = std::ptr::null_mut();
+        // SAFETY: io is a live ioctx (self borrows it); name/snap outlive the call; on
+        // success librbd stores an open handle in `handle`, which `Image` closes once.
+        let ret = unsafe {
+            if snap.is_some() {
+                rbd_open_read_only(self.io(), name.as_ptr(), &mut handle, snap_ptr)
+            } else {
+                rbd_open(self.io(), name.as_ptr(), &mut handle, snap_ptr)
+            }
+        };
+        check(ret)?;
+        Ok(Image { handle })
+    }
+
+    /// Clones `parent@snap` (parent in `parent_pool`) as `child` in this pool.
+    pub fn clone_image(
+        &self,
+        parent_pool: &Pool,
+        parent: &str,
+        snap: &str,
+        child: &str,
+        features: u64,
+    ) -> Result<(), Errno> {
+        let (parent, snap, child) = (cstr(parent)?, cstr(snap)?, cstr(child)?);
+        let mut order: c_int = 0;
+        // SAFETY: both ioctxs are live; strings outlive the call; order is a valid out-pointer.
+        check(unsafe {
+            rbd_clone(parent_pool.io(), parent.as_ptr(), snap.as_ptr(), self.io(), child.as_ptr(), features, &mut order)
+        })
+        .map(drop)
+    }
+
+    pub fn remove(&self, name: &str) -> Result<(), Errno> {
+        let name = cstr(name)?;
+        // SAFETY: live ioctx, NUL-terminated name.
+        check(unsafe { rbd_remove(self.io(), name.as_ptr()) }).map(drop)
+    }
+
+    pub fn list(&self) -> Result<Vec<String>, Errno> {
+        let mut size: usize = 4096;
+        loop {
+            let mut buf = vec![0u8; size];
+            // SAFETY: buf holds `size` writable bytes; librbd writes at most that many and
+            // sets `size` to what it needs when ERANGE.
+            let ret = unsafe { rbd_list(self.io(), buf.as_mut_ptr().cast(), &mut size) };
+            match check(ret) {
+                Ok(len) => {
+                    return Ok(buf[..len as usize]
+                        .split(|b| *b == 0)
+                        .filter(|n| !n.is_empty())
+                        .map(|n| String::from_utf8_lossy(n).into_owned())
+                        .collect())
+                }
+                Err(Errno(libc::ERANGE)) => size = size.max(buf.len() * 2),
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+/// An open RBD image; closed when dropped.
+pub struct Image {
+    handle: RbdImageT,
+}
+
+// SAFETY: a librbd image handle may be used from any thread, one call at a time; `Image`
+// is not `Sync` and every method takes `&self`/`&mut self` on the one owner.
+unsafe impl Send for Image {}
+
+impl Drop for Image {
+    fn drop(&mut self) {
+        // SAFETY: the handle was opened by `Pool::open` and is closed only here.
+        unsafe { rbd_close(self.handle) };
+    }
+}
+
+/// Runs `f` with a NUL-terminated copy of `s`.
+fn with_c(s: &str, f: impl FnOnce(*const c_char) -> c_int) -> Result<c_int, Errno> {
+    let c = cstr(s)?;
+    check(f(c.as_ptr()))
+}
+
+impl Image {
+    pub fn size(&self) -> Result<u64, Errno> {
+        let mut size = 0u64;
+        // SAFETY: open handle; valid out-pointer.
+        check(unsafe { rbd_get_size(self.handle, &mut size) })?;
+        Ok(size)
+    }
+
+    pub fn features(&self) -> Result<u64, Errno> {
+        let mut features = 0u64;
+        // SAFETY: open handle; valid out-pointer.
+        check(unsafe { rbd_get_features(self.handle, &mut features) })?;
+        Ok(features)
+    }
+
+    /// (pool, image, snapshot) of the parent, or None for an image that is not a clone.
+    pub fn parent(&self) -> Result<Option<(String, String, String)>, Errno> {
+        const LEN: usize = 4096;
+        let (mut pool, mut name, mut snap) = (vec![0u8; LEN], vec![0u8; LEN], vec![0u8; LEN]);
+        // SAFETY: open handle; three LEN-byte buffers librbd fills with NUL-terminated
+        // strings (ERANGE if one would not fit).
+        let ret = unsafe {
+            rbd_get_parent_info(
+                self.handle,
+                pool.as_mut_ptr().cast(),
+                LEN,
+                name.as_mut_ptr().cast(),
+                LEN,
+                snap.as_mut_ptr().cast(),
+                LEN,
+            )
+        };
+        match check(ret) {
+            Ok(_) => {
+                let text = |b: &[u8]| {
+                    CStr::from_bytes_until_nul(b).map(|s| s.to_string_lossy().into_owned()).unwrap_or_default()
+                };
+                Ok(Some((text(&pool), text(&name), text(&snap))))
+            }
+            Err(Errno(libc::ENOENT)) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Snapshot names.
+    pub fn snapshots(&self) -> Result<Vec<String>, Errno> {
+        let mut max: c_int = 16;
+        loop {
+            let mut snaps: Vec<RbdSnapInfo> = Vec::with_capacity(max as usize + 1);
+            // SAFETY: `snaps` has room for `max` entries plus librbd's terminating entry;
+            // on success librbd fills `ret` entries whose names it owns until
+            // rbd_snap_list_end, called before the buffer is dropped.
+            let ret = unsafe { rbd_snap_list(self.handle, snaps.as_mut_ptr(), &mut max) };
+            match check(ret) {
+                Ok(count) => {
+                    // SAFETY: librbd initialised `count` entries.
+                    unsafe { snaps.set_len(count as usize) };
+                    let names = snaps
+                        .iter()
+                        // SAFETY: each name is a NUL-terminated string owned by librbd.
+                        .map(|s| unsafe { CStr::from_ptr(s.name) }.to_string_lossy().into_owned())
+                        .collect();
+                    // SAFETY: releases what rbd_snap_list allocated in these entries.
+                    unsafe { rbd_snap_list_end(snaps.as_mut_ptr()) };
+                    return Ok(names);
+                }
+                Err(Errno(libc::ERANGE)) => continue, // `max` now holds the count needed
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    pub fn snap_exists(&self, snap: &str) -> Result<bool, Errno> {
+        let mut exists = false;
+        // SAFETY: open handle; NUL-terminated name; valid out-pointer.
+        with_c(snap, |s| unsafe { rbd_snap_exists(self.handle, s, &mut exists) })?;
+        Ok(exists)
+    }
+
+    pub fn snap_is_protected(&self, snap: &str) -> Result<bool, Errno> {
+        let mut protected: c_int = 0;
+        // SAFETY: open handle; NUL-terminated name; valid out-pointer.
+        with_c(snap, |s| unsafe { rbd_snap_is_protected(self.handle, s, &mut protected) })?;
+        Ok(protected != 0)
+    }
+
+    pub fn snap_create(&self, snap: &str) -> Result<(), Errno> {
+        // SAFETY: open handle; NUL-terminated name.
+        with_c(snap, |s| unsafe { rbd_snap_create(self.handle, s) }).map(drop)
+    }
+
+    pub fn snap_remove(&self, snap: &str) -> Result<(), Errno> {
+        // SAFETY: open handle; NUL-terminated name.
+        with_c(snap, |s| unsafe { rbd_snap_remove(self.handle, s) }).map(drop)
+    }
+
+    pub fn snap_protect(&self, snap: &str) -> Result<(), Errno> {
+        // SAFETY: open handle; NUL-terminated name.
+        with_c(snap, |s| unsafe { rbd_snap_protect(self.handle, s) }).map(drop)
+    }
+
+    pub fn snap_unprotect(&self, snap: &str) -> Result<(), Errno> {
+        // SAFETY: open handle; NUL-terminated name.
+        with_c(snap, |s| unsafe { rbd_snap_unprotect(self.handle, s) }).map(drop)
+    }
+
+    /// Flattens, calling `progress(done, total)` as librbd reports.
+    pub fn flatten(&self, progress: &mut dyn FnMut(u64, u64)) -> Result<(), Errno> {
+        extern "C" fn trampoline(offset: u64, total: u64, data: *mut c_void) -> c_int {
+            // SAFETY: `data` is the `&mut &mut dyn FnMut` passed below, alive for the
+            // whole rbd_flatten_with_progress call, which invokes us on its own thread
+            // only while it runs.
+            let progress = unsafe { &mut *(data as *mut &mut dyn FnMut(u64, u64)) };
+            progress(offset, total);
+            0
+        }
+        let mut progress = progress;
+        let data = &mut progress as *mut &mut dyn FnMut(u64, u64) as *mut c_void;
+        // SAFETY: open handle; `data` outlives the call (see trampoline).
+        check(unsafe { rbd_flatten_with_progress(self.handle, trampoline, data) }).map(drop)
+    }
+
+    /// Reads up to `buf.len()` bytes at `offset`; returns how many were read.
+    pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<usize, Errno> {
+        // SAFETY: open handle; buf is writable for its full length.
+        let ret = unsafe { rbd_read(self.handle, offset, buf.len(), buf.as_mut_ptr().cast()) };
+        if ret < 0 {
+            return Err(Errno(-ret as i32));
+        }
+        Ok(ret as usize)
+    }
+
+    pub fn metadata_set(&self, key: &str, value: &str) -> Result<(), Errno> {
+        let (key, value) = (cstr(key)?, cstr(value)?);
+        // SAFETY: open handle; NUL-terminated key and value.
+        check(unsafe { rbd_metadata_set(self.handle, key.as_ptr(), value.as_ptr()) }).map(drop)
+    }
+
+    pub fn metadata_get(&self, key: &str) -> Result<Option<String>, Errno> {
+        let key = cstr(key)?;
+        let mut len: usize = 256;
+        loop {
+            let mut buf = vec![0u8; len];
+            // SAFETY: open handle; buf holds `len` writable bytes; on ERANGE librbd sets
+            // `len` to the size needed.
+            let ret = unsafe { rbd_metadata_get(self.handle, key.as_ptr(), buf.as_mut_ptr().cast(), &mut len) };
+            match check(ret) {
+                Ok(_) => {
+                    let value =
+                        CStr::from_bytes_until_nul(&buf).map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+                    return Ok(Some(value));
+                }
+                Err(Errno(libc::ENOENT)) => return Ok(None),
+                Err(Errno(libc::ERANGE)) => len = len.max(buf.len() * 2),
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}

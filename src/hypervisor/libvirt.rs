@@ -1,0 +1,342 @@
+//! [`Hypervisor`] over libvirt (`virt` 0.5, plus `crate::ffi::libvirt` for block jobs).
+//!
+//! One connection, reopened when libvirtd restarts; every call on the blocking pool.
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use uuid::Uuid;
+use virt::connect::Connect;
+use virt::domain::{Domain, DomainState};
+use virt::error::{Error, ErrorNumber};
+use virt::sys;
+
+use super::{DiskSource, Guest, Hypervisor, HypervisorError, PowerState, Progress, RootDisk};
+use crate::config::LibvirtConfig;
+use crate::ffi::libvirt as ffi;
+
+/// How long an aborted block job may take to go away.
+const ABORT_WAIT: Duration = Duration::from_secs(60);
+/// How often block-job progress is polled.
+const JOB_POLL: Duration = Duration::from_millis(200);
+
+#[derive(Clone)]
+pub struct LibvirtHypervisor {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    uri: String,
+    connection: Mutex<Option<Connect>>,
+    /// Bound on one live block copy.
+    copy_timeout: Duration,
+}
+
+fn code(e: &Error) -> i32 {
+    e.code().to_raw() as i32
+}
+
+/// Errors meaning the connection itself is gone (libvirtd restarted).
+fn is_disconnect(e: &Error) -> bool {
+    e.code().is_any(vec![ErrorNumber::NoConnect, ErrorNumber::SystemError, ErrorNumber::Rpc, ErrorNumber::InvalidConn])
+}
+
+impl Inner {
+    /// Runs `f` with the connection, opening it if needed and once more if libvirtd went
+    /// away under it.
+    fn with_connection<T>(
+        &self,
+        uuid: Uuid,
+        operation: &'static str,
+        f: impl Fn(&Connect) -> Result<T, Error>,
+    ) -> Result<T, HypervisorError> {
+        let mut connection = self.connection.lock().expect("libvirt connection lock");
+        for attempt in 0..2 {
+            if connection.is_none() {
+                *connection = Some(
+                    Connect::open(Some(&self.uri))
+                        .map_err(|e| HypervisorError::Connection(format!("{}: {e}", self.uri)))?,
+                );
+            }
+            match f(connection.as_ref().expect("just opened")) {
+                Ok(value) => return Ok(value),
+                Err(e) if attempt == 0 && is_disconnect(&e) => {
+                    tracing::warn!(uri = %self.uri, error = %e, "libvirt connection lost; reconnecting");
+                    // Dropping a dead connection may fail; the handle is gone either way.
+                    if let Some(old) = connection.take() {
+                        std::mem::forget(old);
+                    }
+                }
+                Err(e) => return Err(libvirt_error(operation, uuid, e)),
+            }
+        }
+        Err(HypervisorError::Connection(format!("{}: connection lost twice", self.uri)))
+    }
+
+    fn domain(&self, conn: &Connect, uuid: Uuid) -> Result<Domain, Error> {
+        conn.lookup_domain_by_uuid_string(&uuid.to_string())
+    }
+}
+
+fn libvirt_error(operation: &'static str, uuid: Uuid, e: Error) -> HypervisorError {
+    if e.code().is(ErrorNumber::NoDomain) {
+        return HypervisorError::GuestNotFound(uuid);
+    }
+    HypervisorError::Libvirt { operation, uuid, code: code(&e), message: e.message().to_string() }
+}
+
+/// The root disk from a domain's XML: the first `<disk device='disk'>`, as Nova's root is
+/// the first disk.
+pub fn root_disk_from_xml(uuid: Uuid, xml: &str) -> Result<RootDisk, HypervisorError> {
+    let no_disk = |reason: String| HypervisorError::NoRootDisk { uuid, reason };
+    let doc = roxmltree::Document::parse(xml).map_err(|e| no_disk(format!("unreadable domain XML: {e}")))?;
+    let disk = doc
+        .descendants()
+        .find(|n| n.has_tag_name("disk") && n.attribute("device").unwrap_or("disk") == "disk")
+        .ok_or_else(|| no_disk("no <disk device='disk'>".into()))?;
+    let child = |tag: &str| disk.children().find(|n| n.has_tag_name(tag));
+    let source = child("source").ok_or_else(|| no_disk("disk without <source>".into()))?;
+    let target =
+        child("target").and_then(|t| t.attribute("dev")).ok_or_else(|| no_disk("disk without <target dev>".into()))?;
+    let format = child("driver").and_then(|d| d.attribute("type")).unwrap_or("raw").to_string();
+    let source = match disk.attribute("type") {
+        Some("network") if source.attribute("protocol") == Some("rbd") => {
+            let name = source.attribute("name").ok_or_else(|| no_disk("rbd source without name".into()))?;
+            let (pool, image) =
+                name.split_once('/').ok_or_else(|| no_disk(format!("rbd source {name} is not pool/image")))?;
+            DiskSource::Rbd { pool: pool.to_string(), image: image.to_string() }
+        }
+        Some("file") => {
+            DiskSource::File(source.attribute("file").ok_or_else(|| no_disk("file source without file".into()))?.into())
+        }
+        Some("block") => {
+            DiskSource::Block(source.attribute("dev").ok_or_else(|| no_disk("block source without dev".into()))?.into())
+        }
+        other => return Err(no_disk(format!("disk type {other:?} is not supported"))),
+    };
+    Ok(RootDisk { source, format, target: target.to_string() })
+}
+
+fn power_state(domain: &Domain) -> Result<PowerState, Error> {
+    let (state, _) = domain.state()?;
+    Ok(match state.known() {
+        Some(DomainState::Running | DomainState::Blocked) => PowerState::Running,
+        Some(DomainState::Paused) => PowerState::Paused,
+        Some(DomainState::Shutdown) => PowerState::Shutdown,
+        // A managed save is a suspend the pipeline (or Nova) must resume from.
+        Some(DomainState::Shutoff) if domain.has_managed_save(0)? => PowerState::Suspended,
+        Some(DomainState::Shutoff) => PowerState::Shutdown,
+        Some(DomainState::Crashed) => PowerState::Crashed,
+        Some(DomainState::PMSuspended) => PowerState::Suspended,
+        Some(DomainState::NoState) | None => PowerState::NoState,
+    })
+}
+
+impl LibvirtHypervisor {
+    pub async fn connect(config: &LibvirtConfig) -> Result<Self, HypervisorError> {
+        let inner = Arc::new(Inner {
+            uri: config.connection_uri.clone(),
+            connection: Mutex::new(None),
+            copy_timeout: config.block_copy_timeout,
+        });
+        let probe = inner.clone();
+        tokio::task::spawn_blocking(move || probe.with_connection(Uuid::nil(), "connect", |c| c.is_alive()))
+            .await
+            .map_err(|e| HypervisorError::Connection(e.to_string()))??;
+        Ok(Self { inner })
+    }
+
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Inner) -> Result<T, HypervisorError> + Send + 'static,
+    ) -> Result<T, HypervisorError> {
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || f(&inner))
+            .await
+            .map_err(|e| HypervisorError::Connection(format!("blocking task failed: {e}")))?
+    }
+}
+
+#[async_trait]
+impl Hypervisor for LibvirtHypervisor {
+    async fn find_guest(&self, uuid: Uuid) -> Result<Guest, HypervisorError> {
+        let (name, state, xml) = self
+            .blocking(move |inner| {
+                inner.with_connection(uuid, "find guest", |c| {
+                    let domain = inner.domain(c, uuid)?;
+                    Ok((domain.name()?, power_state(&domain)?, domain.xml_desc(0)?))
+                })
+            })
+            .await?;
+        Ok(Guest { uuid, domain_name: name, power_state: state, root_disk: root_disk_from_xml(uuid, &xml)? })
+    }
+
+    async fn power_state(&self, uuid: Uuid) -> Result<PowerState, HypervisorError> {
+        self.blocking(move |inner| inner.with_connection(uuid, "power state", |c| power_state(&inner.domain(c, uuid)?)))
+            .await
+    }
+
+    async fn abort_block_job(&self, uuid: Uuid, disk: &str) -> Result<(), HypervisorError> {
+        let disk = disk.to_string();
+        self.blocking(move |inner| {
+            let aborted = inner.with_connection(uuid, "abort block job", |c| {
+                let domain = inner.domain(c, uuid)?;
+                match ffi::block_job_info(&domain, &disk)? {
+                    None => Ok(false),
+                    Some(_) => match ffi::block_job_abort(&domain, &disk) {
+                        Ok(()) => Ok(true),
+                        // Ended between the look and the abort.
+                        Err(e) if e.message().contains("no active block job") => Ok(false),
+                        Err(e) => Err(e),
+                    },
+                }
+            })?;
+            if aborted {
+                wait_for_no_job(inner, uuid, &disk, ABORT_WAIT)?;
+                tracing::info!(%uuid, disk, "aborted a stale block job");
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn suspend(&self, uuid: Uuid) -> Result<(), HypervisorError> {
+        self.blocking(move |inner| {
+            inner.with_connection(uuid, "managed save", |c| {
+                let domain = inner.domain(c, uuid)?;
+                if domain.is_active()? {
+                    domain.managed_save(0)?;
+                }
+                Ok(())
+            })
+        })
+        .await
+    }
+
+    async fn resume(&self, uuid: Uuid, paused: bool) -> Result<(), HypervisorError> {
+        self.blocking(move |inner| {
+            inner.with_connection(uuid, "resume", |c| {
+                let domain = inner.domain(c, uuid)?;
+                if !domain.is_active()? {
+                    let flags = if paused { sys::VIR_DOMAIN_START_PAUSED } else { 0 };
+                    domain.create_with_flags(flags)?;
+                    return Ok(());
+                }
+                match (power_state(&domain)?, paused) {
+                    (PowerState::Running, true) => domain.suspend(),
+                    (PowerState::Paused, false) => domain.resume(),
+                    _ => Ok(()),
+                }
+            })
+        })
+        .await
+    }
+
+    async fn live_copy(&self, uuid: Uuid, disk: &str, dest: &Path, progress: Progress) -> Result<(), HypervisorError> {
+        let (disk, dest) = (disk.to_string(), dest.to_string_lossy().into_owned());
+        self.blocking(move |inner| {
+            // A job left by an earlier try would make the copy fail: clear it first.
+            inner.with_connection(uuid, "abort block job", |c| {
+                let domain = inner.domain(c, uuid)?;
+                if ffi::block_job_info(&domain, &disk)?.is_some() {
+                    ffi::block_job_abort(&domain, &disk)?;
+                }
+                Ok(())
+            })?;
+            wait_for_no_job(inner, uuid, &disk, ABORT_WAIT)?;
+            inner.with_connection(uuid, "block copy", |c| {
+                ffi::block_copy_shallow(&inner.domain(c, uuid)?, &disk, &dest)
+            })?;
+            let start = Instant::now();
+            loop {
+                let job = inner
+                    .with_connection(uuid, "block job info", |c| ffi::block_job_info(&inner.domain(c, uuid)?, &disk))?;
+                match job {
+                    Some((cur, end)) if end > 0 && cur == end => break,
+                    Some((cur, end)) => progress((cur.saturating_mul(100) / end.max(1)).min(99) as u8),
+                    None => {
+                        return Err(HypervisorError::Libvirt {
+                            operation: "block copy",
+                            uuid,
+                            code: 0,
+                            message: format!("the copy job on {disk} ended before it was in sync"),
+                        })
+                    }
+                }
+                if start.elapsed() > inner.copy_timeout {
+                    let _ = inner.with_connection(uuid, "abort block job", |c| {
+                        ffi::block_job_abort(&inner.domain(c, uuid)?, &disk)
+                    });
+                    return Err(HypervisorError::BlockJobTimeout { uuid, disk, seconds: inner.copy_timeout.as_secs() });
+                }
+                std::thread::sleep(JOB_POLL);
+            }
+            // In sync: end the job without pivoting, so the guest stays on its disk and
+            // `dest` keeps the copy.
+            inner.with_connection(uuid, "abort block job", |c| ffi::block_job_abort(&inner.domain(c, uuid)?, &disk))?;
+            wait_for_no_job(inner, uuid, &disk, ABORT_WAIT)?;
+            progress(100);
+            Ok(())
+        })
+        .await
+    }
+}
+
+fn wait_for_no_job(inner: &Inner, uuid: Uuid, disk: &str, limit: Duration) -> Result<(), HypervisorError> {
+    let start = Instant::now();
+    while inner
+        .with_connection(uuid, "block job info", |c| ffi::block_job_info(&inner.domain(c, uuid)?, disk))?
+        .is_some()
+    {
+        if start.elapsed() > limit {
+            return Err(HypervisorError::BlockJobTimeout { uuid, disk: disk.to_string(), seconds: limit.as_secs() });
+        }
+        std::thread::sleep(JOB_POLL);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(xml: &str) -> Result<RootDisk, HypervisorError> {
+        root_disk_from_xml(Uuid::nil(), xml)
+    }
+
+    #[test]
+    fn rbd_file_and_block_roots_are_recognised() {
+        let rbd = parse(
+            "<domain><devices><disk type='network' device='disk'><driver name='qemu' type='raw'/>\
+             <source protocol='rbd' name='vms/abc_disk'><host name='127.0.0.1' port='6789'/></source>\
+             <target dev='vda' bus='virtio'/></disk></devices></domain>",
+        )
+        .unwrap();
+        assert_eq!(rbd.source, DiskSource::Rbd { pool: "vms".into(), image: "abc_disk".into() });
+        assert_eq!((rbd.format.as_str(), rbd.target.as_str()), ("raw", "vda"));
+
+        let file = parse(
+            "<domain><devices><disk type='file' device='cdrom'><source file='/x.iso'/><target dev='hdc'/></disk>\
+             <disk type='file' device='disk'><driver type='qcow2'/><source file='/var/lib/d/disk'/><target dev='vda'/></disk>\
+             </devices></domain>",
+        )
+        .unwrap();
+        assert_eq!(file.source, DiskSource::File("/var/lib/d/disk".into()), "the cdrom is skipped");
+        assert_eq!(file.format, "qcow2");
+
+        let block = parse("<domain><devices><disk type='block'><source dev='/dev/vg/lv'/><target dev='sda'/></disk></devices></domain>").unwrap();
+        assert_eq!(block.source, DiskSource::Block("/dev/vg/lv".into()));
+    }
+
+    #[test]
+    fn a_domain_without_a_usable_disk_is_a_clear_error() {
+        assert!(parse("<domain><devices/></domain>").unwrap_err().to_string().contains("no <disk"));
+        assert!(parse("<domain><devices><disk type='network' device='disk'><source protocol='nbd' name='x'/><target dev='vda'/></disk></devices></domain>")
+            .unwrap_err()
+            .to_string()
+            .contains("not supported"));
+        assert!(parse("not xml").is_err());
+    }
+}

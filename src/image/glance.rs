@@ -1,0 +1,402 @@
+//! Glance v2 over HTTP (reqwest, rustls).
+//!
+//! Every call goes to the first of `[glance] api_servers` that answers; a connection error
+//! moves on to the next. The request context's token travels as `X-Auth-Token` and its
+//! global request id as `X-OpenStack-Request-ID`; neither is ever logged.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::stream::BoxStream;
+use reqwest::{Method, RequestBuilder, Response, StatusCode};
+use serde_json::{json, Value};
+use uuid::Uuid;
+
+use super::{Image, ImageError, ImageProperties, ImageService, ImageStatus};
+use crate::config::GlanceConfig;
+use crate::request::RequestContext;
+
+const PATCH_CONTENT_TYPE: &str = "application/openstack-images-v2.1-json-patch";
+/// Error bodies are kept for the message, cut to this many bytes.
+const ERROR_BODY_LIMIT: usize = 512;
+
+pub struct GlanceClient {
+    http: reqwest::Client,
+    /// Uploads stream for as long as the data flows: no overall timeout.
+    upload_http: reqwest::Client,
+    servers: Vec<String>,
+    /// Index of the server that answered last.
+    current: AtomicUsize,
+    /// Bound on waiting for an image to turn active.
+    wait_limit: Duration,
+}
+
+impl GlanceClient {
+    pub fn new(config: &GlanceConfig) -> Result<Self, ImageError> {
+        let build = |timeout: Option<Duration>| {
+            let builder = reqwest::Client::builder().connect_timeout(Duration::from_secs(10));
+            let builder = match timeout {
+                Some(t) => builder.timeout(t),
+                None => builder.read_timeout(Duration::from_secs(300)),
+            };
+            builder.build().map_err(|e| ImageError::Transport { operation: "configure client", message: e.to_string() })
+        };
+        Ok(Self {
+            http: build(Some(config.request_timeout))?,
+            upload_http: build(None)?,
+            servers: config.api_servers.iter().map(|s| s.trim_end_matches('/').to_string()).collect(),
+            current: AtomicUsize::new(0),
+            wait_limit: config.request_timeout * 10,
+        })
+    }
+
+    /// Sends the request built by `build` for `path`, trying each server in turn on
+    /// connection errors.
+    async fn send(
+        &self,
+        operation: &'static str,
+        ctx: &RequestContext,
+        method: Method,
+        path: &str,
+        build: impl Fn(RequestBuilder) -> RequestBuilder,
+        client: &reqwest::Client,
+    ) -> Result<Response, ImageError> {
+        let start = self.current.load(Ordering::Relaxed);
+        let mut last_error = None;
+        for i in 0..self.servers.len() {
+            let index = (start + i) % self.servers.len();
+            let mut request = client.request(method.clone(), format!("{}{path}", self.servers[index]));
+            if let Some(token) = &ctx.auth_token {
+                request = request.header("X-Auth-Token", token.expose());
+            }
+            if let Some(id) = ctx.global_request_id.as_deref().or(ctx.request_id.as_deref()) {
+                request = request.header("X-OpenStack-Request-ID", id);
+            }
+            match build(request).send().await {
+                Ok(response) => {
+                    self.current.store(index, Ordering::Relaxed);
+                    return Ok(response);
+                }
+                Err(e) if e.is_connect() => last_error = Some(e),
+                Err(e) => return Err(ImageError::Transport { operation, message: e.to_string() }),
+            }
+        }
+        let message = last_error.map_or_else(|| "no Glance api_servers configured".to_string(), |e| e.to_string());
+        Err(ImageError::Transport { operation, message })
+    }
+
+    async fn json(&self, operation: &'static str, target: Uuid, response: Response) -> Result<Value, ImageError> {
+        let response = check(operation, target, response).await?;
+        response.json().await.map_err(|e| ImageError::Transport { operation, message: e.to_string() })
+    }
+
+    /// Creates an image the way nova-api does before casting a snapshot: queued, no data.
+    pub async fn create(&self, ctx: &RequestContext, fields: &ImageProperties) -> Result<Image, ImageError> {
+        let body = Value::Object(fields.clone().into_iter().collect());
+        let response =
+            self.send("create image", ctx, Method::POST, "/v2/images", |r| r.json(&body), &self.http).await?;
+        parse_image(&self.json("create image", Uuid::nil(), response).await?)
+    }
+}
+
+impl GlanceClient {
+    /// Waits for the image to turn `active`, bounded by the request timeout × 10 (the
+    /// locations API activates asynchronously, after hashing the data).
+    async fn wait_until_active(&self, ctx: &RequestContext, id: Uuid) -> Result<(), ImageError> {
+        let deadline = tokio::time::Instant::now() + self.wait_limit;
+        loop {
+            let image = self.get(ctx, id).await?;
+            match image.status {
+                ImageStatus::Active => return Ok(()),
+                ImageStatus::Killed | ImageStatus::Deleted | ImageStatus::PendingDelete => {
+                    return Err(ImageError::Http {
+                        operation: "add location",
+                        target: id.to_string(),
+                        status: 409,
+                        body: format!("image went {:?} while Glance checked the location", image.status),
+                    })
+                }
+                _ if tokio::time::Instant::now() >= deadline => {
+                    return Err(ImageError::Transport {
+                        operation: "add location",
+                        message: format!("image {id} not active {:?} after registering its location", self.wait_limit),
+                    })
+                }
+                _ => tokio::time::sleep(Duration::from_millis(250)).await,
+            }
+        }
+    }
+}
+
+/// Turns non-2xx answers into errors; 404 becomes `NotFound`.
+async fn check(operation: &'static str, target: Uuid, response: Response) -> Result<Response, ImageError> {
+    let status = response.status();
+    if status.is_success() {
+        return Ok(response);
+    }
+    if status == StatusCode::NOT_FOUND {
+        return Err(ImageError::NotFound(target));
+    }
+    let mut body = response.text().await.unwrap_or_default();
+    if body.len() > ERROR_BODY_LIMIT {
+        let cut = (0..=ERROR_BODY_LIMIT).rev().find(|&i| body.is_char_boundary(i)).unwrap_or(0);
+        body.truncate(cut);
+    }
+    Err(ImageError::Http { operation, target: target.to_string(), status: status.as_u16(), body })
+}
+
+/// Glance's image JSON → [`Image`]: the known fields typed, the rest kept as properties.
+pub fn parse_image(v: &Value) -> Result<Image, ImageError> {
+    let bad = |what: &str| ImageError::Transport {
+        operation: "parse image",
+        message: format!("image JSON without {what}: {v}"),
+    };
+    let obj = v.as_object().ok_or_else(|| bad("an object"))?;
+    let id = obj.get("id").and_then(Value::as_str).and_then(|s| Uuid::parse_str(s).ok()).ok_or_else(|| bad("an id"))?;
+    let text = |k: &str| obj.get(k).and_then(Value::as_str).map(String::from);
+    let locations = obj
+        .get("locations")
+        .and_then(Value::as_array)
+        .map(|l| l.iter().filter_map(|l| l.get("url").and_then(Value::as_str).map(String::from)).collect())
+        .unwrap_or_default();
+    const TYPED: &[&str] =
+        &["id", "name", "status", "size", "checksum", "disk_format", "container_format", "created_at", "locations"];
+    Ok(Image {
+        id,
+        name: text("name"),
+        status: ImageStatus::parse(obj.get("status").and_then(Value::as_str).unwrap_or("")),
+        size: obj.get("size").and_then(Value::as_u64),
+        checksum: text("checksum"),
+        disk_format: text("disk_format"),
+        container_format: text("container_format"),
+        created_at: text("created_at"),
+        locations,
+        properties: obj
+            .iter()
+            .filter(|(k, _)| !TYPED.contains(&k.as_str()))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+    })
+}
+
+/// JSON patch that makes `image` carry `properties`: `replace` where a key exists, `add`
+/// where not, `remove` for nulls that exist; nothing for values already equal.
+pub fn patch_for(image: &Image, properties: &ImageProperties) -> Vec<Value> {
+    let current = |key: &str| -> Option<Value> {
+        match key {
+            "disk_format" => image.disk_format.clone().map(Value::String),
+            "container_format" => image.container_format.clone().map(Value::String),
+            "name" => image.name.clone().map(Value::String),
+            _ => image.properties.get(key).cloned().filter(|v| !v.is_null()),
+        }
+    };
+    properties
+        .iter()
+        .filter_map(|(key, value)| {
+            let path = format!("/{}", key.replace('~', "~0").replace('/', "~1"));
+            match (current(key), value.is_null()) {
+                (Some(existing), false) if existing == *value => None,
+                (Some(_), false) => Some(json!({"op": "replace", "path": path, "value": value})),
+                (None, false) => Some(json!({"op": "add", "path": path, "value": value})),
+                (Some(_), true) => Some(json!({"op": "remove", "path": path})),
+                (None, true) => None,
+            }
+        })
+        .collect()
+}
+
+#[async_trait]
+impl ImageService for GlanceClient {
+    async fn get(&self, ctx: &RequestContext, id: Uuid) -> Result<Image, ImageError> {
+        let response = self.send("get image", ctx, Method::GET, &format!("/v2/images/{id}"), |r| r, &self.http).await?;
+        parse_image(&self.json("get image", id, response).await?)
+    }
+
+    async fn update(&self, ctx: &RequestContext, id: Uuid, properties: &ImageProperties) -> Result<Image, ImageError> {
+        let image = self.get(ctx, id).await?;
+        let patch = Value::Array(patch_for(&image, properties));
+        if patch.as_array().is_some_and(Vec::is_empty) {
+            return Ok(image);
+        }
+        let body = patch.to_string();
+        let response = self
+            .send(
+                "update image",
+                ctx,
+                Method::PATCH,
+                &format!("/v2/images/{id}"),
+                |r| r.header("Content-Type", PATCH_CONTENT_TYPE).body(body.clone()),
+                &self.http,
+            )
+            .await?;
+        parse_image(&self.json("update image", id, response).await?)
+    }
+
+    async fn add_location(&self, ctx: &RequestContext, id: Uuid, url: &str) -> Result<(), ImageError> {
+        if self.get(ctx, id).await?.locations.iter().any(|l| l == url) {
+            return Ok(());
+        }
+        // The locations API (Glance ≥ 29), meant for services such as Nova.
+        let body = json!({"url": url, "validation_data": {}});
+        let response = self
+            .send(
+                "add location",
+                ctx,
+                Method::POST,
+                &format!("/v2/images/{id}/locations"),
+                |r| r.json(&body),
+                &self.http,
+            )
+            .await?;
+        let first_refusal = match check("add location", id, response).await {
+            // 202: Glance verifies the location (hashing the data) in a task of its own.
+            Ok(_) => return self.wait_until_active(ctx, id).await,
+            // Older Glance, or the policy keeps this API to others: try the PATCH form.
+            Err(ImageError::Http { status: status @ (400 | 403 | 404 | 405 | 501), body, .. }) => {
+                format!("HTTP {status}: {body}")
+            }
+            Err(ImageError::NotFound(_)) => "locations API not found".to_string(),
+            Err(e) => return Err(e),
+        };
+        let patch = json!([{"op": "add", "path": "/locations/-", "value": {"url": url, "metadata": {}}}]).to_string();
+        let response = self
+            .send(
+                "add location",
+                ctx,
+                Method::PATCH,
+                &format!("/v2/images/{id}"),
+                |r| r.header("Content-Type", PATCH_CONTENT_TYPE).body(patch.clone()),
+                &self.http,
+            )
+            .await?;
+        match check("add location", id, response).await {
+            Ok(_) => Ok(()),
+            Err(ImageError::Http { status: status @ (400 | 403 | 409), body, .. }) => {
+                // A concurrent try may have registered it meanwhile.
+                if self.get(ctx, id).await?.locations.iter().any(|l| l == url) {
+                    return Ok(());
+                }
+                Err(ImageError::LocationsRefused {
+                    id,
+                    reason: format!("locations API: {first_refusal}; PATCH add /locations/-: HTTP {status}: {body}"),
+                })
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn upload(
+        &self,
+        ctx: &RequestContext,
+        id: Uuid,
+        data: BoxStream<'static, Result<Bytes, std::io::Error>>,
+        size: Option<u64>,
+    ) -> Result<(), ImageError> {
+        // A stream is consumed by the first request: no server failover for the body.
+        let body = std::sync::Mutex::new(Some(reqwest::Body::wrap_stream(data)));
+        let response = self
+            .send(
+                "upload image data",
+                ctx,
+                Method::PUT,
+                &format!("/v2/images/{id}/file"),
+                |r| {
+                    let r = r.header("Content-Type", "application/octet-stream");
+                    // A known length goes as Content-Length (Glance can then check it);
+                    // otherwise the body is chunked.
+                    let r = match size {
+                        Some(size) => r.header(reqwest::header::CONTENT_LENGTH, size),
+                        None => r,
+                    };
+                    match body.lock().expect("upload body lock").take() {
+                        Some(body) => r.body(body),
+                        None => r,
+                    }
+                },
+                &self.upload_http,
+            )
+            .await?;
+        check("upload image data", id, response).await.map(drop)
+    }
+
+    async fn delete(&self, ctx: &RequestContext, id: Uuid) -> Result<(), ImageError> {
+        let response =
+            self.send("delete image", ctx, Method::DELETE, &format!("/v2/images/{id}"), |r| r, &self.http).await?;
+        match check("delete image", id, response).await {
+            Ok(_) | Err(ImageError::NotFound(_)) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn list(&self, ctx: &RequestContext, filters: &[(&str, &str)]) -> Result<Vec<Image>, ImageError> {
+        let mut query: Vec<(&str, &str)> = filters.to_vec();
+        query.extend([("sort_key", "created_at"), ("sort_dir", "desc"), ("limit", "100")]);
+        let mut path = format!("/v2/images?{}", serde_urlencode(&query));
+        let mut images = Vec::new();
+        loop {
+            let response = self.send("list images", ctx, Method::GET, &path, |r| r, &self.http).await?;
+            let page = self.json("list images", Uuid::nil(), response).await?;
+            for image in page.get("images").and_then(Value::as_array).into_iter().flatten() {
+                images.push(parse_image(image)?);
+            }
+            match page.get("next").and_then(Value::as_str) {
+                Some(next) if !next.is_empty() => path = next.to_string(),
+                _ => return Ok(images),
+            }
+        }
+    }
+}
+
+fn serde_urlencode(pairs: &[(&str, &str)]) -> String {
+    url::form_urlencoded::Serializer::new(String::new()).extend_pairs(pairs).finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn image(v: Value) -> Image {
+        parse_image(&v).unwrap()
+    }
+
+    #[test]
+    fn glance_json_maps_into_an_image() {
+        let i = image(json!({
+            "id": "9e8f7a6b-5c4d-4e3f-8a2b-1c0d9e8f7a6b", "name": "s", "status": "active", "size": 5,
+            "disk_format": "raw", "container_format": "bare", "checksum": "abc",
+            "locations": [{"url": "rbd://f/images/x/snap", "metadata": {}}],
+            "instance_uuid": "i-1", "min_ram": 0
+        }));
+        assert_eq!(i.status, ImageStatus::Active);
+        assert_eq!(i.locations, vec!["rbd://f/images/x/snap"]);
+        assert_eq!(i.properties["instance_uuid"], json!("i-1"));
+        assert!(!i.properties.contains_key("status"));
+        assert!(parse_image(&json!({"name": "no id"})).is_err());
+    }
+
+    #[test]
+    fn patches_add_replace_remove_and_skip_what_is_already_so() {
+        let i = image(json!({"id": "9e8f7a6b-5c4d-4e3f-8a2b-1c0d9e8f7a6b", "status": "queued",
+                             "disk_format": null, "container_format": "bare", "os_type": "linux", "gone": "x"}));
+        let props: ImageProperties = [
+            ("disk_format".to_string(), json!("raw")),
+            ("container_format".to_string(), json!("bare")),
+            ("os_type".to_string(), json!("windows")),
+            ("gone".to_string(), Value::Null),
+            ("a/b".to_string(), json!("1")),
+        ]
+        .into();
+        let patch = patch_for(&i, &props);
+        assert_eq!(
+            patch,
+            vec![
+                json!({"op": "add", "path": "/a~1b", "value": "1"}),
+                json!({"op": "add", "path": "/disk_format", "value": "raw"}),
+                json!({"op": "remove", "path": "/gone"}),
+                json!({"op": "replace", "path": "/os_type", "value": "windows"}),
+            ]
+        );
+    }
+}

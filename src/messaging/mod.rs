@@ -1,0 +1,90 @@
+//! The messaging boundary: oslo.messaging's rabbit driver, reimplemented.
+//!
+//! Layered as oslo is: transport (connection, failover, reconnect) → driver (AMQP topology,
+//! ack/reject, dead-lettering) → dispatcher (envelope, context, method and version checks)
+//! → the [`SnapshotHandler`] the worker provides. Notifications go the other way through
+//! [`Notifier`].
+
+pub mod consumer;
+pub mod dispatcher;
+pub mod envelope;
+pub mod notifier;
+pub mod payload;
+pub mod transport;
+
+use async_trait::async_trait;
+
+use crate::request::SnapshotRequest;
+
+/// Nova's `task_states` that a snapshot moves through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TaskState {
+    ImageSnapshotPending,
+    ImageSnapshot,
+    ImageBackup,
+    ImagePendingUpload,
+    ImageUploading,
+}
+
+impl TaskState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::ImageSnapshotPending => "image_snapshot_pending",
+            Self::ImageSnapshot => "image_snapshot",
+            Self::ImageBackup => "image_backup",
+            Self::ImagePendingUpload => "image_pending_upload",
+            Self::ImageUploading => "image_uploading",
+        }
+    }
+}
+
+/// What the pipeline tells subscribers. The notifier turns each into Nova's versioned
+/// and/or legacy notifications.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SnapshotEvent {
+    /// `instance.snapshot.start` / `compute.instance.snapshot.start`
+    Start,
+    /// `instance.update` with the old and new task_state (None is Nova's `None`).
+    TaskState { old: Option<TaskState>, new: Option<TaskState> },
+    /// `instance.update` carrying `progress` 0–100 during a long step.
+    Progress { task_state: TaskState, percent: u8 },
+    /// `instance.snapshot.end` / `compute.instance.snapshot.end`
+    End,
+    /// `instance.snapshot.error`-style error event with the fault.
+    Error { exception: String, message: String },
+}
+
+#[async_trait]
+pub trait Notifier: Send + Sync {
+    /// Publishes the event (with publisher confirms). Errors are the caller's to log:
+    /// a lost notification must not fail a snapshot.
+    async fn notify(&self, request: &SnapshotRequest, event: SnapshotEvent) -> Result<(), MessagingError>;
+}
+
+/// How the worker's handling of a cast ended, which decides ack or requeue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Handled {
+    /// Finished, or failed permanently and reported: acknowledge.
+    Done,
+    /// Not finished (shutting down mid-way): hand it back to the broker for another replica.
+    Requeue,
+}
+
+#[async_trait]
+pub trait SnapshotHandler: Send + Sync {
+    async fn handle(&self, request: SnapshotRequest) -> Handled;
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MessagingError {
+    #[error("AMQP: {0}")]
+    Amqp(String),
+    #[error("publish to {exchange} with key {routing_key} was not confirmed")]
+    NotConfirmed { exchange: String, routing_key: String },
+}
+
+impl crate::error::Classify for MessagingError {
+    fn disposition(&self) -> crate::error::Disposition {
+        crate::error::Disposition::Transient
+    }
+}

@@ -1,0 +1,203 @@
+//! The RBD direct snapshot (Nova's `Rbd.direct_snapshot`): the image's bytes never leave
+//! Ceph. Snapshot the disk, clone it into Glance's pool as `<image_id>`, flatten, drop the
+//! disk snapshot, snapshot the copy as `snap`, and register `rbd://fsid/pool/image/snap`.
+//!
+//! Unlike Nova, the disk snapshot's name is derived from the image id, so a retry finds
+//! what an earlier try made, and every step checks what already exists.
+
+use tracing::{info, warn};
+use uuid::Uuid;
+
+use super::plan::SnapshotPlan;
+use super::progress::ProgressReporter;
+use super::{crash, Fault, Job, SnapshotError, Step};
+use crate::hypervisor::{DiskSource, Guest};
+use crate::image::{ImageError, ImageProperties};
+use crate::messaging::TaskState;
+use crate::storage::{BlockStorage, RbdImage, StorageError};
+
+/// The snapshot novasnap keeps on the instance disk while it copies it. Deterministic, so a
+/// retry finds it and reclamation recognises it as novasnap's.
+pub fn disk_snapshot_name(image_id: Uuid) -> String {
+    format!("{DISK_SNAPSHOT_PREFIX}{}", image_id.simple())
+}
+
+pub const DISK_SNAPSHOT_PREFIX: &str = "novasnap-";
+
+/// RBD image metadata on the copy in Glance's pool naming the image it was made for, so
+/// reclamation can tell novasnap's copies from the images Glance stored itself.
+pub const OWNER_METADATA_KEY: &str = "novasnap.image_id";
+
+/// The snapshot Glance's RBD store expects on every image it serves.
+pub const IMAGE_SNAPSHOT: &str = "snap";
+
+pub(crate) enum Direct {
+    Done,
+    /// The direct path cannot be taken; the standard path must produce the bytes.
+    Unavailable(String),
+}
+
+pub(crate) struct DirectSnapshot<'j, 'a> {
+    pub job: &'j mut Job<'a>,
+    pub storage: &'j dyn BlockStorage,
+    pub guest: &'j Guest,
+    pub plan: &'j SnapshotPlan,
+}
+
+impl DirectSnapshot<'_, '_> {
+    pub async fn run(self, metadata: &ImageProperties) -> Result<Direct, SnapshotError> {
+        let DirectSnapshot { job, storage, guest, plan } = self;
+        let DiskSource::Rbd { pool, image } = &guest.root_disk.source else {
+            return Ok(Direct::Unavailable("the root disk is not on RBD".into()));
+        };
+        if plan.image_format != "raw" {
+            return Ok(Direct::Unavailable(format!("images from RBD are raw, {} was asked for", plan.image_format)));
+        }
+        let disk = RbdImage::new(pool.clone(), image.clone());
+        let image_id = job.req.image_id;
+        let fsid = job.step(Step::DiskSnapshot, || storage.fsid()).await?;
+        let Some(image_pool) = image_pool(job, storage, &disk, &fsid).await? else {
+            return Ok(Direct::Unavailable("cannot tell which pool Glance stores images in".into()));
+        };
+        let copy = RbdImage::new(image_pool.clone(), image_id.to_string());
+        let snap = disk_snapshot_name(image_id);
+        job.rbd_disk = Some(disk.clone());
+        job.rbd_copy = Some(copy.clone());
+
+        // An earlier try may have got as far as the clone, or past the flatten.
+        let copy_exists = job.step(Step::Clone, || storage.exists(&copy)).await?;
+        let needs_flatten = if copy_exists {
+            job.step(Step::Clone, || storage.parent(&copy)).await?.is_some()
+        } else {
+            job.step(Step::DiskSnapshot, || storage.create_snapshot(&disk, &snap)).await?;
+            job.step(Step::DiskSnapshot, || storage.protect_snapshot(&disk, &snap)).await?;
+            crash::point("after-disk-snapshot");
+            // The snapshot holds the disk's state: a suspended guest may run again.
+            job.resume_if_suspended(plan).await?;
+            match job.step(Step::Clone, || storage.clone_image(&disk, &snap, &copy)).await {
+                Ok(()) => {
+                    crash::point("after-clone");
+                    true
+                }
+                Err(e) if is_refused(&e.fault) => {
+                    cleanup_rbd(storage, &disk, &copy, image_id).await;
+                    return Ok(Direct::Unavailable(format!("Ceph refused the clone into {image_pool}: {}", e.fault)));
+                }
+                Err(e) => return Err(e),
+            }
+        };
+        let owner = image_id.to_string();
+        job.step(Step::Clone, || storage.set_metadata(&copy, OWNER_METADATA_KEY, &owner)).await?;
+        if needs_flatten {
+            let reporter = ProgressReporter::start(
+                job.b.notifier.clone(),
+                job.req,
+                TaskState::ImageUploading,
+                "flatten",
+                job.settings.progress_interval,
+            );
+            let report = reporter.callback();
+            let progress: crate::hypervisor::Progress = std::sync::Arc::new(move |percent| {
+                if percent >= 50 {
+                    crash::point("mid-flatten");
+                }
+                report(percent)
+            });
+            let flattened = job.step(Step::Flatten, || storage.flatten(&copy, progress.clone())).await;
+            reporter.finish().await;
+            flattened?;
+            crash::point("after-flatten");
+        }
+        job.step(Step::RemoveDiskSnapshot, || storage.remove_snapshot(&disk, &snap)).await?;
+        job.step(Step::ImageSnapshot, || storage.create_snapshot(&copy, IMAGE_SNAPSHOT)).await?;
+        job.step(Step::ImageSnapshot, || storage.protect_snapshot(&copy, IMAGE_SNAPSHOT)).await?;
+        crash::point("after-image-snapshot");
+
+        let (images, ctx) = (&job.b.images, &job.req.context);
+        job.step(Step::UpdateMetadata, || images.update(ctx, image_id, metadata)).await?;
+        let location = format!("rbd://{fsid}/{image_pool}/{image_id}/{IMAGE_SNAPSHOT}");
+        match job.step(Step::RegisterLocation, || images.add_location(ctx, image_id, &location)).await {
+            Ok(()) => {}
+            Err(SnapshotError { fault: Fault::Image(ImageError::LocationsRefused { reason, .. }), .. }) => {
+                cleanup_rbd(storage, &disk, &copy, image_id).await;
+                return Ok(Direct::Unavailable(format!("Glance refuses image locations: {reason}")));
+            }
+            Err(e) => return Err(e),
+        }
+        info!(instance = %job.req.instance.uuid, image = %image_id, %location, "direct snapshot registered");
+        Ok(Direct::Done)
+    }
+}
+
+/// Glance's pool: the pool the instance disk was cloned from, else the pool of the first
+/// location of the base image that lives in this cluster.
+async fn image_pool(
+    job: &Job<'_>,
+    storage: &dyn BlockStorage,
+    disk: &RbdImage,
+    fsid: &str,
+) -> Result<Option<String>, SnapshotError> {
+    if let Some(parent) = job.step(Step::DiskSnapshot, || storage.parent(disk)).await? {
+        return Ok(Some(parent.image.pool));
+    }
+    let Some(base) = job.req.instance.image_ref.as_deref().and_then(|r| Uuid::parse_str(r).ok()) else {
+        return Ok(None);
+    };
+    let (images, ctx) = (&job.b.images, &job.req.context);
+    let base_image = match images.get(ctx, base).await {
+        Ok(image) => image,
+        Err(e) => {
+            warn!(base = %base, error = %e, "base image unreadable; cannot find Glance's pool");
+            return Ok(None);
+        }
+    };
+    Ok(base_image.locations.iter().find_map(|url| parse_rbd_url(url).filter(|l| l.0 == fsid).map(|l| l.1)))
+}
+
+/// `rbd://fsid/pool/image/snap` → (fsid, pool, image, snap).
+pub fn parse_rbd_url(url: &str) -> Option<(String, String, String, String)> {
+    let parts: Vec<&str> = url.strip_prefix("rbd://")?.split('/').collect();
+    match parts.as_slice() {
+        [fsid, pool, image, snap] if parts.iter().all(|p| !p.is_empty()) => {
+            let decode = |s: &str| percent_encoding::percent_decode_str(s).decode_utf8_lossy().into_owned();
+            Some((decode(fsid), decode(pool), decode(image), decode(snap)))
+        }
+        _ => None,
+    }
+}
+
+/// Ceph said no for good (permissions, read-only pool): the standard path may still work.
+fn is_refused(fault: &Fault) -> bool {
+    matches!(fault, Fault::Storage(StorageError::Rbd { errno, .. }) if matches!(*errno, libc::EPERM | libc::EACCES | libc::EROFS | libc::EDQUOT))
+}
+
+/// Removes the disk snapshot and the copy in Glance's pool that a request made. Errors are
+/// logged: reclamation finds what is left.
+pub(crate) async fn cleanup_rbd(storage: &dyn BlockStorage, disk: &RbdImage, copy: &RbdImage, image_id: Uuid) {
+    if let Err(e) = storage.remove_image(copy).await {
+        warn!(%copy, error = %e, "could not remove the partial copy in Glance's pool");
+    }
+    if let Err(e) = storage.remove_snapshot(disk, &disk_snapshot_name(image_id)).await {
+        warn!(%disk, error = %e, "could not remove the disk snapshot");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rbd_urls_parse() {
+        let (fsid, pool, image, snap) = parse_rbd_url("rbd://f-1/images/abc/snap").unwrap();
+        assert_eq!((fsid.as_str(), pool.as_str(), image.as_str(), snap.as_str()), ("f-1", "images", "abc", "snap"));
+        assert!(parse_rbd_url("rbd://f/images/abc").is_none());
+        assert!(parse_rbd_url("rbd://f//abc/snap").is_none());
+        assert!(parse_rbd_url("http://x/y/z/w").is_none());
+    }
+
+    #[test]
+    fn disk_snapshot_names_are_derived_from_the_image() {
+        let id = Uuid::parse_str("9e8f7a6b-5c4d-4e3f-8a2b-1c0d9e8f7a6b").unwrap();
+        assert_eq!(disk_snapshot_name(id), "novasnap-9e8f7a6b5c4d4e3f8a2b1c0d9e8f7a6b");
+    }
+}

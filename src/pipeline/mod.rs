@@ -1,0 +1,340 @@
+//! The snapshot, told top to bottom over the boundary traits, as Nova's libvirt driver
+//! tells it in `snapshot()` — with deterministic artefact names and steps that are safe to
+//! repeat, so a retry or a redelivered cast picks up where the last try stopped.
+//!
+//! [`SnapshotPipeline::run`] is the story; [`direct`] and [`standard`] are the two ways of
+//! producing the image's bytes; [`plan`] holds the decisions; [`backup`] the rotation.
+
+pub mod backup;
+pub mod crash;
+pub mod direct;
+pub mod error;
+pub mod plan;
+pub mod progress;
+pub mod standard;
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use tracing::{info, warn};
+use uuid::Uuid;
+
+use crate::error::Classify;
+use crate::hypervisor::{DiskSource, Guest, Hypervisor, PowerState};
+use crate::image::{ImageService, ImageStatus};
+use crate::messaging::{Notifier, SnapshotEvent, TaskState};
+use crate::request::{SnapshotKind, SnapshotRequest};
+use crate::retry::RetryPolicy;
+use crate::storage::{BlockStorage, RbdImage};
+
+pub use error::{Fault, SnapshotError, Step};
+use plan::{PlanSettings, SnapshotPlan};
+
+/// The boundaries a snapshot talks to.
+#[derive(Clone)]
+pub struct Boundaries {
+    pub hypervisor: Arc<dyn Hypervisor>,
+    /// None where the worker runs without Ceph: RBD disks then cannot be snapshotted.
+    pub storage: Option<Arc<dyn BlockStorage>>,
+    pub images: Arc<dyn ImageService>,
+    pub notifier: Arc<dyn Notifier>,
+}
+
+#[derive(Debug, Clone)]
+pub struct PipelineSettings {
+    pub plan: PlanSettings,
+    /// False forces the standard path.
+    pub direct_snapshot: bool,
+    /// Where the standard path may write temporary files.
+    pub snapshots_directory: PathBuf,
+    /// Ceph config qemu-img needs to read an RBD disk (non-raw RBD snapshots).
+    pub ceph_conf: Option<PathBuf>,
+    pub retry: RetryPolicy,
+    pub progress_interval: std::time::Duration,
+}
+
+impl PipelineSettings {
+    pub fn from_config(config: &crate::config::Config) -> Self {
+        Self {
+            plan: PlanSettings {
+                snapshot_image_format: config.libvirt.snapshot_image_format.clone(),
+                disable_live_snapshot: config.libvirt.disable_live_snapshot,
+                ephemeral_encryption: config.libvirt.ephemeral_encryption,
+            },
+            direct_snapshot: config.worker.direct_snapshot,
+            snapshots_directory: config.libvirt.snapshots_directory.clone(),
+            ceph_conf: config.rbd.ceph_conf.clone(),
+            retry: config.worker.retry.clone(),
+            progress_interval: config.notifications.progress_interval,
+        }
+    }
+}
+
+/// How a request ended, when it did not fail.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// The image is active with the snapshot; `location` is set on the direct path.
+    Completed { direct: bool },
+    /// The image was already active: an earlier delivery of the same cast finished it.
+    AlreadyDone,
+}
+
+pub struct SnapshotPipeline {
+    b: Boundaries,
+    settings: PipelineSettings,
+}
+
+/// One request in flight: what it has changed so far, so a failure can undo exactly that.
+pub(crate) struct Job<'a> {
+    pub b: &'a Boundaries,
+    pub settings: &'a PipelineSettings,
+    pub req: &'a SnapshotRequest,
+    pub task_state: Option<TaskState>,
+    /// The guest is in managed save because of this request and must be resumed.
+    pub suspended: bool,
+    /// The RBD instance disk that may carry this request's snapshot.
+    pub rbd_disk: Option<crate::storage::RbdImage>,
+    /// The copy in Glance's pool this request may have made.
+    pub rbd_copy: Option<crate::storage::RbdImage>,
+}
+
+impl SnapshotPipeline {
+    pub fn new(b: Boundaries, settings: PipelineSettings) -> Self {
+        Self { b, settings }
+    }
+
+    pub async fn run(&self, req: &SnapshotRequest) -> Result<Outcome, SnapshotError> {
+        let mut job = Job {
+            b: &self.b,
+            settings: &self.settings,
+            req,
+            task_state: None,
+            suspended: false,
+            rbd_disk: None,
+            rbd_copy: None,
+        };
+        match job.snapshot().await {
+            Ok(outcome) => Ok(outcome),
+            Err(e) => {
+                job.fail(&e).await;
+                Err(e)
+            }
+        }
+    }
+}
+
+impl Job<'_> {
+    fn instance(&self) -> Uuid {
+        self.req.instance.uuid
+    }
+
+    fn image(&self) -> Uuid {
+        self.req.image_id
+    }
+
+    /// Runs one boundary call under the retry policy and names the step if it fails.
+    pub async fn step<T, E, F, Fut>(&self, step: Step, op: F) -> Result<T, SnapshotError>
+    where
+        E: Into<Fault> + Classify + std::fmt::Display,
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+    {
+        let started = std::time::Instant::now();
+        let result = self.settings.retry.run(&step.to_string(), op).await;
+        // Per-step timings: `make bench` sums these into its time breakdown.
+        let elapsed_ms = started.elapsed().as_millis() as u64;
+        tracing::debug!(step = %step, elapsed_ms, ok = result.is_ok(), "step finished");
+        result.map_err(|e| SnapshotError { step, instance: self.instance(), image: self.image(), fault: e.into() })
+    }
+
+    pub fn fail_at(&self, step: Step, fault: impl Into<Fault>) -> SnapshotError {
+        SnapshotError { step, instance: self.instance(), image: self.image(), fault: fault.into() }
+    }
+
+    /// Publishes an event; a lost notification is logged, never fatal.
+    pub async fn notify(&self, event: SnapshotEvent) {
+        if let Err(e) = self.b.notifier.notify(self.req, event.clone()).await {
+            warn!(instance = %self.instance(), image = %self.image(), ?event, error = %e, "notification not published");
+        }
+    }
+
+    pub async fn set_task_state(&mut self, new: Option<TaskState>) {
+        let old = self.task_state;
+        if old != new {
+            self.task_state = new;
+            self.notify(SnapshotEvent::TaskState { old, new }).await;
+        }
+    }
+
+    async fn snapshot(&mut self) -> Result<Outcome, SnapshotError> {
+        let (b, req) = (self.b, self.req);
+        let (instance, image_id, ctx) = (req.instance.uuid, req.image_id, &req.context);
+
+        // 1. The guest, by instance UUID.
+        let guest: Guest = self.step(Step::FindGuest, || b.hypervisor.find_guest(instance)).await?;
+
+        // 2. The image nova-api created for the result. Active means an earlier delivery
+        //    of this cast already finished it.
+        let image = self.step(Step::GetImage, || b.images.get(ctx, image_id)).await?;
+        if image.status == ImageStatus::Active {
+            info!(%instance, image = %image_id, "image already active: snapshot was completed by an earlier delivery");
+            self.finish_completed(&guest).await?;
+            return Ok(Outcome::AlreadyDone);
+        }
+        if !matches!(image.status, ImageStatus::Queued | ImageStatus::Saving) {
+            return Err(
+                self.fail_at(Step::GetImage, Fault::Unsupported(format!("image is {:?}, not queued", image.status)))
+            );
+        }
+        self.notify(SnapshotEvent::Start).await;
+        self.task_state = Some(match req.kind {
+            SnapshotKind::Snapshot => TaskState::ImageSnapshotPending,
+            SnapshotKind::Backup { .. } => TaskState::ImageBackup,
+        });
+        if req.kind == SnapshotKind::Snapshot {
+            self.set_task_state(Some(TaskState::ImageSnapshot)).await;
+        }
+
+        // 3. What to make: backend, format, metadata; 4. live or cold.
+        let plan = SnapshotPlan::new(&guest, &req.instance, &self.settings.plan);
+        self.suspended = plan.suspended_already;
+        let metadata = plan::snapshot_metadata(&req.instance, &image, &plan.image_format);
+        info!(%instance, image = %image_id, backend = ?plan.backend, format = %plan.image_format, live = plan.live,
+              "beginning {} snapshot", if plan.live { "live" } else { "cold" });
+        if plan.live {
+            let disk = guest.root_disk.target.as_str();
+            self.step(Step::AbortBlockJob, || b.hypervisor.abort_block_job(instance, disk)).await?;
+        } else {
+            self.suspend_if_needed(&plan).await?;
+        }
+
+        // 5. Nova's task_state sequence.
+        self.set_task_state(Some(TaskState::ImagePendingUpload)).await;
+        self.set_task_state(Some(TaskState::ImageUploading)).await;
+
+        // 6. The direct path where it can be taken, 7. the standard path otherwise.
+        let direct = match self.direct_snapshot(&guest, &plan, &metadata).await? {
+            direct::Direct::Done => true,
+            direct::Direct::Unavailable(reason) => {
+                warn!(%instance, image = %image_id, %reason, "performing standard snapshot: direct snapshot is not possible");
+                self.set_task_state(Some(TaskState::ImagePendingUpload)).await;
+                standard::StandardSnapshot { job: self, guest: &guest, plan: &plan }.run(&metadata).await?;
+                false
+            }
+        };
+
+        // 8. The guest back as it was, task_state none, the end.
+        self.resume_if_suspended(&plan).await?;
+        self.set_task_state(None).await;
+        self.notify(SnapshotEvent::End).await;
+        info!(%instance, image = %image_id, direct, "snapshot image upload complete");
+
+        if let SnapshotKind::Backup { backup_type, rotation } = &req.kind {
+            backup::rotate(self, backup_type, *rotation).await?;
+        }
+        Ok(Outcome::Completed { direct })
+    }
+
+    /// The tail of a request whose image went active before its worker died: the disk
+    /// snapshot and temporary files that worker had no time to remove, the guest it had
+    /// not resumed, and the end its subscribers have not seen.
+    async fn finish_completed(&mut self, guest: &Guest) -> Result<(), SnapshotError> {
+        let (b, req) = (self.b, self.req);
+        if let (Some(storage), DiskSource::Rbd { pool, image }) = (&b.storage, &guest.root_disk.source) {
+            let (disk, snap) = (RbdImage::new(pool.clone(), image.clone()), direct::disk_snapshot_name(req.image_id));
+            self.step(Step::RemoveDiskSnapshot, || storage.remove_snapshot(&disk, &snap)).await?;
+        }
+        standard::cleanup(self.settings, req.image_id).await;
+        let plan = SnapshotPlan::new(guest, &req.instance, &self.settings.plan);
+        self.suspended = plan.suspended_already;
+        self.resume_if_suspended(&plan).await?;
+        self.task_state = Some(TaskState::ImageUploading);
+        self.set_task_state(None).await;
+        self.notify(SnapshotEvent::End).await;
+        if let SnapshotKind::Backup { backup_type, rotation } = &req.kind {
+            backup::rotate(self, backup_type, *rotation).await?;
+        }
+        Ok(())
+    }
+
+    async fn direct_snapshot(
+        &mut self,
+        guest: &Guest,
+        plan: &SnapshotPlan,
+        metadata: &crate::image::ImageProperties,
+    ) -> Result<direct::Direct, SnapshotError> {
+        if !self.settings.direct_snapshot {
+            return Ok(direct::Direct::Unavailable("direct_snapshot is disabled in [novasnap]".into()));
+        }
+        let Some(storage) = self.b.storage.clone() else {
+            return Ok(direct::Direct::Unavailable("no Ceph cluster configured".into()));
+        };
+        direct::DirectSnapshot { job: self, storage: storage.as_ref(), guest, plan }.run(metadata).await
+    }
+
+    async fn suspend_if_needed(&mut self, plan: &SnapshotPlan) -> Result<(), SnapshotError> {
+        if plan.resume_after && !self.suspended {
+            let (hv, instance) = (&self.b.hypervisor, self.instance());
+            self.step(Step::Suspend, || hv.suspend(instance)).await?;
+            self.suspended = true;
+        }
+        Ok(())
+    }
+
+    pub(crate) async fn resume_if_suspended(&mut self, plan: &SnapshotPlan) -> Result<(), SnapshotError> {
+        if self.suspended {
+            let (hv, instance) = (&self.b.hypervisor, self.instance());
+            let paused = plan.original_state == PowerState::Paused;
+            self.step(Step::Resume, || hv.resume(instance, paused)).await?;
+            self.suspended = false;
+        }
+        Ok(())
+    }
+
+    /// Undoes what this request did, as Nova's compute manager and driver do on failure,
+    /// but completely: artefacts removed, image deleted unless active, guest resumed,
+    /// task_state reset, and the fault published.
+    async fn fail(&mut self, e: &SnapshotError) {
+        let (b, req) = (self.b, self.req);
+        if e.is_vanished() {
+            info!(instance = %self.instance(), image = %self.image(), error = %e, "instance or image vanished during snapshot; ending quietly");
+        } else {
+            tracing::error!(instance = %self.instance(), image = %self.image(), step = %e.step, error = %e, "snapshot failed");
+        }
+        let image_active =
+            matches!(b.images.get(&req.context, self.image()).await, Ok(image) if image.status == ImageStatus::Active);
+        if let (Some(storage), Some(disk)) = (&b.storage, &self.rbd_disk) {
+            match (&self.rbd_copy, image_active) {
+                (Some(copy), false) => direct::cleanup_rbd(storage.as_ref(), disk, copy, self.image()).await,
+                _ => {
+                    if let Err(err) = storage.remove_snapshot(disk, &direct::disk_snapshot_name(self.image())).await {
+                        warn!(%disk, error = %err, "could not remove the disk snapshot");
+                    }
+                }
+            }
+        }
+        standard::cleanup(self.settings, self.image()).await;
+        if !image_active {
+            if let Err(err) = b.images.delete(&req.context, self.image()).await {
+                warn!(image = %self.image(), error = %err, "could not delete the failed snapshot's image");
+            }
+        }
+        if self.suspended {
+            let paused = req.instance.vm_state.as_deref() == Some("paused");
+            if let Err(err) = b.hypervisor.resume(self.instance(), paused).await {
+                warn!(instance = %self.instance(), error = %err, "could not resume the guest after a failed snapshot");
+            }
+            self.suspended = false;
+        }
+        if self.task_state.is_some() {
+            self.set_task_state(None).await;
+        }
+        if !e.is_vanished() {
+            self.notify(SnapshotEvent::Error { exception: e.exception_name().into(), message: e.to_string() }).await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,664 @@
+//! The pipeline's story checked over in-memory fakes of its boundaries. These prove the
+//! control flow (order, idempotency, cleanup); the integration tests in `tests/` prove the
+//! same against Ceph, libvirt and Glance.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::stream::{BoxStream, StreamExt, TryStreamExt};
+use serde_json::json;
+use uuid::Uuid;
+
+use super::direct::OWNER_METADATA_KEY;
+use super::*;
+use crate::hypervisor::{DiskSource, Guest, HypervisorError, PowerState, Progress, RootDisk};
+use crate::image::{Image, ImageError, ImageProperties, ImageService, ImageStatus};
+use crate::messaging::{MessagingError, Notifier, SnapshotEvent, TaskState};
+use crate::request::{Instance, RequestContext, SnapshotKind, SnapshotRequest};
+use crate::storage::{BlockStorage, CloneParent, RbdImage, SnapshotInfo, StorageError};
+
+const FSID: &str = "0a1b2c3d-0000-4000-8000-000000000001";
+
+#[derive(Default)]
+struct FakeHypervisor {
+    guests: Mutex<BTreeMap<Uuid, Guest>>,
+    calls: Mutex<Vec<String>>,
+}
+
+#[async_trait]
+impl Hypervisor for FakeHypervisor {
+    async fn find_guest(&self, uuid: Uuid) -> Result<Guest, HypervisorError> {
+        self.guests.lock().unwrap().get(&uuid).cloned().ok_or(HypervisorError::GuestNotFound(uuid))
+    }
+    async fn power_state(&self, uuid: Uuid) -> Result<PowerState, HypervisorError> {
+        Ok(self.find_guest(uuid).await?.power_state)
+    }
+    async fn abort_block_job(&self, _uuid: Uuid, disk: &str) -> Result<(), HypervisorError> {
+        self.calls.lock().unwrap().push(format!("abort {disk}"));
+        Ok(())
+    }
+    async fn suspend(&self, uuid: Uuid) -> Result<(), HypervisorError> {
+        self.calls.lock().unwrap().push("suspend".into());
+        self.guests.lock().unwrap().get_mut(&uuid).unwrap().power_state = PowerState::Suspended;
+        Ok(())
+    }
+    async fn resume(&self, uuid: Uuid, paused: bool) -> Result<(), HypervisorError> {
+        self.calls.lock().unwrap().push(format!("resume paused={paused}"));
+        self.guests.lock().unwrap().get_mut(&uuid).unwrap().power_state =
+            if paused { PowerState::Paused } else { PowerState::Running };
+        Ok(())
+    }
+    async fn live_copy(&self, _: Uuid, _: &str, _: &std::path::Path, _: Progress) -> Result<(), HypervisorError> {
+        unreachable!("file-backed guests are covered by the integration tests")
+    }
+}
+
+#[derive(Clone, Default)]
+struct FakeRbd {
+    data: Vec<u8>,
+    parent: Option<CloneParent>,
+    snaps: BTreeMap<String, (bool, Vec<u8>)>,
+    metadata: BTreeMap<String, String>,
+}
+
+#[derive(Default)]
+struct FakeStorage {
+    images: Mutex<BTreeMap<RbdImage, FakeRbd>>,
+    /// Faults to return, in order, from the named operation.
+    faults: Mutex<BTreeMap<&'static str, VecDeque<StorageError>>>,
+}
+
+impl FakeStorage {
+    fn fault(&self, op: &'static str) -> Result<(), StorageError> {
+        match self.faults.lock().unwrap().get_mut(op).and_then(VecDeque::pop_front) {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+    fn inject(&self, op: &'static str, errno: i32, times: usize) {
+        let mut faults = self.faults.lock().unwrap();
+        for _ in 0..times {
+            faults.entry(op).or_default().push_back(StorageError::Rbd {
+                operation: op,
+                target: "fake".into(),
+                errno,
+                message: "injected".into(),
+            });
+        }
+    }
+    fn get(&self, image: &RbdImage) -> Option<FakeRbd> {
+        self.images.lock().unwrap().get(image).cloned()
+    }
+    fn missing(image: &RbdImage) -> StorageError {
+        StorageError::NotFound(image.to_string())
+    }
+}
+
+#[async_trait]
+impl BlockStorage for FakeStorage {
+    async fn fsid(&self) -> Result<String, StorageError> {
+        Ok(FSID.into())
+    }
+    async fn exists(&self, image: &RbdImage) -> Result<bool, StorageError> {
+        Ok(self.get(image).is_some())
+    }
+    async fn size(&self, image: &RbdImage) -> Result<u64, StorageError> {
+        Ok(self.get(image).ok_or_else(|| Self::missing(image))?.data.len() as u64)
+    }
+    async fn parent(&self, image: &RbdImage) -> Result<Option<CloneParent>, StorageError> {
+        Ok(self.get(image).ok_or_else(|| Self::missing(image))?.parent)
+    }
+    async fn list_images(&self, pool: &str) -> Result<Vec<String>, StorageError> {
+        Ok(self.images.lock().unwrap().keys().filter(|i| i.pool == pool).map(|i| i.name.clone()).collect())
+    }
+    async fn list_snapshots(&self, image: &RbdImage) -> Result<Vec<SnapshotInfo>, StorageError> {
+        let rbd = self.get(image).ok_or_else(|| Self::missing(image))?;
+        Ok(rbd
+            .snaps
+            .iter()
+            .map(|(name, (protected, _))| SnapshotInfo { name: name.clone(), protected: *protected })
+            .collect())
+    }
+    async fn create_snapshot(&self, image: &RbdImage, snap: &str) -> Result<(), StorageError> {
+        self.fault("create_snapshot")?;
+        let mut images = self.images.lock().unwrap();
+        let rbd = images.get_mut(image).ok_or_else(|| Self::missing(image))?;
+        let data = rbd.data.clone();
+        rbd.snaps.entry(snap.into()).or_insert((false, data));
+        Ok(())
+    }
+    async fn protect_snapshot(&self, image: &RbdImage, snap: &str) -> Result<(), StorageError> {
+        let mut images = self.images.lock().unwrap();
+        let rbd = images.get_mut(image).ok_or_else(|| Self::missing(image))?;
+        rbd.snaps.get_mut(snap).ok_or_else(|| Self::missing(image))?.0 = true;
+        Ok(())
+    }
+    async fn remove_snapshot(&self, image: &RbdImage, snap: &str) -> Result<(), StorageError> {
+        let mut images = self.images.lock().unwrap();
+        let children =
+            images.values().any(|i| i.parent.as_ref().is_some_and(|p| &p.image == image && p.snapshot == snap));
+        if children {
+            return Err(StorageError::Rbd {
+                operation: "remove_snapshot",
+                target: snap.into(),
+                errno: libc::EBUSY,
+                message: "has children".into(),
+            });
+        }
+        if let Some(rbd) = images.get_mut(image) {
+            rbd.snaps.remove(snap);
+        }
+        Ok(())
+    }
+    async fn clone_image(&self, parent: &RbdImage, snap: &str, child: &RbdImage) -> Result<(), StorageError> {
+        self.fault("clone_image")?;
+        let mut images = self.images.lock().unwrap();
+        let data = images.get(parent).and_then(|p| p.snaps.get(snap)).ok_or_else(|| Self::missing(parent))?.1.clone();
+        images.entry(child.clone()).or_insert(FakeRbd {
+            data,
+            parent: Some(CloneParent { image: parent.clone(), snapshot: snap.into() }),
+            snaps: BTreeMap::new(),
+            metadata: BTreeMap::new(),
+        });
+        Ok(())
+    }
+    async fn flatten(&self, image: &RbdImage, progress: Progress) -> Result<(), StorageError> {
+        self.fault("flatten")?;
+        progress(50);
+        progress(100);
+        self.images.lock().unwrap().get_mut(image).ok_or_else(|| Self::missing(image))?.parent = None;
+        Ok(())
+    }
+    async fn set_metadata(&self, image: &RbdImage, key: &str, value: &str) -> Result<(), StorageError> {
+        let mut images = self.images.lock().unwrap();
+        images.get_mut(image).ok_or_else(|| Self::missing(image))?.metadata.insert(key.into(), value.into());
+        Ok(())
+    }
+    async fn metadata(&self, image: &RbdImage, key: &str) -> Result<Option<String>, StorageError> {
+        Ok(self.get(image).ok_or_else(|| Self::missing(image))?.metadata.get(key).cloned())
+    }
+    async fn remove_image(&self, image: &RbdImage) -> Result<(), StorageError> {
+        self.images.lock().unwrap().remove(image);
+        Ok(())
+    }
+    fn read(&self, image: &RbdImage, snap: Option<&str>) -> BoxStream<'static, Result<Bytes, StorageError>> {
+        let rbd = self.get(image).unwrap();
+        let data = match snap {
+            Some(s) => rbd.snaps[s].1.clone(),
+            None => rbd.data,
+        };
+        futures::stream::iter(data.chunks(3).map(|c| Ok(Bytes::copy_from_slice(c))).collect::<Vec<_>>()).boxed()
+    }
+}
+
+#[derive(Default)]
+struct FakeImages {
+    images: Mutex<BTreeMap<Uuid, Image>>,
+    uploads: Mutex<BTreeMap<Uuid, Vec<u8>>>,
+    refuse_locations: bool,
+}
+
+impl FakeImages {
+    fn image(&self, id: Uuid) -> Option<Image> {
+        self.images.lock().unwrap().get(&id).cloned()
+    }
+}
+
+#[async_trait]
+impl ImageService for FakeImages {
+    async fn get(&self, _: &RequestContext, id: Uuid) -> Result<Image, ImageError> {
+        self.image(id).ok_or(ImageError::NotFound(id))
+    }
+    async fn update(&self, _: &RequestContext, id: Uuid, props: &ImageProperties) -> Result<Image, ImageError> {
+        let mut images = self.images.lock().unwrap();
+        let image = images.get_mut(&id).ok_or(ImageError::NotFound(id))?;
+        image.properties.extend(props.clone());
+        Ok(image.clone())
+    }
+    async fn add_location(&self, _: &RequestContext, id: Uuid, url: &str) -> Result<(), ImageError> {
+        if self.refuse_locations {
+            return Err(ImageError::LocationsRefused { id, reason: "403 Forbidden".into() });
+        }
+        let mut images = self.images.lock().unwrap();
+        let image = images.get_mut(&id).ok_or(ImageError::NotFound(id))?;
+        image.locations.push(url.into());
+        image.status = ImageStatus::Active;
+        Ok(())
+    }
+    async fn upload(
+        &self,
+        _: &RequestContext,
+        id: Uuid,
+        data: BoxStream<'static, Result<Bytes, std::io::Error>>,
+        _size: Option<u64>,
+    ) -> Result<(), ImageError> {
+        let chunks: Vec<Bytes> =
+            data.try_collect().await.map_err(|e| ImageError::Source { id, message: e.to_string() })?;
+        self.uploads.lock().unwrap().insert(id, chunks.concat());
+        self.images.lock().unwrap().get_mut(&id).ok_or(ImageError::NotFound(id))?.status = ImageStatus::Active;
+        Ok(())
+    }
+    async fn delete(&self, _: &RequestContext, id: Uuid) -> Result<(), ImageError> {
+        self.images.lock().unwrap().remove(&id);
+        Ok(())
+    }
+    async fn list(&self, _: &RequestContext, filters: &[(&str, &str)]) -> Result<Vec<Image>, ImageError> {
+        let mut found: Vec<Image> = self
+            .images
+            .lock()
+            .unwrap()
+            .values()
+            .filter(|i| filters.iter().all(|(k, v)| i.properties.get(*k).and_then(|p| p.as_str()) == Some(*v)))
+            .cloned()
+            .collect();
+        found.sort_by(|a, b| b.created_at.cmp(&a.created_at));
+        Ok(found)
+    }
+}
+
+#[derive(Default)]
+struct RecordingNotifier {
+    events: Mutex<Vec<SnapshotEvent>>,
+}
+
+#[async_trait]
+impl Notifier for RecordingNotifier {
+    async fn notify(&self, _: &SnapshotRequest, event: SnapshotEvent) -> Result<(), MessagingError> {
+        self.events.lock().unwrap().push(event);
+        Ok(())
+    }
+}
+
+struct World {
+    hv: Arc<FakeHypervisor>,
+    storage: Arc<FakeStorage>,
+    images: Arc<FakeImages>,
+    notifier: Arc<RecordingNotifier>,
+    req: SnapshotRequest,
+    disk: RbdImage,
+    base: RbdImage,
+}
+
+const DISK_DATA: &[u8] = b"instance disk contents";
+
+impl World {
+    /// A running guest whose RBD disk is a clone of its base image in Glance's pool.
+    fn clone_backed(images: FakeImages) -> Self {
+        let instance = Uuid::new_v4();
+        let image_id = Uuid::new_v4();
+        let base_id = Uuid::new_v4();
+        let disk = RbdImage::new("vms", format!("{instance}_disk"));
+        let base = RbdImage::new("images", base_id.to_string());
+        let storage = FakeStorage::default();
+        storage.images.lock().unwrap().insert(
+            base.clone(),
+            FakeRbd {
+                data: b"base".to_vec(),
+                parent: None,
+                snaps: [("snap".to_string(), (true, b"base".to_vec()))].into(),
+                metadata: BTreeMap::new(),
+            },
+        );
+        storage.images.lock().unwrap().insert(
+            disk.clone(),
+            FakeRbd {
+                data: DISK_DATA.to_vec(),
+                parent: Some(CloneParent { image: base.clone(), snapshot: "snap".into() }),
+                snaps: BTreeMap::new(),
+                metadata: BTreeMap::new(),
+            },
+        );
+        let hv = FakeHypervisor::default();
+        hv.guests.lock().unwrap().insert(
+            instance,
+            Guest {
+                uuid: instance,
+                domain_name: "instance-00000001".into(),
+                power_state: PowerState::Running,
+                root_disk: RootDisk {
+                    source: DiskSource::Rbd { pool: disk.pool.clone(), image: disk.name.clone() },
+                    format: "raw".into(),
+                    target: "vda".into(),
+                },
+            },
+        );
+        images.images.lock().unwrap().insert(image_id, queued_image(image_id, "2026-11-24T12:00:00Z"));
+        let req = SnapshotRequest {
+            context: RequestContext::default(),
+            instance: Instance {
+                uuid: instance,
+                display_name: Some("vm".into()),
+                host: Some("host1".into()),
+                node: None,
+                project_id: Some("p".into()),
+                user_id: None,
+                image_ref: Some(base_id.to_string()),
+                vm_state: Some("active".into()),
+                task_state: Some("image_snapshot_pending".into()),
+                power_state: Some(1),
+                kernel_id: None,
+                ramdisk_id: None,
+                os_type: None,
+                architecture: None,
+                system_metadata: BTreeMap::new(),
+                data: Default::default(),
+            },
+            image_id,
+            kind: SnapshotKind::Snapshot,
+            unique_id: None,
+        };
+        Self {
+            hv: Arc::new(hv),
+            storage: Arc::new(storage),
+            images: Arc::new(images),
+            notifier: Arc::default(),
+            req,
+            disk,
+            base,
+        }
+    }
+
+    fn pipeline(&self, settings: impl FnOnce(&mut PipelineSettings)) -> SnapshotPipeline {
+        let mut s = PipelineSettings {
+            plan: PlanSettings::default(),
+            direct_snapshot: true,
+            snapshots_directory: PathBuf::from("/nonexistent/novasnap-unit"),
+            ceph_conf: None,
+            retry: RetryPolicy {
+                initial_delay: Duration::from_millis(1),
+                max_delay: Duration::from_millis(2),
+                max_retries: 3,
+            },
+            progress_interval: Duration::from_millis(1),
+        };
+        settings(&mut s);
+        SnapshotPipeline::new(
+            Boundaries {
+                hypervisor: self.hv.clone(),
+                storage: Some(self.storage.clone()),
+                images: self.images.clone(),
+                notifier: self.notifier.clone(),
+            },
+            s,
+        )
+    }
+
+    fn copy(&self) -> RbdImage {
+        RbdImage::new("images", self.req.image_id.to_string())
+    }
+
+    fn events(&self) -> Vec<SnapshotEvent> {
+        self.notifier
+            .events
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|e| !matches!(e, SnapshotEvent::Progress { .. }))
+            .cloned()
+            .collect()
+    }
+
+    fn disk_snapshots(&self) -> Vec<String> {
+        self.storage.get(&self.disk).unwrap().snaps.keys().cloned().collect()
+    }
+}
+
+fn queued_image(id: Uuid, created_at: &str) -> Image {
+    Image::queued(id, Some(created_at))
+}
+
+fn ts(old: Option<TaskState>, new: Option<TaskState>) -> SnapshotEvent {
+    SnapshotEvent::TaskState { old, new }
+}
+
+#[tokio::test]
+async fn direct_snapshot_of_a_clone_backed_guest_registers_an_rbd_location() {
+    let w = World::clone_backed(FakeImages::default());
+    let outcome = w.pipeline(|_| {}).run(&w.req).await.unwrap();
+    assert_eq!(outcome, Outcome::Completed { direct: true });
+
+    let image = w.images.image(w.req.image_id).unwrap();
+    assert_eq!(image.status, ImageStatus::Active);
+    assert_eq!(image.locations, vec![format!("rbd://{FSID}/images/{}/snap", w.req.image_id)]);
+    assert_eq!(image.properties["disk_format"], json!("raw"));
+    let copy = w.storage.get(&w.copy()).unwrap();
+    assert_eq!(copy.data, DISK_DATA);
+    assert!(copy.parent.is_none(), "the copy is flattened");
+    assert_eq!(copy.snaps.get("snap").map(|s| s.0), Some(true), "`snap` exists and is protected");
+    assert!(w.disk_snapshots().is_empty(), "no disk snapshot left behind");
+    assert_eq!(
+        copy.metadata.get(OWNER_METADATA_KEY),
+        Some(&w.req.image_id.to_string()),
+        "the copy is marked as novasnap's"
+    );
+    assert_eq!(*w.hv.calls.lock().unwrap(), vec!["abort vda"], "live: no suspend, stale job aborted");
+
+    use TaskState::*;
+    assert_eq!(
+        w.events(),
+        vec![
+            SnapshotEvent::Start,
+            ts(Some(ImageSnapshotPending), Some(ImageSnapshot)),
+            ts(Some(ImageSnapshot), Some(ImagePendingUpload)),
+            ts(Some(ImagePendingUpload), Some(ImageUploading)),
+            ts(Some(ImageUploading), None),
+            SnapshotEvent::End,
+        ]
+    );
+    assert!(w
+        .notifier
+        .events
+        .lock()
+        .unwrap()
+        .iter()
+        .any(|e| matches!(e, SnapshotEvent::Progress { percent: 100, .. })));
+}
+
+#[tokio::test]
+async fn glance_refusing_locations_falls_back_to_uploading_the_bytes() {
+    let w = World::clone_backed(FakeImages { refuse_locations: true, ..Default::default() });
+    let outcome = w.pipeline(|_| {}).run(&w.req).await.unwrap();
+    assert_eq!(outcome, Outcome::Completed { direct: false });
+    assert_eq!(w.images.image(w.req.image_id).unwrap().status, ImageStatus::Active);
+    assert_eq!(w.images.uploads.lock().unwrap()[&w.req.image_id], DISK_DATA);
+    assert!(w.storage.get(&w.copy()).is_none(), "the direct path's copy was removed");
+    assert!(w.disk_snapshots().is_empty());
+    use TaskState::*;
+    let events = w.events();
+    assert!(
+        events.contains(&ts(Some(ImageUploading), Some(ImagePendingUpload))),
+        "fallback goes back to pending upload: {events:?}"
+    );
+    assert_eq!(events.last(), Some(&SnapshotEvent::End));
+}
+
+#[tokio::test]
+async fn a_redelivery_after_a_crash_past_the_flatten_finishes_the_same_snapshot() {
+    let w = World::clone_backed(FakeImages::default());
+    // What a worker killed right after the flatten leaves: disk snapshot + flat copy.
+    let snap = direct::disk_snapshot_name(w.req.image_id);
+    w.storage.create_snapshot(&w.disk, &snap).await.unwrap();
+    w.storage.protect_snapshot(&w.disk, &snap).await.unwrap();
+    w.storage.clone_image(&w.disk, &snap, &w.copy()).await.unwrap();
+    w.storage.images.lock().unwrap().get_mut(&w.copy()).unwrap().parent = None;
+    // Data written after the crash must not reach the image: it was snapshotted before.
+    w.storage.images.lock().unwrap().get_mut(&w.disk).unwrap().data = b"later".to_vec();
+
+    w.pipeline(|_| {}).run(&w.req).await.unwrap();
+    assert_eq!(w.storage.get(&w.copy()).unwrap().data, DISK_DATA);
+    assert!(w.disk_snapshots().is_empty());
+    assert_eq!(w.storage.list_images("images").await.unwrap().len(), 2, "base + one copy");
+    assert_eq!(w.images.image(w.req.image_id).unwrap().status, ImageStatus::Active);
+
+    // And a third delivery of the same cast changes nothing.
+    let again = w.pipeline(|_| {}).run(&w.req).await.unwrap();
+    assert_eq!(again, Outcome::AlreadyDone);
+}
+
+#[tokio::test]
+async fn transient_faults_are_retried_and_the_snapshot_completes() {
+    let w = World::clone_backed(FakeImages::default());
+    w.storage.inject("clone_image", libc::EBUSY, 2);
+    w.storage.inject("flatten", libc::ETIMEDOUT, 1);
+    w.pipeline(|_| {}).run(&w.req).await.unwrap();
+    assert_eq!(w.images.image(w.req.image_id).unwrap().status, ImageStatus::Active);
+}
+
+#[tokio::test]
+async fn a_permanent_failure_cleans_up_everything_and_reports_it() {
+    let w = World::clone_backed(FakeImages::default());
+    w.storage.inject("flatten", libc::EIO, 1);
+    let err = w.pipeline(|_| {}).run(&w.req).await.unwrap_err();
+    assert_eq!(err.step, Step::Flatten);
+    assert!(
+        err.to_string().contains(&w.req.instance.uuid.to_string())
+            && err.to_string().contains(&w.req.image_id.to_string())
+    );
+    assert!(w.storage.get(&w.copy()).is_none(), "partial copy removed");
+    assert!(w.disk_snapshots().is_empty(), "disk snapshot removed");
+    assert!(w.images.image(w.req.image_id).is_none(), "the queued image is deleted");
+    assert!(w.storage.get(&w.base).is_some(), "nothing novasnap did not create is touched");
+    let events = w.events();
+    assert_eq!(events[events.len() - 2], ts(Some(TaskState::ImageUploading), None));
+    assert!(matches!(events.last(), Some(SnapshotEvent::Error { exception, .. }) if exception == "StorageError"));
+}
+
+#[tokio::test]
+async fn retries_are_bounded_then_the_failure_is_clean() {
+    let w = World::clone_backed(FakeImages::default());
+    w.storage.inject("clone_image", libc::EBUSY, 10);
+    let err = w.pipeline(|_| {}).run(&w.req).await.unwrap_err();
+    assert_eq!(err.step, Step::Clone);
+    assert!(w.disk_snapshots().is_empty());
+    assert!(w.images.image(w.req.image_id).is_none());
+}
+
+#[tokio::test]
+async fn a_cold_snapshot_suspends_and_restores_a_paused_guest() {
+    let w = World::clone_backed(FakeImages::default());
+    w.hv.guests.lock().unwrap().get_mut(&w.req.instance.uuid).unwrap().power_state = PowerState::Paused;
+    let mut req = w.req.clone();
+    req.instance.vm_state = Some("paused".into());
+    w.pipeline(|s| s.plan.disable_live_snapshot = true).run(&req).await.unwrap();
+    assert_eq!(*w.hv.calls.lock().unwrap(), vec!["suspend", "resume paused=true"]);
+    assert_eq!(w.hv.find_guest(req.instance.uuid).await.unwrap().power_state, PowerState::Paused);
+}
+
+#[tokio::test]
+async fn a_guest_left_suspended_by_a_crashed_try_is_resumed() {
+    let w = World::clone_backed(FakeImages::default());
+    w.hv.guests.lock().unwrap().get_mut(&w.req.instance.uuid).unwrap().power_state = PowerState::Suspended;
+    w.pipeline(|_| {}).run(&w.req).await.unwrap();
+    assert_eq!(*w.hv.calls.lock().unwrap(), vec!["resume paused=false"]);
+    assert_eq!(w.hv.find_guest(w.req.instance.uuid).await.unwrap().power_state, PowerState::Running);
+}
+
+#[tokio::test]
+async fn a_vanished_guest_ends_quietly_and_deletes_the_queued_image() {
+    let w = World::clone_backed(FakeImages::default());
+    w.hv.guests.lock().unwrap().clear();
+    let err = w.pipeline(|_| {}).run(&w.req).await.unwrap_err();
+    assert!(err.is_vanished());
+    assert!(w.images.image(w.req.image_id).is_none());
+    assert!(w.events().is_empty(), "no error storm: {:?}", w.events());
+}
+
+#[tokio::test]
+async fn forced_standard_path_streams_the_rbd_snapshot() {
+    let w = World::clone_backed(FakeImages::default());
+    w.pipeline(|s| s.direct_snapshot = false).run(&w.req).await.unwrap();
+    assert_eq!(w.images.uploads.lock().unwrap()[&w.req.image_id], DISK_DATA);
+    assert!(w.storage.get(&w.copy()).is_none());
+    assert!(w.disk_snapshots().is_empty());
+}
+
+#[tokio::test]
+async fn backup_rotation_keeps_the_newest() {
+    let w = World::clone_backed(FakeImages::default());
+    let instance = w.req.instance.uuid.to_string();
+    let backup_props = |_: ()| -> BTreeMap<String, serde_json::Value> {
+        [("instance_uuid", instance.as_str()), ("image_type", "backup"), ("backup_type", "daily")]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), json!(v)))
+            .collect()
+    };
+    let mut old_ids = vec![];
+    for day in 1..=2 {
+        let id = Uuid::new_v4();
+        let mut image = queued_image(id, &format!("2026-11-0{day}T00:00:00Z"));
+        image.status = ImageStatus::Active;
+        image.properties = backup_props(());
+        w.images.images.lock().unwrap().insert(id, image);
+        old_ids.push(id);
+    }
+    w.images.images.lock().unwrap().get_mut(&w.req.image_id).unwrap().properties = backup_props(());
+    let mut req = w.req.clone();
+    req.kind = SnapshotKind::Backup { backup_type: "daily".into(), rotation: 2 };
+    w.pipeline(|_| {}).run(&req).await.unwrap();
+    assert!(w.images.image(old_ids[0]).is_none(), "oldest backup rotated out");
+    assert!(w.images.image(old_ids[1]).is_some());
+    assert!(w.images.image(req.image_id).is_some());
+}
+
+#[tokio::test]
+async fn reclamation_keeps_resumable_work_and_removes_dead_work() {
+    let w = World::clone_backed(FakeImages::default());
+    // What a worker killed mid-flatten leaves: protected disk snapshot + tagged clone.
+    let snap = direct::disk_snapshot_name(w.req.image_id);
+    w.storage.create_snapshot(&w.disk, &snap).await.unwrap();
+    w.storage.protect_snapshot(&w.disk, &snap).await.unwrap();
+    w.storage.clone_image(&w.disk, &snap, &w.copy()).await.unwrap();
+    w.storage.set_metadata(&w.copy(), OWNER_METADATA_KEY, &w.req.image_id.to_string()).await.unwrap();
+    let temp = tempfile::tempdir().unwrap();
+    std::fs::create_dir(temp.path().join(&snap)).unwrap();
+    let reclaimer = crate::reclaim::Reclaimer {
+        storage: Some(w.storage.clone()),
+        images: w.images.clone(),
+        disk_pool: "vms".into(),
+        glance_pools: vec!["images".into()],
+        snapshots_directory: temp.path().to_owned(),
+    };
+    use crate::reclaim::{Action, Artefact};
+    let kinds = |f: &[crate::reclaim::Finding]| {
+        f.iter().map(|f| (matches!(f.artefact, Artefact::Copy(_)), f.action)).collect::<Vec<_>>()
+    };
+
+    // The image is still queued: the cast will be redelivered and resume. Nothing removed.
+    let found = reclaimer.run(false).await.unwrap();
+    assert_eq!(found.len(), 3, "{found:?}");
+    assert!(found.iter().all(|f| f.action == Action::Keep), "{found:?}");
+    assert_eq!(w.disk_snapshots(), vec![snap.clone()]);
+
+    // The image is gone: the work is over. A dry run lists, then a real run removes.
+    w.images.images.lock().unwrap().remove(&w.req.image_id);
+    let found = reclaimer.run(true).await.unwrap();
+    assert_eq!(
+        kinds(&found),
+        vec![(true, Action::Remove), (false, Action::Remove), (false, Action::Remove)],
+        "copies first"
+    );
+    assert!(w.storage.get(&w.copy()).is_some(), "dry run changes nothing");
+    reclaimer.run(false).await.unwrap();
+    assert!(w.storage.get(&w.copy()).is_none());
+    assert!(w.disk_snapshots().is_empty());
+    assert!(!temp.path().join(&snap).exists());
+    assert!(w.storage.get(&w.base).is_some(), "what novasnap did not make is never touched");
+}
+
+#[tokio::test]
+async fn a_redelivery_after_the_image_went_active_finishes_the_tail() {
+    let w = World::clone_backed(FakeImages::default());
+    // A worker killed right after its upload made the image active: the disk snapshot
+    // is still there and nobody has seen the end.
+    let snap = direct::disk_snapshot_name(w.req.image_id);
+    w.storage.create_snapshot(&w.disk, &snap).await.unwrap();
+    w.images.images.lock().unwrap().get_mut(&w.req.image_id).unwrap().status = ImageStatus::Active;
+
+    assert_eq!(w.pipeline(|_| {}).run(&w.req).await.unwrap(), Outcome::AlreadyDone);
+    assert!(w.disk_snapshots().is_empty(), "the dead worker's disk snapshot is removed");
+    assert_eq!(w.events(), vec![ts(Some(TaskState::ImageUploading), None), SnapshotEvent::End]);
+}

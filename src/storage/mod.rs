@@ -1,0 +1,184 @@
+//! The block-storage boundary: Ceph RBD as the direct snapshot path and the RBD standard
+//! path use it, plus the qemu-img work the standard path does on files.
+//!
+//! [`BlockStorage`] is the contract for RBD; `rbd.rs` implements it with librados (the
+//! `ceph` crate) and librbd through `ffi.rs`, the crate's only `unsafe` code, on a
+//! dedicated blocking pool. `files.rs` holds the qemu-img steps.
+
+pub mod files;
+pub mod ledger;
+pub mod rbd;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::stream::BoxStream;
+
+use crate::error::{Classify, Disposition};
+use crate::hypervisor::Progress;
+
+/// One RBD image, by pool and name.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RbdImage {
+    pub pool: String,
+    pub name: String,
+}
+
+impl RbdImage {
+    pub fn new(pool: impl Into<String>, name: impl Into<String>) -> Self {
+        Self { pool: pool.into(), name: name.into() }
+    }
+}
+
+impl std::fmt::Display for RbdImage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.pool, self.name)
+    }
+}
+
+/// The snapshot an RBD clone was made from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CloneParent {
+    pub image: RbdImage,
+    pub snapshot: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotInfo {
+    pub name: String,
+    pub protected: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    #[error("{operation} {target}: {message} (errno {errno})")]
+    Rbd {
+        operation: &'static str,
+        target: String,
+        /// Positive errno as librados/librbd returned it negated.
+        errno: i32,
+        message: String,
+    },
+    #[error("cannot connect to the Ceph cluster: {0}")]
+    Connect(String),
+    #[error("{0} does not exist")]
+    NotFound(String),
+    #[error("qemu-img {operation}: {message}")]
+    QemuImg { operation: &'static str, message: String },
+    #[error("io on {path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl Classify for StorageError {
+    fn disposition(&self) -> Disposition {
+        match self {
+            // EBUSY, EAGAIN, ETIMEDOUT, EINTR, ENOTCONN, ESHUTDOWN, ECONNREFUSED: a busy
+            // image, a slow or restarting OSD, a monitor election.
+            Self::Rbd { errno, .. }
+                if matches!(
+                    *errno,
+                    libc::EBUSY
+                        | libc::EAGAIN
+                        | libc::ETIMEDOUT
+                        | libc::EINTR
+                        | libc::ENOTCONN
+                        | libc::ESHUTDOWN
+                        | libc::ECONNREFUSED
+                ) =>
+            {
+                Disposition::Transient
+            }
+            Self::Connect(_) => Disposition::Transient,
+            _ => Disposition::Permanent,
+        }
+    }
+}
+
+/// Ceph RBD operations, each idempotent where the pipeline repeats it on a retry:
+/// creating what exists, or removing what is gone, succeeds.
+#[async_trait]
+pub trait BlockStorage: Send + Sync {
+    /// The cluster's fsid, as written in `rbd://<fsid>/…` locations.
+    async fn fsid(&self) -> Result<String, StorageError>;
+
+    async fn exists(&self, image: &RbdImage) -> Result<bool, StorageError>;
+
+    /// Virtual size in bytes.
+    async fn size(&self, image: &RbdImage) -> Result<u64, StorageError>;
+
+    /// The parent of a clone, or None for an image that is not a clone.
+    async fn parent(&self, image: &RbdImage) -> Result<Option<CloneParent>, StorageError>;
+
+    async fn list_images(&self, pool: &str) -> Result<Vec<String>, StorageError>;
+
+    async fn list_snapshots(&self, image: &RbdImage) -> Result<Vec<SnapshotInfo>, StorageError>;
+
+    /// Creates `snap` on `image`; succeeds if it exists.
+    async fn create_snapshot(&self, image: &RbdImage, snap: &str) -> Result<(), StorageError>;
+
+    /// Protects `snap`; succeeds if already protected.
+    async fn protect_snapshot(&self, image: &RbdImage, snap: &str) -> Result<(), StorageError>;
+
+    /// Unprotects (if protected) and removes `snap`; succeeds if it does not exist.
+    async fn remove_snapshot(&self, image: &RbdImage, snap: &str) -> Result<(), StorageError>;
+
+    /// Clones `parent@snap` as `child`; succeeds if `child` already is a clone of that
+    /// snapshot (a retry after a crash mid-clone).
+    async fn clone_image(&self, parent: &RbdImage, snap: &str, child: &RbdImage) -> Result<(), StorageError>;
+
+    /// Copies the parent's data into the clone and detaches it. Reports progress;
+    /// succeeds on an image that has no parent.
+    async fn flatten(&self, image: &RbdImage, progress: Progress) -> Result<(), StorageError>;
+
+    /// Sets image metadata `key` (librbd's per-image key/value store); overwriting is fine.
+    async fn set_metadata(&self, image: &RbdImage, key: &str, value: &str) -> Result<(), StorageError>;
+
+    /// Image metadata `key`, or None if it is not set.
+    async fn metadata(&self, image: &RbdImage, key: &str) -> Result<Option<String>, StorageError>;
+
+    /// Removes `image` and all its snapshots (unprotecting them); succeeds if it is gone.
+    async fn remove_image(&self, image: &RbdImage) -> Result<(), StorageError>;
+
+    /// The bytes of `image` (at `snap`, if given) from offset 0 to its size, in chunks,
+    /// read ahead a bounded amount: memory stays bounded whatever the disk size.
+    fn read(&self, image: &RbdImage, snap: Option<&str>) -> BoxStream<'static, Result<Bytes, StorageError>>;
+}
+
+/// What novasnap replicas share about their work, kept in the cluster so it outlives any
+/// one replica: which casts are finished (oslo's 16-entry `_unique_id` cache, made durable)
+/// and which instance each replica is snapshotting right now.
+#[async_trait]
+pub trait WorkLedger: Send + Sync {
+    /// Whether the cast with this `_unique_id` was already carried to its end.
+    async fn is_done(&self, unique_id: &str) -> Result<bool, StorageError>;
+
+    /// Records the cast as carried to its end (success or reported permanent failure).
+    async fn mark_done(&self, unique_id: &str) -> Result<(), StorageError>;
+
+    /// Takes the instance's exclusive lease, waiting while another replica (or task)
+    /// holds it. The lease is renewed in the background and released when the returned
+    /// guard is dropped; a replica that dies loses it after its expiry.
+    async fn lock_instance(&self, instance: uuid::Uuid) -> Result<InstanceLease, StorageError>;
+}
+
+/// Held while one snapshot of an instance runs; dropping it releases the lease.
+pub struct InstanceLease {
+    release: Option<Box<dyn FnOnce() + Send>>,
+}
+
+impl InstanceLease {
+    pub fn new(release: impl FnOnce() + Send + 'static) -> Self {
+        Self { release: Some(Box::new(release)) }
+    }
+}
+
+impl Drop for InstanceLease {
+    fn drop(&mut self) {
+        if let Some(release) = self.release.take() {
+            release();
+        }
+    }
+}

@@ -1,0 +1,341 @@
+//! [`BlockStorage`] on a real Ceph cluster: one librados connection per worker, an I/O
+//! context per pool, librbd through `ffi.rs`. Every call runs on tokio's blocking pool.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::stream::BoxStream;
+use tracing::debug;
+
+use super::{BlockStorage, CloneParent, RbdImage, SnapshotInfo, StorageError};
+use crate::config::RbdConfig;
+use crate::ffi::rbd::{self as ffi, Errno};
+use crate::hypervisor::Progress;
+
+/// librbd's layering feature bit: a clone needs it.
+const FEATURE_LAYERING: u64 = 1;
+/// Bytes per read from librbd, and per chunk of [`BlockStorage::read`]'s stream.
+const READ_CHUNK: usize = 4 << 20;
+/// Chunks read ahead of the consumer: bounds the stream's memory to this × READ_CHUNK.
+const READ_AHEAD: usize = 4;
+
+#[derive(Clone)]
+pub struct CephRbd {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    cluster: ffi::Cluster,
+    pools: Mutex<HashMap<String, Arc<ffi::Pool>>>,
+}
+
+/// The error for `operation` on `target` failing with `errno`.
+fn rbd_error(operation: &'static str, target: impl std::fmt::Display) -> impl Fn(Errno) -> StorageError {
+    let target = target.to_string();
+    move |errno: Errno| StorageError::Rbd {
+        operation,
+        target: target.clone(),
+        errno: errno.0,
+        message: errno.to_string(),
+    }
+}
+
+fn rados_error(operation: &'static str, target: impl std::fmt::Display, e: ceph::error::RadosError) -> StorageError {
+    match e {
+        ceph::error::RadosError::ApiError(errno) => rbd_error(operation, target)(Errno(errno as i32)),
+        other => {
+            StorageError::Rbd { operation, target: target.to_string(), errno: libc::EIO, message: other.to_string() }
+        }
+    }
+}
+
+impl Inner {
+    fn pool(&self, name: &str) -> Result<Arc<ffi::Pool>, StorageError> {
+        let mut pools = self.pools.lock().expect("pool cache lock");
+        if let Some(pool) = pools.get(name) {
+            return Ok(pool.clone());
+        }
+        let ioctx = self.cluster.0.get_rados_ioctx(name).map_err(|e| match e {
+            ceph::error::RadosError::ApiError(errno) if errno as i32 == libc::ENOENT => {
+                StorageError::NotFound(format!("pool {name}"))
+            }
+            e => rados_error("open pool", name, e),
+        })?;
+        let pool = Arc::new(ffi::Pool(ioctx));
+        pools.insert(name.to_string(), pool.clone());
+        Ok(pool)
+    }
+
+    fn open(&self, image: &RbdImage, snap: Option<&str>) -> Result<ffi::Image, StorageError> {
+        self.pool(&image.pool)?.open(&image.name, snap).map_err(|e| match e {
+            Errno(libc::ENOENT) => StorageError::NotFound(match snap {
+                Some(s) => format!("{image}@{s}"),
+                None => image.to_string(),
+            }),
+            e => rbd_error("open", image)(e),
+        })
+    }
+
+    /// Opens `image`, or None if it does not exist.
+    fn open_if_exists(&self, image: &RbdImage) -> Result<Option<ffi::Image>, StorageError> {
+        match self.open(image, None) {
+            Ok(handle) => Ok(Some(handle)),
+            Err(StorageError::NotFound(_)) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn parent(&self, handle: &ffi::Image, image: &RbdImage) -> Result<Option<CloneParent>, StorageError> {
+        Ok(handle
+            .parent()
+            .map_err(rbd_error("get parent", image))?
+            .map(|(pool, name, snapshot)| CloneParent { image: RbdImage::new(pool, name), snapshot }))
+    }
+
+    fn remove_snapshot(&self, handle: &ffi::Image, image: &RbdImage, snap: &str) -> Result<(), StorageError> {
+        let target = format!("{image}@{snap}");
+        if !handle.snap_exists(snap).map_err(rbd_error("stat snapshot", &target))? {
+            return Ok(());
+        }
+        if handle.snap_is_protected(snap).map_err(rbd_error("stat snapshot", &target))? {
+            match handle.snap_unprotect(snap) {
+                Ok(()) | Err(Errno(libc::EINVAL)) => {} // EINVAL: not protected (any more)
+                Err(e) => return Err(rbd_error("unprotect snapshot", &target)(e)),
+            }
+        }
+        match handle.snap_remove(snap) {
+            Ok(()) | Err(Errno(libc::ENOENT)) => Ok(()),
+            Err(e) => Err(rbd_error("remove snapshot", &target)(e)),
+        }
+    }
+}
+
+impl CephRbd {
+    /// Connects as `[libvirt] rbd_user` (default `admin`) with `images_rbd_ceph_conf`
+    /// (default `/etc/ceph/ceph.conf`).
+    pub async fn connect(config: &RbdConfig) -> Result<Self, StorageError> {
+        let user = config.user.clone().unwrap_or_else(|| "admin".into());
+        let conf = config.ceph_conf.clone().unwrap_or_else(|| "/etc/ceph/ceph.conf".into());
+        let cluster = tokio::task::spawn_blocking(move || {
+            ceph::ceph::connect_to_ceph(&user, &conf.to_string_lossy())
+                .map(ffi::Cluster)
+                .map_err(|e| StorageError::Connect(format!("as client.{user} with {}: {e}", conf.display())))
+        })
+        .await
+        .map_err(|e| StorageError::Connect(e.to_string()))??;
+        Ok(Self { inner: Arc::new(Inner { cluster, pools: Mutex::default() }) })
+    }
+
+    /// Runs `f` on the blocking pool with the connection.
+    async fn blocking<T, F>(&self, f: F) -> Result<T, StorageError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Inner) -> Result<T, StorageError> + Send + 'static,
+    {
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || f(&inner))
+            .await
+            .map_err(|e| StorageError::Connect(format!("blocking task failed: {e}")))?
+    }
+
+    /// The I/O context of `pool`, for the work ledger's RADOS objects.
+    pub(crate) async fn pool(&self, pool: &str) -> Result<Arc<ffi::Pool>, StorageError> {
+        let pool = pool.to_string();
+        self.blocking(move |inner| inner.pool(&pool)).await
+    }
+}
+
+#[async_trait]
+impl BlockStorage for CephRbd {
+    async fn fsid(&self) -> Result<String, StorageError> {
+        self.blocking(|inner| {
+            inner.cluster.0.rados_fsid().map(|f| f.to_string()).map_err(|e| rados_error("get fsid", "cluster", e))
+        })
+        .await
+    }
+
+    async fn exists(&self, image: &RbdImage) -> Result<bool, StorageError> {
+        let image = image.clone();
+        self.blocking(move |inner| Ok(inner.open_if_exists(&image)?.is_some())).await
+    }
+
+    async fn size(&self, image: &RbdImage) -> Result<u64, StorageError> {
+        let image = image.clone();
+        self.blocking(move |inner| inner.open(&image, None)?.size().map_err(rbd_error("get size", &image))).await
+    }
+
+    async fn parent(&self, image: &RbdImage) -> Result<Option<CloneParent>, StorageError> {
+        let image = image.clone();
+        self.blocking(move |inner| inner.parent(&inner.open(&image, None)?, &image)).await
+    }
+
+    async fn list_images(&self, pool: &str) -> Result<Vec<String>, StorageError> {
+        let pool = pool.to_string();
+        self.blocking(move |inner| inner.pool(&pool)?.list().map_err(rbd_error("list images", &pool))).await
+    }
+
+    async fn list_snapshots(&self, image: &RbdImage) -> Result<Vec<SnapshotInfo>, StorageError> {
+        let image = image.clone();
+        self.blocking(move |inner| {
+            let handle = inner.open(&image, None)?;
+            let names = handle.snapshots().map_err(rbd_error("list snapshots", &image))?;
+            names
+                .into_iter()
+                .map(|name| {
+                    let protected = handle.snap_is_protected(&name).map_err(rbd_error("stat snapshot", &image))?;
+                    Ok(SnapshotInfo { name, protected })
+                })
+                .collect()
+        })
+        .await
+    }
+
+    async fn create_snapshot(&self, image: &RbdImage, snap: &str) -> Result<(), StorageError> {
+        let (image, snap) = (image.clone(), snap.to_string());
+        self.blocking(move |inner| {
+            let handle = inner.open(&image, None)?;
+            let target = format!("{image}@{snap}");
+            if handle.snap_exists(&snap).map_err(rbd_error("stat snapshot", &target))? {
+                return Ok(());
+            }
+            match handle.snap_create(&snap) {
+                Ok(()) | Err(Errno(libc::EEXIST)) => Ok(()),
+                Err(e) => Err(rbd_error("create snapshot", &target)(e)),
+            }
+        })
+        .await
+    }
+
+    async fn protect_snapshot(&self, image: &RbdImage, snap: &str) -> Result<(), StorageError> {
+        let (image, snap) = (image.clone(), snap.to_string());
+        self.blocking(move |inner| {
+            let handle = inner.open(&image, None)?;
+            let target = format!("{image}@{snap}");
+            if handle.snap_is_protected(&snap).map_err(rbd_error("stat snapshot", &target))? {
+                return Ok(());
+            }
+            handle.snap_protect(&snap).map_err(rbd_error("protect snapshot", &target))
+        })
+        .await
+    }
+
+    async fn remove_snapshot(&self, image: &RbdImage, snap: &str) -> Result<(), StorageError> {
+        let (image, snap) = (image.clone(), snap.to_string());
+        self.blocking(move |inner| match inner.open_if_exists(&image)? {
+            Some(handle) => inner.remove_snapshot(&handle, &image, &snap),
+            None => Ok(()),
+        })
+        .await
+    }
+
+    async fn clone_image(&self, parent: &RbdImage, snap: &str, child: &RbdImage) -> Result<(), StorageError> {
+        let (parent, snap, child) = (parent.clone(), snap.to_string(), child.clone());
+        self.blocking(move |inner| {
+            if let Some(existing) = inner.open_if_exists(&child)? {
+                let expected = CloneParent { image: parent.clone(), snapshot: snap.clone() };
+                return match inner.parent(&existing, &child)? {
+                    Some(p) if p == expected => Ok(()),
+                    other => Err(StorageError::Rbd {
+                        operation: "clone",
+                        target: child.to_string(),
+                        errno: libc::EEXIST,
+                        message: format!("exists and is not a clone of {parent}@{snap} (parent: {other:?})"),
+                    }),
+                };
+            }
+            let features = inner.open(&parent, Some(&snap))?.features().map_err(rbd_error("get features", &parent))?;
+            let (parent_pool, child_pool) = (inner.pool(&parent.pool)?, inner.pool(&child.pool)?);
+            match child_pool.clone_image(&parent_pool, &parent.name, &snap, &child.name, features | FEATURE_LAYERING) {
+                Ok(()) => Ok(()),
+                Err(e) => Err(rbd_error("clone", format!("{parent}@{snap} → {child}"))(e)),
+            }
+        })
+        .await
+    }
+
+    async fn flatten(&self, image: &RbdImage, progress: Progress) -> Result<(), StorageError> {
+        let image = image.clone();
+        self.blocking(move |inner| {
+            let handle = inner.open(&image, None)?;
+            if inner.parent(&handle, &image)?.is_none() {
+                return Ok(());
+            }
+            let mut report = |done: u64, total: u64| progress((done.saturating_mul(100) / total.max(1)).min(100) as u8);
+            handle.flatten(&mut report).map_err(rbd_error("flatten", &image))?;
+            progress(100);
+            Ok(())
+        })
+        .await
+    }
+
+    async fn set_metadata(&self, image: &RbdImage, key: &str, value: &str) -> Result<(), StorageError> {
+        let (image, key, value) = (image.clone(), key.to_string(), value.to_string());
+        self.blocking(move |inner| {
+            inner.open(&image, None)?.metadata_set(&key, &value).map_err(rbd_error("set metadata", &image))
+        })
+        .await
+    }
+
+    async fn metadata(&self, image: &RbdImage, key: &str) -> Result<Option<String>, StorageError> {
+        let (image, key) = (image.clone(), key.to_string());
+        self.blocking(move |inner| {
+            inner.open(&image, None)?.metadata_get(&key).map_err(rbd_error("get metadata", &image))
+        })
+        .await
+    }
+
+    async fn remove_image(&self, image: &RbdImage) -> Result<(), StorageError> {
+        let image = image.clone();
+        self.blocking(move |inner| {
+            let Some(handle) = inner.open_if_exists(&image)? else { return Ok(()) };
+            for snap in handle.snapshots().map_err(rbd_error("list snapshots", &image))? {
+                inner.remove_snapshot(&handle, &image, &snap)?;
+            }
+            drop(handle);
+            match inner.pool(&image.pool)?.remove(&image.name) {
+                Ok(()) | Err(Errno(libc::ENOENT)) => Ok(()),
+                Err(e) => Err(rbd_error("remove image", &image)(e)),
+            }
+        })
+        .await
+    }
+
+    fn read(&self, image: &RbdImage, snap: Option<&str>) -> BoxStream<'static, Result<Bytes, StorageError>> {
+        let (image, snap) = (image.clone(), snap.map(String::from));
+        let (tx, rx) = tokio::sync::mpsc::channel(READ_AHEAD);
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || {
+            let read = || -> Result<(), StorageError> {
+                let handle = inner.open(&image, snap.as_deref())?;
+                let size = handle.size().map_err(rbd_error("get size", &image))?;
+                let mut offset = 0u64;
+                while offset < size {
+                    let mut buf = vec![0u8; READ_CHUNK.min((size - offset) as usize)];
+                    let n = handle.read(offset, &mut buf).map_err(rbd_error("read", &image))?;
+                    if n == 0 {
+                        break;
+                    }
+                    buf.truncate(n);
+                    offset += n as u64;
+                    if tx.blocking_send(Ok(Bytes::from(buf))).is_err() {
+                        debug!(%image, "reader gone; stopping");
+                        return Ok(());
+                    }
+                }
+                Ok(())
+            };
+            if let Err(e) = read() {
+                let _ = tx.blocking_send(Err(e));
+            }
+        });
+        Box::pin(tokio_stream_from(rx))
+    }
+}
+
+fn tokio_stream_from<T: Send + 'static>(
+    mut rx: tokio::sync::mpsc::Receiver<T>,
+) -> impl futures::Stream<Item = T> + Send {
+    futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}

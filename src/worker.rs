@@ -1,0 +1,84 @@
+//! The worker: what happens to a decoded cast between the consumer and the pipeline.
+//! Duplicates are recognised through the shared ledger, one instance is snapshotted by one
+//! task at a time across all replicas, and the outcome decides ack or hand-back.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tracing::{info, warn, Instrument};
+
+use crate::messaging::{Handled, SnapshotHandler};
+use crate::pipeline::{Outcome, SnapshotPipeline};
+use crate::request::SnapshotRequest;
+use crate::storage::WorkLedger;
+
+pub struct Worker {
+    pipeline: SnapshotPipeline,
+    ledger: Arc<dyn WorkLedger>,
+}
+
+impl Worker {
+    pub fn new(pipeline: SnapshotPipeline, ledger: Arc<dyn WorkLedger>) -> Self {
+        Self { pipeline, ledger }
+    }
+
+    async fn already_done(&self, unique_id: Option<&str>) -> bool {
+        let Some(id) = unique_id else { return false };
+        match self.ledger.is_done(id).await {
+            Ok(done) => done,
+            Err(e) => {
+                // The pipeline is idempotent on its own; the ledger only saves work.
+                warn!(unique_id = id, error = %e, "ledger unreadable; handling the cast as new");
+                false
+            }
+        }
+    }
+
+    async fn handle_request(&self, req: SnapshotRequest) -> Handled {
+        let unique_id = req.unique_id.as_deref();
+        if self.already_done(unique_id).await {
+            info!("duplicate cast: already carried to its end, ignoring");
+            return Handled::Done;
+        }
+        let _lease = match self.ledger.lock_instance(req.instance.uuid).await {
+            Ok(lease) => lease,
+            Err(e) => {
+                warn!(error = %e, "cannot take the instance lease; handing the cast back");
+                // Keeps a broken ledger from spinning the same cast through the broker.
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                return Handled::Requeue;
+            }
+        };
+        // A duplicate may have finished while this one waited for the lease.
+        if self.already_done(unique_id).await {
+            info!("duplicate cast: finished by another delivery while waiting, ignoring");
+            return Handled::Done;
+        }
+        match self.pipeline.run(&req).await {
+            Ok(Outcome::Completed { direct }) => info!(direct, "snapshot completed"),
+            Ok(Outcome::AlreadyDone) => info!("snapshot was already completed"),
+            // The pipeline has cleaned up and reported; retrying the cast cannot help.
+            Err(e) => warn!(error = %e, "snapshot ended in failure"),
+        }
+        if let Some(id) = unique_id {
+            if let Err(e) = self.ledger.mark_done(id).await {
+                warn!(unique_id = id, error = %e, "could not record the cast as done");
+            }
+        }
+        Handled::Done
+    }
+}
+
+#[async_trait]
+impl SnapshotHandler for Worker {
+    async fn handle(&self, req: SnapshotRequest) -> Handled {
+        let span = tracing::info_span!(
+            "snapshot",
+            request_id = req.context.request_id.as_deref().unwrap_or("-"),
+            instance = %req.instance.uuid,
+            image = %req.image_id,
+        );
+        self.handle_request(req).instrument(span).await
+    }
+}

@@ -1,0 +1,601 @@
+//! What the integration tests share: the stack's coordinates, a worker process, the oslo
+//! peers, and looks at Ceph and Glance that tests assert on.
+#![allow(dead_code)] // each test binary uses its own subset
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+/// An environment variable `scripts/stack env` sets; missing means the stack is not up,
+/// which is a failure, never a skip.
+pub fn env(name: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| {
+        panic!("{name} is not set: bring the stack up and run `eval \"$(scripts/stack env)\"` (make test does both)")
+    })
+}
+
+pub struct DemoGuest {
+    pub uuid: String,
+    pub domain: String,
+    pub base_image: String,
+    pub disk: String,
+    pub sha256: String,
+}
+
+impl DemoGuest {
+    /// The same guest's details under another instance UUID (one libvirt does not know).
+    pub fn clone_with_uuid(&self, uuid: uuid::Uuid) -> Self {
+        Self {
+            uuid: uuid.to_string(),
+            domain: self.domain.clone(),
+            base_image: self.base_image.clone(),
+            disk: self.disk.clone(),
+            sha256: self.sha256.clone(),
+        }
+    }
+}
+
+pub fn guest(n: u8) -> DemoGuest {
+    DemoGuest {
+        uuid: env(&format!("GUEST{n}_UUID")),
+        domain: env(&format!("GUEST{n}_DOMAIN")),
+        base_image: env(&format!("GUEST{n}_BASE_IMAGE")),
+        disk: env(&format!("GUEST{n}_DISK")),
+        sha256: env(&format!("GUEST{n}_SHA256")),
+    }
+}
+
+pub fn unique(prefix: &str) -> String {
+    format!("{prefix}-{}", &uuid::Uuid::new_v4().simple().to_string()[..8])
+}
+
+/// A worker config for this stack, on its own host name and notification exchange so tests
+/// do not see each other's traffic, with `overrides` as (section, key, value).
+pub struct TestConfig {
+    pub host: String,
+    pub notification_exchange: String,
+    pub path: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl TestConfig {
+    pub fn new(overrides: &[(&str, &str, &str)]) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let host = unique("novasnap-test");
+        let notification_exchange = unique("novasnap-test-notifications");
+        let (transport, ceph, glance) = (env("TRANSPORT_URL"), env("CEPH_CONF"), env("GLANCE_URL"));
+        let (snapdir, state) = (snapshots_directory().display().to_string(), dir.path().display().to_string());
+        let mut settings: Vec<(&str, &str, &str)> = vec![
+            ("DEFAULT", "transport_url", &transport),
+            ("DEFAULT", "host", &host),
+            ("DEFAULT", "control_exchange", "nova"),
+            ("libvirt", "connection_uri", "qemu:///system"),
+            ("libvirt", "images_type", "rbd"),
+            ("libvirt", "images_rbd_pool", "vms"),
+            ("libvirt", "images_rbd_ceph_conf", &ceph),
+            ("libvirt", "snapshots_directory", &snapdir),
+            ("glance", "api_servers", &glance),
+            ("oslo_messaging_notifications", "driver", "messagingv2"),
+            ("oslo_messaging_notifications", "topics", "notifications"),
+            ("notifications", "notification_format", "both"),
+            ("novasnap", "notification_exchange", &notification_exchange),
+            ("novasnap", "progress_interval", "1"),
+            ("novasnap", "reclaim_interval", "3600"),
+            ("novasnap", "retry_initial_delay_ms", "100"),
+            ("novasnap", "retry_max_delay", "2"),
+            ("novasnap", "retry_max_retries", "4"),
+            ("novasnap", "state_directory", &state),
+            // A crashed worker's lease lapses quickly, so the survivor need not wait long.
+            ("novasnap", "instance_lease", "6"),
+        ];
+        for (section, key, value) in overrides {
+            settings.retain(|(s, k, _)| !(s == section && k == key));
+            settings.push((section, key, value));
+        }
+        let mut sections: std::collections::BTreeMap<&str, String> = Default::default();
+        for (section, key, value) in settings {
+            sections.entry(section).or_default().push_str(&format!("{key} = {value}\n"));
+        }
+        let text: String = sections.iter().map(|(s, body)| format!("[{s}]\n{body}")).collect();
+        let path = dir.path().join("novasnap.conf");
+        std::fs::write(&path, text).unwrap();
+        Self { host, notification_exchange, path, _dir: dir }
+    }
+}
+
+pub fn snapshots_directory() -> PathBuf {
+    PathBuf::from(env("NOVASNAP_STACK_STATE")).join("snapshots")
+}
+
+/// A `novasnap serve` process; killed (SIGKILL) if the test ends without stopping it.
+pub struct WorkerProcess {
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl WorkerProcess {
+    pub async fn start(config: &TestConfig) -> Self {
+        Self::start_with(config, &[]).await
+    }
+
+    /// Starts a worker with extra environment, e.g. `NOVASNAP_CRASH_AT`.
+    pub async fn start_with(config: &TestConfig, envs: &[(&str, &str)]) -> Self {
+        let log = config.path.with_extension(format!("{}.log", uuid::Uuid::new_v4().simple()));
+        let child = Command::new(env!("CARGO_BIN_EXE_novasnap"))
+            .args(["serve", "--config"])
+            .arg(&config.path)
+            .env("NOVASNAP_LOG", "info,novasnap=debug")
+            .envs(envs.iter().copied())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let mut worker = Self { child, log };
+        let queue = format!("compute.{}", config.host);
+        let start = Instant::now();
+        loop {
+            if let Ok(Some(status)) = worker.child.try_wait() {
+                panic!("worker exited with {status} before consuming:\n{}", worker.log_text());
+            }
+            if consumers().await.lines().any(|l| l.trim() == queue) {
+                break;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "worker not consuming {queue} within 60 s:\n{}",
+                worker.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        worker
+    }
+
+    /// Waits for the process to end by itself (a crash point), and its status.
+    pub async fn wait_exit(&mut self, limit: Duration) -> std::process::ExitStatus {
+        tokio::time::timeout(limit, self.child.wait())
+            .await
+            .unwrap_or_else(|_| panic!("worker still running after {limit:?}:\n{}", self.log_text()))
+            .unwrap()
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGTERM, and the exit status.
+    pub async fn stop(mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().expect("worker running") as i32;
+        // Through kill(1): the tests need no unsafe for kill(2).
+        Command::new("kill").args(["-TERM", &pid.to_string()]).status().await.unwrap();
+        tokio::time::timeout(Duration::from_secs(120), self.child.wait())
+            .await
+            .expect("worker exits within 120 s of SIGTERM")
+            .unwrap()
+    }
+}
+
+async fn consumers() -> String {
+    let out = Command::new("rabbitmqctl").args(["-q", "list_consumers", "queue_name"]).output().await.unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Polls `check` every 200 ms until it returns true, for at most `limit`.
+pub async fn wait_until<F, Fut>(limit: Duration, mut check: F) -> Option<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if check().await {
+            return Some(());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    None
+}
+
+fn peer_python() -> String {
+    env("NOVASNAP_PEER_PYTHON")
+}
+
+fn peer_script(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/peer").join(name)
+}
+
+/// A stock oslo.messaging notification listener on the config's exchange.
+pub struct Listener {
+    child: Child,
+    lines: tokio::sync::mpsc::UnboundedReceiver<Value>,
+    pub received: Vec<Value>,
+}
+
+impl Listener {
+    pub async fn start(config: &TestConfig) -> Self {
+        let mut child = Command::new(peer_python())
+            .arg(peer_script("listen.py"))
+            .args(["--transport-url", &env("TRANSPORT_URL"), "--exchange", &config.notification_exchange])
+            // The tests decide what they wait for; the listener just keeps listening.
+            .args(["--until", "-", "--timeout", "3600"])
+            .env("PYTHONWARNINGS", "ignore")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let mut stderr = BufReader::new(child.stderr.take().unwrap()).lines();
+        let ready = tokio::time::timeout(Duration::from_secs(60), async {
+            while let Ok(Some(line)) = stderr.next_line().await {
+                if line.trim() == "ready" {
+                    return true;
+                }
+                eprintln!("listener: {line}");
+            }
+            false
+        })
+        .await;
+        assert_eq!(ready, Ok(true), "oslo listener did not start");
+        let (tx, lines) = tokio::sync::mpsc::unbounded_channel();
+        let mut stdout = BufReader::new(child.stdout.take().unwrap()).lines();
+        tokio::spawn(async move {
+            while let Ok(Some(line)) = stdout.next_line().await {
+                let _ = tx.send(serde_json::from_str(&line).expect("listener prints JSON lines"));
+            }
+        });
+        tokio::spawn(async move { while let Ok(Some(_)) = stderr.next_line().await {} });
+        Self { child, lines, received: Vec::new() }
+    }
+
+    /// Collects notifications until one with `event_type` mentions `image_id`.
+    pub async fn wait_for(&mut self, event_type: &str, image_id: &str, limit: Duration) -> &[Value] {
+        let found = tokio::time::timeout(limit, async {
+            while let Some(n) = self.lines.recv().await {
+                let hit = n["event_type"] == event_type && n["payload"].to_string().contains(image_id);
+                self.received.push(n);
+                if hit {
+                    return true;
+                }
+            }
+            false
+        })
+        .await;
+        assert_eq!(found, Ok(true), "no {event_type} for {image_id}; got {:#?}", self.event_types());
+        &self.received
+    }
+
+    pub fn event_types(&self) -> Vec<String> {
+        self.received.iter().map(|n| n["event_type"].as_str().unwrap_or("?").to_string()).collect()
+    }
+
+    /// Drains what arrived without waiting.
+    pub fn collect(&mut self) {
+        while let Ok(n) = self.lines.try_recv() {
+            self.received.push(n);
+        }
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        let _ = self.child.start_kill();
+    }
+}
+
+/// nova-api's part, by Nova's own code: creates the queued image and casts.
+/// Returns the image id.
+pub async fn nova_api(config: &TestConfig, method: &str, guest: &DemoGuest, extra: &[&str]) -> String {
+    let out = Command::new(peer_python())
+        .arg(peer_script("nova_api.py"))
+        .args([method, "--instance", &guest.uuid, "--host", &config.host, "--image-ref", &guest.base_image])
+        .args([
+            "--transport-url",
+            &env("TRANSPORT_URL"),
+            "--glance",
+            &env("GLANCE_URL"),
+            "--name",
+            &unique("test-snapshot"),
+        ])
+        .args(extra)
+        .env("PYTHONWARNINGS", "ignore")
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success(), "nova_api.py failed: {}", String::from_utf8_lossy(&out.stderr));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    v["image_id"].as_str().unwrap().to_string()
+}
+
+pub fn http() -> reqwest::Client {
+    reqwest::Client::builder().timeout(Duration::from_secs(120)).build().unwrap()
+}
+
+/// The image as Glance shows it, or None when it is gone.
+pub async fn glance_image(id: &str) -> Option<Value> {
+    let resp = http().get(format!("{}/v2/images/{id}", env("GLANCE_URL"))).send().await.unwrap();
+    if resp.status() == reqwest::StatusCode::NOT_FOUND {
+        return None;
+    }
+    Some(resp.error_for_status().unwrap().json().await.unwrap())
+}
+
+pub async fn glance_image_sha256(id: &str) -> String {
+    use sha2::Digest;
+    let mut resp = http()
+        .get(format!("{}/v2/images/{id}/file", env("GLANCE_URL")))
+        .send()
+        .await
+        .unwrap()
+        .error_for_status()
+        .unwrap();
+    let mut hasher = sha2::Sha256::new();
+    while let Some(chunk) = resp.chunk().await.unwrap() {
+        hasher.update(&chunk);
+    }
+    format!("{:x}", hasher.finalize())
+}
+
+pub async fn glance_delete(id: &str) {
+    let _ = http().delete(format!("{}/v2/images/{id}", env("GLANCE_URL"))).send().await;
+}
+
+/// Image ids of this instance's images in Glance with the given image_type.
+pub async fn glance_images_of(instance: &str, image_type: &str) -> Vec<Value> {
+    let url = format!("{}/v2/images?instance_uuid={instance}&image_type={image_type}&limit=100", env("GLANCE_URL"));
+    let v: Value = http().get(url).send().await.unwrap().error_for_status().unwrap().json().await.unwrap();
+    v["images"].as_array().cloned().unwrap_or_default()
+}
+
+async fn rbd_json(args: &[&str]) -> Value {
+    let out = Command::new("rbd").args(args).args(["--format", "json"]).output().await.unwrap();
+    assert!(out.status.success(), "rbd {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// Snapshot names on an RBD image (`pool/name`).
+pub async fn rbd_snapshots(image: &str) -> Vec<String> {
+    let v = rbd_json(&["snap", "ls", image]).await;
+    v.as_array().unwrap().iter().map(|s| s["name"].as_str().unwrap().to_string()).collect()
+}
+
+pub async fn rbd_images(pool: &str) -> Vec<String> {
+    let v = rbd_json(&["ls", pool]).await;
+    v.as_array().unwrap().iter().map(|s| s.as_str().unwrap().to_string()).collect()
+}
+
+/// `rbd:vms/x_disk` → `vms/x_disk`.
+pub fn rbd_name(disk: &str) -> &str {
+    disk.strip_prefix("rbd:").unwrap_or_else(|| panic!("{disk} is not an RBD disk"))
+}
+
+/// Entries under the snapshots directory that novasnap made.
+pub fn temp_leftovers() -> Vec<String> {
+    match std::fs::read_dir(snapshots_directory()) {
+        Ok(entries) => entries
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .filter(|n| n.starts_with("novasnap-"))
+            .collect(),
+        Err(_) => Vec::new(),
+    }
+}
+
+pub async fn virsh(args: &[&str]) -> String {
+    let out = Command::new("virsh").args(["-c", "qemu:///system"]).args(args).output().await.unwrap();
+    assert!(out.status.success(), "virsh {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+pub async fn domain_state(domain: &str) -> String {
+    virsh(&["domstate", domain]).await
+}
+
+/// Creates the queued image a snapshot fills, as nova-api does; returns its id.
+pub async fn glance_create_snapshot_image(instance: &str) -> String {
+    let body = serde_json::json!({
+        "name": unique("test-snapshot"), "visibility": "private",
+        "instance_uuid": instance, "image_type": "snapshot",
+    });
+    let v: Value = http()
+        .post(format!("{}/v2/images", env("GLANCE_URL")))
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+        .error_for_status()
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    v["id"].as_str().unwrap().to_string()
+}
+
+pub fn shared_fixture(relative: &str) -> Value {
+    let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let candidates = [manifest.join("../shared/fixtures/oslo"), manifest.join("../../shared/fixtures/oslo")];
+    let dir = candidates.iter().find(|d| d.is_dir()).expect("../shared/fixtures/oslo beside the checkout");
+    serde_json::from_str(&std::fs::read_to_string(dir.join(relative)).unwrap()).unwrap()
+}
+
+/// The captured nova `snapshot_instance` cast, re-addressed to `guest`, `image_id` and `host`,
+/// with `unique_id` as its `_unique_id`: exact bytes as nova would send them.
+pub fn nova_snapshot_cast(guest: &DemoGuest, image_id: &str, host: &str, unique_id: &str) -> Vec<u8> {
+    let fixture = shared_fixture("messages/rpc_cast.snapshot_instance.nova_minimal.json");
+    let envelope: Value = serde_json::from_str(fixture["body_raw_utf8"].as_str().unwrap()).unwrap();
+    let mut msg: Value = serde_json::from_str(envelope["oslo.message"].as_str().unwrap()).unwrap();
+    let data = &mut msg["args"]["instance"]["nova_object.data"];
+    data["uuid"] = guest.uuid.as_str().into();
+    data["image_ref"] = guest.base_image.as_str().into();
+    data["host"] = host.into();
+    msg["args"]["image_id"] = image_id.into();
+    msg["_unique_id"] = unique_id.into();
+    msg["_context_auth_token"] = Value::Null;
+    let body = serde_json::json!({"oslo.version": "2.0", "oslo.message": msg.to_string()});
+    body.to_string().into_bytes()
+}
+
+/// Publishes `body` to nova's exchange as oslo.messaging publishes a cast.
+pub async fn publish_cast(host: &str, body: &[u8]) {
+    publish_raw("nova", &format!("compute.{host}"), Some("application/json"), body).await
+}
+
+/// Publishes `body` with oslo's cast properties (and `content_type`, if any) to `exchange`.
+pub async fn publish_raw(exchange: &str, routing_key: &str, content_type: Option<&str>, body: &[u8]) {
+    use lapin::options::BasicPublishOptions;
+    use lapin::types::FieldTable;
+    use lapin::{BasicProperties, Connection, ConnectionProperties};
+    let conn = Connection::connect(&amqp_uri(), ConnectionProperties::default()).await.unwrap();
+    let channel = conn.create_channel().await.unwrap();
+    channel.confirm_select(Default::default()).await.unwrap();
+    let mut props = BasicProperties::default();
+    if let Some(ct) = content_type {
+        props = props.with_content_type(ct.into());
+    }
+    let props = props
+        .with_content_encoding("utf-8".into())
+        .with_delivery_mode(2)
+        .with_priority(0)
+        .with_headers(FieldTable::default());
+    channel
+        .basic_publish(exchange, routing_key, BasicPublishOptions::default(), body, props)
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    conn.close(200, "done").await.unwrap();
+}
+
+/// Ready plus unacknowledged messages in `queue`.
+pub async fn queue_depth(queue: &str) -> u64 {
+    let out = Command::new("rabbitmqctl").args(["-q", "list_queues", "name", "messages"]).output().await.unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_once('\t'))
+        .find(|(name, _)| *name == queue)
+        .and_then(|(_, n)| n.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// A proxy in front of Glance that refuses every image-location request with 403, as a
+/// Glance without location support does, and forwards everything else. Returns its URL.
+pub async fn glance_refusing_locations() -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let upstream = url::Url::parse(&env("GLANCE_URL")).unwrap();
+    let upstream = format!("{}:{}", upstream.host_str().unwrap(), upstream.port_or_known_default().unwrap());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut client, _)) = listener.accept().await {
+            let upstream = upstream.clone();
+            tokio::spawn(async move {
+                // The request head, up to the blank line; the body follows on the stream.
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    if client.read(&mut byte).await.unwrap_or(0) == 0 {
+                        return;
+                    }
+                    head.push(byte[0]);
+                }
+                let text = String::from_utf8_lossy(&head).to_string();
+                let request_line = text.lines().next().unwrap_or("").to_string();
+                let locations = request_line.contains("/locations")
+                    || (request_line.starts_with("PATCH")
+                        && text.to_ascii_lowercase().contains("openstack-images-v2.1-json-patch")
+                        && {
+                            // A PATCH body names its paths: peek at it.
+                            let mut body = vec![0u8; 8192];
+                            let n = client.read(&mut body).await.unwrap_or(0);
+                            let refused = String::from_utf8_lossy(&body[..n]).contains("/locations");
+                            head.extend_from_slice(&body[..n]);
+                            refused
+                        });
+                if locations {
+                    let msg = "403 Forbidden: location operations are not allowed";
+                    let reply = format!("HTTP/1.1 403 Forbidden\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{msg}", msg.len());
+                    let _ = client.write_all(reply.as_bytes()).await;
+                    return;
+                }
+                // One request per connection, so each is inspected.
+                let text = String::from_utf8_lossy(&head).replacen("\r\n", "\r\nConnection: close\r\n", 1);
+                let Ok(mut server) = tokio::net::TcpStream::connect(&upstream).await else { return };
+                if server.write_all(text.as_bytes()).await.is_ok() {
+                    let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                }
+            });
+        }
+    });
+    format!("http://{addr}")
+}
+
+/// The stack's broker as an AMQP URI for lapin.
+pub fn amqp_uri() -> String {
+    let uri = env("TRANSPORT_URL").replacen("rabbit://", "amqp://", 1);
+    if uri.ends_with('/') {
+        format!("{uri}%2f")
+    } else {
+        uri
+    }
+}
+
+/// Takes every message from `queue`: (headers as text, body).
+pub async fn drain_queue(queue: &str) -> Vec<(std::collections::BTreeMap<String, String>, Vec<u8>)> {
+    use lapin::options::{BasicAckOptions, BasicGetOptions};
+    let conn = lapin::Connection::connect(&amqp_uri(), lapin::ConnectionProperties::default()).await.unwrap();
+    let channel = conn.create_channel().await.unwrap();
+    let mut out = Vec::new();
+    while let Ok(Some(message)) = channel.basic_get(queue, BasicGetOptions::default()).await {
+        let headers = message
+            .delivery
+            .properties
+            .headers()
+            .as_ref()
+            .map(|h| {
+                h.inner()
+                    .iter()
+                    .map(|(k, v)| {
+                        let text = match v {
+                            lapin::types::AMQPValue::LongString(s) => {
+                                String::from_utf8_lossy(s.as_bytes()).into_owned()
+                            }
+                            other => format!("{other:?}"),
+                        };
+                        (k.to_string(), text)
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        message.delivery.acker.ack(BasicAckOptions::default()).await.unwrap();
+        out.push((headers, message.delivery.data.clone()));
+    }
+    conn.close(200, "done").await.unwrap();
+    out
+}
+
+pub async fn rabbitmqctl(args: &[&str]) {
+    let status = Command::new("rabbitmqctl").args(args).output().await.unwrap();
+    assert!(status.status.success(), "rabbitmqctl {args:?}: {}", String::from_utf8_lossy(&status.stderr));
+}
+
+/// Validates `instance` against `schemas/<schema>`, failing with every error found.
+pub fn assert_schema(schema: &str, instance: &Value) {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("schemas").join(schema);
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let schema_value: Value = serde_json::from_str(&text).unwrap();
+    let validator = jsonschema::validator_for(&schema_value).unwrap_or_else(|e| panic!("{schema}: {e}"));
+    let errors: Vec<String> =
+        validator.iter_errors(instance).map(|e| format!("{} at {}", e, e.instance_path)).collect();
+    assert!(errors.is_empty(), "{schema}: {errors:#?}\n{instance:#}");
+}
+
+/// A notification as the oslo listener handed it over, rebuilt as the oslo message (its
+/// metadata carries message_id and timestamp) and checked against its schema.
+pub fn assert_notification_schema(n: &Value) {
+    let message = serde_json::json!({
+        "message_id": n["metadata"]["message_id"], "timestamp": n["metadata"]["timestamp"],
+        "publisher_id": n["publisher_id"], "event_type": n["event_type"], "priority": n["priority"], "payload": n["payload"],
+    });
+    assert_schema(&format!("notification/{}.json", n["event_type"].as_str().unwrap()), &message);
+}

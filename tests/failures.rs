@@ -1,0 +1,175 @@
+//! Snapshots that cannot be taken as asked, against the real stack: every one ends clean —
+//! nothing leaked in Ceph or on disk, the guest running, the image deleted unless active.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+
+async fn novasnap_disk_snapshots(guest: &DemoGuest) -> Vec<String> {
+    rbd_snapshots(rbd_name(&guest.disk)).await.into_iter().filter(|s| s.starts_with("novasnap-")).collect()
+}
+
+/// Waits until the worker has handled everything sent to it.
+async fn drained(config: &TestConfig) {
+    let queue = format!("compute.{}", config.host);
+    wait_until(Duration::from_secs(300), || async { queue_depth(&queue).await == 0 }).await.expect("queue drained");
+}
+
+#[tokio::test]
+async fn an_instance_that_is_not_here_ends_quietly_and_its_image_is_deleted() {
+    let config = TestConfig::new(&[]);
+    let mut listener = Listener::start(&config).await;
+    let worker = WorkerProcess::start(&config).await;
+    let mut ghost = guest(1);
+    ghost.uuid = uuid::Uuid::new_v4().to_string();
+    let image_id = nova_api(&config, "snapshot", &ghost, &[]).await;
+    drained(&config).await;
+    wait_until(Duration::from_secs(60), || async { glance_image(&image_id).await.is_none() })
+        .await
+        .unwrap_or_else(|| panic!("queued image deleted:\n{}", worker.log_text()));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    listener.collect();
+    assert!(
+        !listener.event_types().iter().any(|t| t.ends_with(".error")),
+        "no error storm for a vanished instance: {:?}",
+        listener.event_types()
+    );
+    assert!(worker.log_text().contains("vanished"), "{}", worker.log_text());
+    assert!(worker.stop().await.success());
+}
+
+#[tokio::test]
+async fn an_image_deleted_right_after_the_cast_leaves_nothing_behind() {
+    let guest = guest(1);
+    let config = TestConfig::new(&[]);
+    let worker = WorkerProcess::start(&config).await;
+    let images_before = rbd_images("images").await;
+    let image_id = nova_api(&config, "snapshot", &guest, &[]).await;
+    glance_delete(&image_id).await;
+    drained(&config).await;
+    // Whatever step the deletion met, the request ends and cleans up after itself.
+    wait_until(Duration::from_secs(60), || async {
+        novasnap_disk_snapshots(&guest).await.is_empty() && !rbd_images("images").await.contains(&image_id)
+    })
+    .await
+    .unwrap_or_else(|| panic!("leftovers remain:\n{}", worker.log_text()));
+    assert!(glance_image(&image_id).await.is_none());
+    assert_eq!(rbd_images("images").await, images_before);
+    assert!(temp_leftovers().is_empty());
+    assert_eq!(domain_state(&guest.domain).await, "running");
+    assert!(worker.stop().await.success());
+}
+
+#[tokio::test]
+async fn glance_refusing_locations_falls_back_to_the_standard_path() {
+    let guest = guest(1);
+    let proxy = glance_refusing_locations().await;
+    let config = TestConfig::new(&[("glance", "api_servers", &proxy)]);
+    let mut listener = Listener::start(&config).await;
+    let worker = WorkerProcess::start(&config).await;
+    let image_id = nova_api(&config, "snapshot", &guest, &[]).await;
+    listener.wait_for("instance.snapshot.end", &image_id, Duration::from_secs(300)).await;
+    let log = worker.log_text();
+    assert!(
+        log.contains("performing standard snapshot") && log.contains("refuses"),
+        "fallback and its reason logged:\n{log}"
+    );
+    let image = glance_image(&image_id).await.unwrap();
+    assert_eq!(image["status"], "active");
+    assert_eq!(glance_image_sha256(&image_id).await, guest.sha256);
+    assert!(novasnap_disk_snapshots(&guest).await.is_empty());
+    assert!(worker.stop().await.success());
+    glance_delete(&image_id).await;
+}
+
+#[tokio::test]
+async fn backup_with_rotation_two_keeps_the_newest_two() {
+    let guest = guest(2);
+    let config = TestConfig::new(&[]);
+    let mut listener = Listener::start(&config).await;
+    let worker = WorkerProcess::start(&config).await;
+    let backup_type = unique("weekly");
+    let mut made = Vec::new();
+    for _ in 0..3 {
+        let id = nova_api(&config, "backup", &guest, &["--backup-type", &backup_type, "--rotation", "2"]).await;
+        listener.wait_for("instance.snapshot.end", &id, Duration::from_secs(300)).await;
+        made.push(id);
+    }
+    drained(&config).await;
+    let left: Vec<String> = glance_images_of(&guest.uuid, "backup")
+        .await
+        .into_iter()
+        .filter(|i| i["backup_type"] == backup_type.as_str())
+        .map(|i| i["id"].as_str().unwrap().to_string())
+        .collect();
+    let mut expected = vec![made[1].clone(), made[2].clone()];
+    let mut got = left.clone();
+    expected.sort();
+    got.sort();
+    assert_eq!(got, expected, "the oldest backup rotated out:\n{}", worker.log_text());
+    assert!(glance_image(&made[0]).await.is_none());
+    for id in &made[1..] {
+        assert_eq!(glance_image_sha256(id).await, guest.sha256);
+        glance_delete(id).await;
+    }
+    assert!(worker.stop().await.success());
+}
+
+#[tokio::test]
+async fn a_guest_stopped_right_after_the_cast_still_gets_a_clean_snapshot() {
+    let guest = guest(2);
+    let config = TestConfig::new(&[]);
+    let mut listener = Listener::start(&config).await;
+    let worker = WorkerProcess::start(&config).await;
+    let image_id = nova_api(&config, "snapshot", &guest, &[]).await;
+    virsh(&["destroy", &guest.domain]).await;
+    listener.wait_for("instance.snapshot.end", &image_id, Duration::from_secs(300)).await;
+    // Wherever the stop met the pipeline, the image holds the disk and nothing is left.
+    assert_eq!(glance_image(&image_id).await.unwrap()["status"], "active");
+    assert_eq!(glance_image_sha256(&image_id).await, guest.sha256);
+    assert!(novasnap_disk_snapshots(&guest).await.is_empty());
+    assert_eq!(domain_state(&guest.domain).await, "shut off", "a guest the user stopped is not started again");
+    virsh(&["start", &guest.domain]).await;
+    assert!(worker.stop().await.success());
+    glance_delete(&image_id).await;
+}
+
+#[tokio::test]
+async fn reclaim_lists_then_removes_only_novasnaps_own_leftovers() {
+    let guest = guest(1);
+    let config = TestConfig::new(&[]);
+    let disk = rbd_name(&guest.disk).to_string();
+    // A dead request's disk snapshot (its image is gone), and a snapshot someone else made.
+    let dead = format!("novasnap-{}", uuid::Uuid::new_v4().simple());
+    let foreign = unique("operator-snap");
+    for snap in [&dead, &foreign] {
+        let status = tokio::process::Command::new("rbd")
+            .args(["snap", "create", &format!("{disk}@{snap}")])
+            .status()
+            .await
+            .unwrap();
+        assert!(status.success());
+    }
+    let reclaim = |dry_run: bool| {
+        let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_novasnap"));
+        cmd.args(["reclaim", "--config"]).arg(&config.path);
+        if dry_run {
+            cmd.arg("--dry-run");
+        }
+        cmd.output()
+    };
+    let listed = reclaim(true).await.unwrap();
+    let text = String::from_utf8_lossy(&listed.stdout);
+    assert!(listed.status.success() && text.contains(&dead) && text.contains("is gone"), "{text}");
+    assert!(!text.contains(&foreign), "{text}");
+    assert!(rbd_snapshots(&disk).await.contains(&dead), "a dry run changes nothing");
+    let done = reclaim(false).await.unwrap();
+    assert!(done.status.success(), "{}", String::from_utf8_lossy(&done.stderr));
+    let left = rbd_snapshots(&disk).await;
+    assert!(!left.contains(&dead) && left.contains(&foreign), "{left:?}");
+    let status =
+        tokio::process::Command::new("rbd").args(["snap", "rm", &format!("{disk}@{foreign}")]).status().await.unwrap();
+    assert!(status.success());
+}

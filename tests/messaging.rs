@@ -1,0 +1,161 @@
+//! The worker on the wire (issue 3), against the real RabbitMQ: bad input of every class is
+//! dead-lettered with its reason while the worker keeps consuming; a broker restart in the
+//! middle of a snapshot loses nothing; SIGTERM lets the snapshot in flight finish.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use serde_json::json;
+
+fn dead_letter_overrides(tag: &str) -> (String, Vec<(&'static str, &'static str, String)>) {
+    let name = unique(&format!("novasnap-test-dlq-{tag}"));
+    let overrides =
+        vec![("novasnap", "dead_letter_exchange", name.clone()), ("novasnap", "dead_letter_queue", name.clone())];
+    (name, overrides)
+}
+
+fn as_refs<'a>(o: &'a [(&'static str, &'static str, String)]) -> Vec<(&'static str, &'static str, &'a str)> {
+    o.iter().map(|(s, k, v)| (*s, *k, v.as_str())).collect()
+}
+
+#[tokio::test]
+async fn every_bad_input_class_is_dead_lettered_with_its_reason_and_the_worker_goes_on() {
+    let (dlq, overrides) = dead_letter_overrides("bad");
+    let config = TestConfig::new(&as_refs(&overrides));
+    let worker = WorkerProcess::start(&config).await;
+    let key = format!("compute.{}", config.host);
+    let guest = guest(1);
+    let good =
+        String::from_utf8(nova_snapshot_cast(&guest, &uuid::Uuid::new_v4().to_string(), &config.host, "u1")).unwrap();
+    let inner = |edit: &dyn Fn(&mut serde_json::Value)| {
+        let envelope: serde_json::Value = serde_json::from_str(&good).unwrap();
+        let mut msg: serde_json::Value = serde_json::from_str(envelope["oslo.message"].as_str().unwrap()).unwrap();
+        edit(&mut msg);
+        json!({"oslo.version": "2.0", "oslo.message": msg.to_string()}).to_string()
+    };
+    let cases: Vec<(&str, Option<&str>, String)> = vec![
+        ("content_type", None, good.clone()),
+        ("content_type", Some("text/plain"), good.clone()),
+        ("malformed", Some("application/json"), "{not json".into()),
+        ("malformed", Some("application/json"), "[1, 2]".into()),
+        (
+            "envelope_version",
+            Some("application/json"),
+            json!({"oslo.version": "3.0", "oslo.message": "{}"}).to_string(),
+        ),
+        ("no_such_method", Some("application/json"), inner(&|m| m["method"] = json!("reboot_instance"))),
+        ("unsupported_version", Some("application/json"), inner(&|m| m["version"] = json!("7.0"))),
+        ("bad_argument", Some("application/json"), inner(&|m| m["args"]["image_id"] = json!("../../images/x"))),
+        (
+            "bad_argument",
+            Some("application/json"),
+            inner(&|m| m["args"]["instance"]["nova_object.data"]["uuid"] = json!(42)),
+        ),
+        ("too_large", Some("application/json"), format!("{{\"pad\": \"{}\"}}", "x".repeat(2 << 20))),
+    ];
+    for (_, content_type, body) in &cases {
+        publish_raw("nova", &key, *content_type, body.as_bytes()).await;
+    }
+    let mut letters = Vec::new();
+    let start = std::time::Instant::now();
+    while letters.len() < cases.len() {
+        assert!(start.elapsed() < Duration::from_secs(60), "dead letters: {}\n{}", letters.len(), worker.log_text());
+        letters.extend(drain_queue(&dlq).await);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let classes: Vec<&str> = letters.iter().map(|(h, _)| h["x-novasnap-reason-class"].as_str()).collect();
+    let expected: Vec<&str> = cases.iter().map(|(c, _, _)| *c).collect();
+    assert_eq!(classes, expected);
+    for ((headers, body), (_, _, sent)) in letters.iter().zip(&cases) {
+        assert!(!headers["x-novasnap-reason"].is_empty());
+        assert_eq!(headers["x-novasnap-original-routing-key"], key);
+        assert_eq!(body, sent.as_bytes(), "the message is kept as it came");
+    }
+    assert_eq!(queue_depth(&key).await, 0, "nothing requeued in a loop");
+    assert!(worker.log_text().contains("refusing a cast"));
+
+    // Still consuming: a good MessagePack cast for a guest that is not here is handled.
+    let ghost = guest.clone_with_uuid(uuid::Uuid::new_v4());
+    let image = glance_create_snapshot_image(&ghost.uuid).await;
+    let cast: serde_json::Value =
+        serde_json::from_slice(&nova_snapshot_cast(&ghost, &image, &config.host, "u2")).unwrap();
+    publish_raw("nova", &key, Some("application/msgpack"), &rmp_serde::to_vec_named(&cast).unwrap()).await;
+    wait_until(Duration::from_secs(60), || async { glance_image(&image).await.is_none() })
+        .await
+        .unwrap_or_else(|| panic!("the MessagePack cast was handled:\n{}", worker.log_text()));
+    assert!(worker.stop().await.success());
+    rabbitmqctl(&["delete_queue", &dlq]).await;
+}
+
+#[tokio::test]
+async fn a_broker_restart_mid_snapshot_loses_nothing() {
+    let guest = guest(2);
+    let exchange = unique("novasnap-test-durable");
+    let config = TestConfig::new(&[
+        ("DEFAULT", "control_exchange", &exchange),
+        ("oslo_messaging_rabbit", "amqp_durable_queues", "true"),
+        // Durable notification queues would clash with every non-durable listener that
+        // shares their global names: this test needs no notifications.
+        ("oslo_messaging_notifications", "driver", "noop"),
+    ]);
+    let worker = WorkerProcess::start(&config).await;
+    let image = glance_create_snapshot_image(&guest.uuid).await;
+    let body = nova_snapshot_cast(&guest, &image, &config.host, &uuid::Uuid::new_v4().simple().to_string());
+    publish_raw(&exchange, &format!("compute.{}", config.host), Some("application/json"), &body).await;
+    rabbitmqctl(&["stop_app"]).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    rabbitmqctl(&["start_app"]).await;
+    rabbitmqctl(&["await_startup"]).await;
+
+    wait_until(Duration::from_secs(180), || async {
+        glance_image(&image).await.is_some_and(|i| i["status"] == "active")
+    })
+    .await
+    .unwrap_or_else(|| panic!("snapshot finished across the restart:\n{}", worker.log_text()));
+    // The durable, persistent cast survived; once back it was settled (done or duplicate).
+    let queue = format!("compute.{}", config.host);
+    wait_until(Duration::from_secs(120), || async { queue_depth(&queue).await == 0 })
+        .await
+        .unwrap_or_else(|| panic!("the cast was settled after the restart:\n{}", worker.log_text()));
+    assert_eq!(glance_image_sha256(&image).await, guest.sha256);
+    // And the worker consumes again: a second cast after the restart completes too.
+    let second = glance_create_snapshot_image(&guest.uuid).await;
+    let body = nova_snapshot_cast(&guest, &second, &config.host, &uuid::Uuid::new_v4().simple().to_string());
+    publish_raw(&exchange, &queue, Some("application/json"), &body).await;
+    wait_until(Duration::from_secs(180), || async {
+        glance_image(&second).await.is_some_and(|i| i["status"] == "active")
+    })
+    .await
+    .unwrap_or_else(|| panic!("consuming resumed after the restart:\n{}", worker.log_text()));
+    assert!(worker.stop().await.success());
+    for id in [&image, &second] {
+        glance_delete(id).await;
+    }
+    for q in [queue.as_str(), "compute"] {
+        let _ = tokio::process::Command::new("rabbitmqctl").args(["delete_queue", q]).output().await;
+    }
+    let _ = tokio::process::Command::new("rabbitmqadmin")
+        .args(["delete", "exchange", &format!("name={exchange}")])
+        .output()
+        .await;
+}
+
+#[tokio::test]
+async fn sigterm_lets_the_snapshot_in_flight_finish_and_exits_zero() {
+    let guest = guest(1);
+    let config = TestConfig::new(&[]);
+    let worker = WorkerProcess::start(&config).await;
+    let image = nova_api(&config, "snapshot", &guest, &[]).await;
+    wait_until(Duration::from_secs(60), || async { worker.log_text().contains("beginning") })
+        .await
+        .unwrap_or_else(|| panic!("snapshot started:\n{}", worker.log_text()));
+    let log = worker.log.clone();
+    let status = worker.stop().await;
+    let text = std::fs::read_to_string(log).unwrap();
+    assert!(status.success(), "exit status {status}:\n{text}");
+    assert!(text.contains("no longer taking casts"), "{text}");
+    assert_eq!(glance_image(&image).await.unwrap()["status"], "active", "{text}");
+    glance_delete(&image).await;
+}

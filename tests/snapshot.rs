@@ -1,0 +1,147 @@
+//! The whole job against the real stack: Nova's own RPC API casts, `novasnap serve` snapshots
+//! a libvirt guest on Ceph (or a file), Glance ends up with the image, and a stock
+//! oslo.messaging listener receives the notifications.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use serde_json::Value;
+
+const COLD: (&str, &str, &str) = ("workarounds", "disable_libvirt_livesnapshot", "true");
+/// Raw, so the image's bytes compare with the disk's virtual contents.
+const RAW: (&str, &str, &str) = ("libvirt", "snapshot_image_format", "raw");
+const SNAPSHOT_LIMIT: Duration = Duration::from_secs(300);
+
+/// `(old, new)` task_state of each versioned instance.update that changes it.
+fn task_state_transitions(notifications: &[Value]) -> Vec<(Value, Value)> {
+    notifications
+        .iter()
+        .filter(|n| n["event_type"] == "instance.update")
+        .filter_map(|n| {
+            let su = &n["payload"]["nova_object.data"]["state_update"]["nova_object.data"];
+            let (old, new) = (su["old_task_state"].clone(), su["new_task_state"].clone());
+            (old != new).then_some((old, new))
+        })
+        .collect()
+}
+
+fn strs(pairs: &[(&str, Option<&str>)]) -> Vec<(Value, Value)> {
+    pairs.iter().map(|(o, n)| (Value::from(*o), n.map(Value::from).unwrap_or(Value::Null))).collect()
+}
+
+struct Leftovers {
+    disk_snapshots: Vec<String>,
+    temp: Vec<String>,
+}
+
+async fn novasnap_leftovers(guest: &DemoGuest) -> Leftovers {
+    let disk_snapshots = if guest.disk.starts_with("rbd:") {
+        rbd_snapshots(rbd_name(&guest.disk)).await.into_iter().filter(|s| s.starts_with("novasnap-")).collect()
+    } else {
+        Vec::new()
+    };
+    Leftovers { disk_snapshots, temp: temp_leftovers() }
+}
+
+async fn assert_no_leftovers(guest: &DemoGuest) {
+    let left = novasnap_leftovers(guest).await;
+    assert!(left.disk_snapshots.is_empty(), "disk snapshots left behind: {:?}", left.disk_snapshots);
+    assert!(left.temp.is_empty(), "temporary files left behind: {:?}", left.temp);
+}
+
+/// Snapshots `guest` through a fresh worker and checks everything a snapshot must leave:
+/// an active image with the disk's bytes, nothing stray, the notifications in order.
+async fn snapshot_and_check(guest_n: u8, overrides: &[(&str, &str, &str)], expect_direct: bool) {
+    let guest = guest(guest_n);
+    let config = TestConfig::new(overrides);
+    let state_before = domain_state(&guest.domain).await;
+    let mut listener = Listener::start(&config).await;
+    let worker = WorkerProcess::start(&config).await;
+
+    let image_id = nova_api(&config, "snapshot", &guest, &[]).await;
+    listener.wait_for("instance.snapshot.end", &image_id, SNAPSHOT_LIMIT).await;
+    let log = worker.log_text();
+
+    let image = glance_image(&image_id).await.expect("image exists");
+    assert_eq!(image["status"], "active", "{image:#}\n{log}");
+    assert_eq!(image["disk_format"], "raw");
+    assert_eq!(image["container_format"], "bare");
+    assert_eq!(image["instance_uuid"], guest.uuid.as_str());
+    assert_eq!(image["image_location"], "snapshot");
+    let locations: Vec<&str> =
+        image["locations"].as_array().unwrap().iter().map(|l| l["url"].as_str().unwrap()).collect();
+    if expect_direct {
+        assert_eq!(locations.len(), 1, "{locations:?}");
+        assert!(
+            locations[0].starts_with("rbd://") && locations[0].ends_with(&format!("/images/{image_id}/snap")),
+            "{locations:?}"
+        );
+        assert!(rbd_snapshots(&format!("images/{image_id}")).await.contains(&"snap".to_string()));
+    } else {
+        assert!(log.contains("performing standard snapshot"), "standard path taken and logged:\n{log}");
+    }
+    assert_eq!(glance_image_sha256(&image_id).await, guest.sha256, "image bytes equal the disk's");
+    assert_no_leftovers(&guest).await;
+    assert_eq!(domain_state(&guest.domain).await, state_before, "guest back as it was");
+
+    // What a subscriber sees, in order.
+    // This image's notifications only: queue names are global, other traffic may share them.
+    let got: Vec<Value> =
+        listener.received.iter().filter(|n| n["payload"].to_string().contains(&image_id)).cloned().collect();
+    let types: Vec<&str> = got.iter().map(|n| n["event_type"].as_str().unwrap()).collect();
+    let first = |t: &str| types.iter().position(|x| *x == t).unwrap_or_else(|| panic!("no {t} in {types:?}"));
+    assert!(first("instance.snapshot.start") < first("instance.snapshot.end"), "{types:?}");
+    assert!(first("compute.instance.snapshot.start") < first("compute.instance.snapshot.end"), "{types:?}");
+    let expected = strs(&[
+        ("image_snapshot_pending", Some("image_snapshot")),
+        ("image_snapshot", Some("image_pending_upload")),
+        ("image_pending_upload", Some("image_uploading")),
+    ]);
+    let transitions = task_state_transitions(&got);
+    assert_eq!(&transitions[..3], &expected[..], "{transitions:?}");
+    assert_eq!(transitions.last().unwrap(), &(Value::from("image_uploading"), Value::Null), "{transitions:?}");
+    for n in &got {
+        assert_notification_schema(n);
+        let publisher = n["publisher_id"].as_str().unwrap();
+        if n["event_type"].as_str().unwrap().starts_with("compute.") {
+            assert_eq!(publisher, format!("compute.{}", config.host));
+        } else {
+            assert_eq!(publisher, format!("nova-compute:{}", config.host));
+        }
+    }
+
+    assert!(worker.stop().await.success(), "SIGTERM ends the worker with status 0");
+    glance_delete(&image_id).await;
+}
+
+#[tokio::test]
+async fn clone_backed_rbd_guest_live_direct_snapshot() {
+    snapshot_and_check(1, &[], true).await;
+}
+
+#[tokio::test]
+async fn clone_backed_rbd_guest_cold_direct_snapshot() {
+    snapshot_and_check(1, &[COLD], true).await;
+}
+
+#[tokio::test]
+async fn non_clone_rbd_guest_finds_glance_pool_through_base_image_locations() {
+    snapshot_and_check(2, &[], true).await;
+}
+
+#[tokio::test]
+async fn file_backed_qcow2_guest_live_standard_snapshot() {
+    snapshot_and_check(3, &[RAW], false).await;
+}
+
+#[tokio::test]
+async fn file_backed_qcow2_guest_cold_standard_snapshot() {
+    snapshot_and_check(3, &[RAW, COLD], false).await;
+}
+
+#[tokio::test]
+async fn forced_standard_path_on_rbd_streams_the_disk_to_glance() {
+    snapshot_and_check(1, &[("novasnap", "direct_snapshot", "false")], false).await;
+}

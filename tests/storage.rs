@@ -1,0 +1,141 @@
+//! `CephRbd` and `RadosLedger` against the real cluster: every operation the pipeline
+//! repeats on a retry is idempotent, bytes read back are the bytes written, and the ledger
+//! is shared by two connections as by two replicas.
+
+mod common;
+
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use futures::TryStreamExt;
+use novasnap::config::RbdConfig;
+use novasnap::storage::ledger::RadosLedger;
+use novasnap::storage::rbd::CephRbd;
+use novasnap::storage::{BlockStorage, CloneParent, RbdImage, WorkLedger};
+use tokio::process::Command;
+
+fn rbd_config() -> RbdConfig {
+    RbdConfig {
+        pool: "vms".into(),
+        ceph_conf: Some(env("CEPH_CONF").into()),
+        user: None,
+        state_pool: "vms".into(),
+        glance_pools: vec!["images".into()],
+    }
+}
+
+async fn connect() -> CephRbd {
+    CephRbd::connect(&rbd_config()).await.expect("connect to the stack's Ceph")
+}
+
+/// An RBD image with `data`, made with the `rbd` CLI (not the code under test).
+async fn rbd_import(image: &RbdImage, data: &[u8]) {
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(file.path(), data).unwrap();
+    let status = Command::new("rbd").arg("import").arg(file.path()).arg(image.to_string()).status().await.unwrap();
+    assert!(status.success());
+}
+
+fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect()
+}
+
+#[tokio::test]
+async fn snapshot_clone_flatten_read_and_clean_up_idempotently() {
+    let rbd = connect().await;
+    let disk = RbdImage::new("vms", unique("test-disk"));
+    let copy = RbdImage::new("images", unique("test-copy"));
+    let data = pattern(12 << 20, 7);
+    rbd_import(&disk, &data).await;
+
+    assert!(rbd.exists(&disk).await.unwrap());
+    assert!(!rbd.exists(&RbdImage::new("vms", "no-such-image")).await.unwrap());
+    assert_eq!(rbd.size(&disk).await.unwrap(), data.len() as u64);
+    assert_eq!(rbd.parent(&disk).await.unwrap(), None);
+    assert_eq!(rbd.fsid().await.unwrap().len(), 36);
+
+    for _ in 0..2 {
+        rbd.create_snapshot(&disk, "s1").await.unwrap();
+        rbd.protect_snapshot(&disk, "s1").await.unwrap();
+    }
+    let snaps = rbd.list_snapshots(&disk).await.unwrap();
+    assert_eq!(snaps.len(), 1);
+    assert!(snaps[0].protected);
+    // Data written after the snapshot is not in it.
+    rbd_import(&RbdImage::new("vms", unique("unrelated")), b"x").await;
+
+    for _ in 0..2 {
+        rbd.clone_image(&disk, "s1", &copy).await.unwrap();
+    }
+    assert_eq!(rbd.parent(&copy).await.unwrap(), Some(CloneParent { image: disk.clone(), snapshot: "s1".into() }));
+    rbd.set_metadata(&copy, "novasnap.image_id", "abc").await.unwrap();
+    assert_eq!(rbd.metadata(&copy, "novasnap.image_id").await.unwrap().as_deref(), Some("abc"));
+    assert_eq!(rbd.metadata(&copy, "other").await.unwrap(), None);
+
+    let last = Arc::new(AtomicU8::new(0));
+    let seen = last.clone();
+    rbd.flatten(&copy, Arc::new(move |p| seen.store(p, Ordering::Relaxed))).await.unwrap();
+    assert_eq!(last.load(Ordering::Relaxed), 100);
+    assert_eq!(rbd.parent(&copy).await.unwrap(), None);
+    rbd.flatten(&copy, Arc::new(|_| {})).await.unwrap();
+
+    for _ in 0..2 {
+        rbd.remove_snapshot(&disk, "s1").await.unwrap();
+    }
+    assert!(rbd.list_snapshots(&disk).await.unwrap().is_empty());
+
+    // The copy holds the disk's bytes, read back in bounded chunks.
+    let chunks: Vec<bytes::Bytes> = rbd.read(&copy, None).try_collect().await.unwrap();
+    assert!(chunks.iter().all(|c| c.len() <= 4 << 20) && chunks.len() >= 3);
+    assert_eq!(chunks.concat(), data);
+
+    rbd.create_snapshot(&copy, "snap").await.unwrap();
+    rbd.protect_snapshot(&copy, "snap").await.unwrap();
+    let at_snap: Vec<bytes::Bytes> = rbd.read(&copy, Some("snap")).try_collect().await.unwrap();
+    assert_eq!(at_snap.concat(), data);
+    for image in [&copy, &disk] {
+        rbd.remove_image(image).await.unwrap();
+        rbd.remove_image(image).await.unwrap();
+        assert!(!rbd.exists(image).await.unwrap());
+    }
+    assert!(!rbd_images("vms").await.contains(&disk.name));
+}
+
+#[tokio::test]
+async fn missing_things_are_clear_errors() {
+    let rbd = connect().await;
+    let missing = RbdImage::new("vms", "no-such-image");
+    let err = rbd.size(&missing).await.unwrap_err();
+    assert!(err.to_string().contains("vms/no-such-image"), "{err}");
+    rbd.remove_snapshot(&missing, "s").await.unwrap();
+    let err = rbd.list_images("no-such-pool").await.unwrap_err();
+    assert!(err.to_string().contains("no-such-pool"), "{err}");
+}
+
+#[tokio::test]
+async fn the_ledger_is_shared_by_replicas_and_leases_exclude() {
+    let (a, b) = (connect().await, connect().await);
+    let lease = Duration::from_secs(3);
+    let (a, b) = (RadosLedger::new(a, "vms", lease, "test-a"), RadosLedger::new(b, "vms", lease, "test-b"));
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    assert!(!b.is_done(&id).await.unwrap());
+    a.mark_done(&id).await.unwrap();
+    assert!(b.is_done(&id).await.unwrap(), "what one replica finished, another sees");
+
+    let instance = uuid::Uuid::new_v4();
+    let held = a.lock_instance(instance).await.unwrap();
+    let b = Arc::new(b);
+    let waiter = {
+        let b = b.clone();
+        tokio::spawn(async move { b.lock_instance(instance).await.map(drop) })
+    };
+    // Longer than the lease: the holder renews it, so the other replica keeps waiting.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert!(!waiter.is_finished(), "a renewed lease keeps excluding");
+    drop(held);
+    tokio::time::timeout(Duration::from_secs(10), waiter).await.expect("released lease is taken").unwrap().unwrap();
+    let _ = Command::new("rados").args(["-p", "vms", "rm", &format!("novasnap.done.{id}")]).status().await;
+    let _ = Command::new("rados").args(["-p", "vms", "rm", &format!("novasnap.instance.{instance}")]).status().await;
+}
