@@ -165,7 +165,8 @@ class Listener:
     def __init__(self):
         self.ends, self.cond = {}, threading.Condition()
         self.proc = subprocess.Popen(
-            [PEER, os.path.join(ROOT, "tests/peer/listen.py"), "--exchange", EXCHANGE, "--until", "-", "--timeout", "7200"],
+            [PEER, os.path.join(ROOT, "tests/peer/listen.py"), "--exchange", EXCHANGE, "--pool", EXCHANGE,
+             "--until", "-", "--timeout", "7200"],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(ENV, PYTHONWARNINGS="ignore"))
         while self.proc.stderr.readline().strip() != "ready":
             pass
@@ -191,6 +192,8 @@ class Listener:
 
     def stop(self):
         self.proc.kill()
+        # The pool's queue outlives its listener in oslo's rabbit driver.
+        subprocess.run(["rabbitmqctl", "-q", "delete_queue", EXCHANGE], capture_output=True)
 
 
 def cast(guest):

@@ -41,8 +41,7 @@ async fn crash_then_recover(point: &str, overrides: &[(&str, &str, &str)]) {
             glance_images_of(&guest.uuid, "snapshot").await.iter().filter(|i| i["id"] == image_id.as_str()).count()
                 == 1
         );
-        let stray: Vec<String> =
-            rbd_snapshots(rbd_name(&guest.disk)).await.into_iter().filter(|s| s.starts_with("novasnap-")).collect();
+        let stray = novasnap_disk_snapshots(&guest).await;
         assert!(stray.is_empty(), "run {run} at {point}: disk snapshots left: {stray:?}");
         let new_images: Vec<String> =
             rbd_images("images").await.into_iter().filter(|i| !images_before.contains(i)).collect();

@@ -7,10 +7,6 @@ use std::time::Duration;
 
 use common::*;
 
-async fn novasnap_disk_snapshots(guest: &DemoGuest) -> Vec<String> {
-    rbd_snapshots(rbd_name(&guest.disk)).await.into_iter().filter(|s| s.starts_with("novasnap-")).collect()
-}
-
 /// Waits until the worker has handled everything sent to it.
 async fn drained(config: &TestConfig) {
     let queue = format!("compute.{}", config.host);

@@ -38,7 +38,7 @@ struct Leftovers {
 
 async fn novasnap_leftovers(guest: &DemoGuest) -> Leftovers {
     let disk_snapshots = if guest.disk.starts_with("rbd:") {
-        rbd_snapshots(rbd_name(&guest.disk)).await.into_iter().filter(|s| s.starts_with("novasnap-")).collect()
+        novasnap_disk_snapshots(guest).await
     } else {
         Vec::new()
     };

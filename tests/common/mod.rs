@@ -178,6 +178,15 @@ impl WorkerProcess {
     }
 }
 
+impl Drop for WorkerProcess {
+    /// A failing test shows the worker's log, whatever assertion failed.
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("---- worker log {} ----\n{}", self.log.display(), self.log_text());
+        }
+    }
+}
+
 async fn consumers() -> String {
     let out = Command::new("rabbitmqctl").args(["-q", "list_consumers", "queue_name"]).output().await.unwrap();
     String::from_utf8_lossy(&out.stdout).into_owned()
@@ -207,9 +216,14 @@ fn peer_script(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/peer").join(name)
 }
 
-/// A stock oslo.messaging notification listener on the config's exchange.
+/// A stock oslo.messaging notification listener on the config's exchange, in a listener
+/// pool of its own: oslo's default queue names (`notifications.info`, …) are shared by every
+/// listener on the broker, so another consumer of them (a demo, a benchmark, an operator's
+/// tool) would take a share of this test's notifications, and what an earlier test left
+/// queued there would be delivered here.
 pub struct Listener {
     child: Child,
+    queue: String,
     lines: tokio::sync::mpsc::UnboundedReceiver<Value>,
     pub received: Vec<Value>,
 }
@@ -219,6 +233,7 @@ impl Listener {
         let mut child = Command::new(peer_python())
             .arg(peer_script("listen.py"))
             .args(["--transport-url", &env("TRANSPORT_URL"), "--exchange", &config.notification_exchange])
+            .args(["--pool", &config.notification_exchange])
             // The tests decide what they wait for; the listener just keeps listening.
             .args(["--until", "-", "--timeout", "3600"])
             .env("PYTHONWARNINGS", "ignore")
@@ -247,7 +262,7 @@ impl Listener {
             }
         });
         tokio::spawn(async move { while let Ok(Some(_)) = stderr.next_line().await {} });
-        Self { child, lines, received: Vec::new() }
+        Self { child, queue: config.notification_exchange.clone(), lines, received: Vec::new() }
     }
 
     /// Collects notifications until one with `event_type` mentions `image_id`.
@@ -280,8 +295,14 @@ impl Listener {
 }
 
 impl Drop for Listener {
+    /// Stops the listener and removes its pool's queue, which oslo declares to outlive it.
     fn drop(&mut self) {
         let _ = self.child.start_kill();
+        let _ = std::process::Command::new("rabbitmqctl")
+            .args(["-q", "delete_queue", &self.queue])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
     }
 }
 
@@ -338,8 +359,15 @@ pub async fn glance_image_sha256(id: &str) -> String {
     format!("{:x}", hasher.finalize())
 }
 
+/// Deletes the image; it being gone already is fine, any other refusal fails the test.
 pub async fn glance_delete(id: &str) {
-    let _ = http().delete(format!("{}/v2/images/{id}", env("GLANCE_URL"))).send().await;
+    let resp = http().delete(format!("{}/v2/images/{id}", env("GLANCE_URL"))).send().await.unwrap();
+    let status = resp.status();
+    assert!(
+        status.is_success() || status == reqwest::StatusCode::NOT_FOUND,
+        "DELETE image {id}: {status}: {}",
+        resp.text().await.unwrap_or_default()
+    );
 }
 
 /// Image ids of this instance's images in Glance with the given image_type.
@@ -367,6 +395,11 @@ pub async fn rbd_images(pool: &str) -> Vec<String> {
 }
 
 /// `rbd:vms/x_disk` → `vms/x_disk`.
+/// The snapshots novasnap made on the guest's disk (and has not removed).
+pub async fn novasnap_disk_snapshots(guest: &DemoGuest) -> Vec<String> {
+    rbd_snapshots(rbd_name(&guest.disk)).await.into_iter().filter(|s| s.starts_with("novasnap-")).collect()
+}
+
 pub fn rbd_name(disk: &str) -> &str {
     disk.strip_prefix("rbd:").unwrap_or_else(|| panic!("{disk} is not an RBD disk"))
 }
@@ -481,14 +514,46 @@ pub async fn queue_depth(queue: &str) -> u64 {
 /// A proxy in front of Glance that refuses every image-location request with 403, as a
 /// Glance without location support does, and forwards everything else. Returns its URL.
 pub async fn glance_refusing_locations() -> String {
+    glance_proxy(|request| {
+        request.is_location_change().then_some(("403 Forbidden", "location operations are not allowed"))
+    })
+    .await
+}
+
+/// A request as [`glance_proxy`] sees it: the head, and for JSON-patch requests the start of
+/// the body, which names the paths the patch changes.
+pub struct ProxiedRequest {
+    pub text: String,
+}
+
+impl ProxiedRequest {
+    pub fn request_line(&self) -> &str {
+        self.text.lines().next().unwrap_or("")
+    }
+
+    /// The locations API, or a PATCH of `/locations`.
+    pub fn is_location_change(&self) -> bool {
+        let line = self.request_line();
+        line.contains("/locations") || (line.starts_with("PATCH") && self.text.contains("/locations"))
+    }
+}
+
+/// A proxy in front of Glance: `refuse` answers a request itself with (status line, message),
+/// or lets it through to Glance (None). One request per connection, so each is inspected.
+/// Returns the proxy's URL.
+pub async fn glance_proxy<F>(refuse: F) -> String
+where
+    F: Fn(&ProxiedRequest) -> Option<(&'static str, &'static str)> + Send + Sync + 'static,
+{
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let refuse = std::sync::Arc::new(refuse);
     let upstream = url::Url::parse(&env("GLANCE_URL")).unwrap();
     let upstream = format!("{}:{}", upstream.host_str().unwrap(), upstream.port_or_known_default().unwrap());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
         while let Ok((mut client, _)) = listener.accept().await {
-            let upstream = upstream.clone();
+            let (upstream, refuse) = (upstream.clone(), refuse.clone());
             tokio::spawn(async move {
                 // The request head, up to the blank line; the body follows on the stream.
                 let mut head = Vec::new();
@@ -500,28 +565,23 @@ pub async fn glance_refusing_locations() -> String {
                     head.push(byte[0]);
                 }
                 let text = String::from_utf8_lossy(&head).to_string();
-                let request_line = text.lines().next().unwrap_or("").to_string();
-                let locations = request_line.contains("/locations")
-                    || (request_line.starts_with("PATCH")
-                        && text.to_ascii_lowercase().contains("openstack-images-v2.1-json-patch")
-                        && {
-                            // A PATCH body names its paths: peek at it.
-                            let mut body = vec![0u8; 8192];
-                            let n = client.read(&mut body).await.unwrap_or(0);
-                            let refused = String::from_utf8_lossy(&body[..n]).contains("/locations");
-                            head.extend_from_slice(&body[..n]);
-                            refused
-                        });
-                if locations {
-                    let msg = "403 Forbidden: location operations are not allowed";
-                    let reply = format!("HTTP/1.1 403 Forbidden\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{msg}", msg.len());
+                if text.starts_with("PATCH") && text.to_ascii_lowercase().contains("openstack-images-v2.1-json-patch") {
+                    let mut body = vec![0u8; 8192];
+                    let n = client.read(&mut body).await.unwrap_or(0);
+                    head.extend_from_slice(&body[..n]);
+                }
+                let request = ProxiedRequest { text: String::from_utf8_lossy(&head).to_string() };
+                if let Some((status, msg)) = refuse(&request) {
+                    let reply = format!(
+                        "HTTP/1.1 {status}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{msg}",
+                        msg.len()
+                    );
                     let _ = client.write_all(reply.as_bytes()).await;
                     return;
                 }
-                // One request per connection, so each is inspected.
-                let text = String::from_utf8_lossy(&head).replacen("\r\n", "\r\nConnection: close\r\n", 1);
+                let forwarded = request.text.replacen("\r\n", "\r\nConnection: close\r\n", 1);
                 let Ok(mut server) = tokio::net::TcpStream::connect(&upstream).await else { return };
-                if server.write_all(text.as_bytes()).await.is_ok() {
+                if server.write_all(forwarded.as_bytes()).await.is_ok() {
                     let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
                 }
             });

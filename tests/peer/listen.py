@@ -6,8 +6,10 @@ Prints "ready" on stderr once its queues are bound, so a caller can start work t
 """
 import argparse
 import json
+import os
 import sys
 import threading
+import time
 
 import oslo_messaging
 from oslo_config import cfg
@@ -35,6 +37,14 @@ class Printer:
         return self._emit("ERROR", ctxt, publisher_id, event_type, payload, metadata)
 
 
+def exit_with_parent(parent):
+    """A listener orphaned by a killed caller would go on taking a share of the queue's
+    notifications from every later listener on it: it ends with its caller instead."""
+    while os.getppid() == parent:
+        time.sleep(1)
+    os._exit(1)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--transport-url", default="rabbit://guest:guest@127.0.0.1:5672/")
@@ -55,6 +65,7 @@ def main():
         transport, targets, [Printer(args.image, args.until.split(","), done)],
         executor="threading", pool=args.pool)
     listener.start()
+    threading.Thread(target=exit_with_parent, args=(os.getppid(),), daemon=True).start()
     print("ready", file=sys.stderr, flush=True)
     ok = done.wait(args.timeout)
     listener.stop()
