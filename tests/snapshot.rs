@@ -37,11 +37,7 @@ struct Leftovers {
 }
 
 async fn novasnap_leftovers(guest: &DemoGuest) -> Leftovers {
-    let disk_snapshots = if guest.disk.starts_with("rbd:") {
-        novasnap_disk_snapshots(guest).await
-    } else {
-        Vec::new()
-    };
+    let disk_snapshots = if guest.disk.starts_with("rbd:") { novasnap_disk_snapshots(guest).await } else { Vec::new() };
     Leftovers { disk_snapshots, temp: temp_leftovers() }
 }
 
