@@ -37,6 +37,9 @@ fn cstr(s: &str) -> Result<CString, Errno> {
 type RbdImageT = *mut c_void;
 type ProgressFn = extern "C" fn(offset: u64, total: u64, data: *mut c_void) -> c_int;
 
+/// `RBD_SNAP_NAMESPACE_TYPE_USER` of librbd.h's `rbd_snap_namespace_type_t`.
+const RBD_SNAP_NAMESPACE_TYPE_USER: c_int = 0;
+
 #[repr(C)]
 struct RbdSnapInfo {
     id: u64,
@@ -62,6 +65,7 @@ extern "C" {
     ) -> c_int;
     fn rbd_snap_list(image: RbdImageT, snaps: *mut RbdSnapInfo, max: *mut c_int) -> c_int;
     fn rbd_snap_list_end(snaps: *mut RbdSnapInfo);
+    fn rbd_snap_get_namespace_type(image: RbdImageT, snap_id: u64, namespace_type: *mut c_int) -> c_int;
     fn rbd_snap_exists(image: RbdImageT, snap: *const c_char, exists: *mut bool) -> c_int;
     fn rbd_snap_create(image: RbdImageT, snap: *const c_char) -> c_int;
     fn rbd_snap_remove(image: RbdImageT, snap: *const c_char) -> c_int;
@@ -232,7 +236,8 @@ impl Image {
         }
     }
 
-    /// Snapshot names.
+    /// Names of the user's snapshots: not those librbd keeps in its trash namespace (a
+    /// removed snapshot that still has clone children), which have no name to address them by.
     pub fn snapshots(&self) -> Result<Vec<String>, Errno> {
         let mut max: c_int = 16;
         loop {
@@ -245,14 +250,28 @@ impl Image {
                 Ok(count) => {
                     // SAFETY: librbd initialised `count` entries.
                     unsafe { snaps.set_len(count as usize) };
-                    let names = snaps
-                        .iter()
-                        // SAFETY: each name is a NUL-terminated string owned by librbd.
-                        .map(|s| unsafe { CStr::from_ptr(s.name) }.to_string_lossy().into_owned())
-                        .collect();
+                    let mut names = Vec::with_capacity(snaps.len());
+                    let mut failed = None;
+                    for snap in &snaps {
+                        let mut namespace: c_int = -1;
+                        // SAFETY: the handle is open; librbd writes one enum value.
+                        match check(unsafe { rbd_snap_get_namespace_type(self.handle, snap.id, &mut namespace) }) {
+                            Ok(_) if namespace == RBD_SNAP_NAMESPACE_TYPE_USER => {
+                                // SAFETY: each name is a NUL-terminated string owned by librbd.
+                                names.push(unsafe { CStr::from_ptr(snap.name) }.to_string_lossy().into_owned());
+                            }
+                            Ok(_) => {}
+                            // Removed since the listing.
+                            Err(Errno(libc::ENOENT)) => {}
+                            Err(e) => {
+                                failed = Some(e);
+                                break;
+                            }
+                        }
+                    }
                     // SAFETY: releases what rbd_snap_list allocated in these entries.
                     unsafe { rbd_snap_list_end(snaps.as_mut_ptr()) };
-                    return Ok(names);
+                    return failed.map_or(Ok(names), Err);
                 }
                 Err(Errno(libc::ERANGE)) => continue, // `max` now holds the count needed
                 Err(e) => return Err(e),
