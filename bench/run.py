@@ -321,13 +321,16 @@ def preload(method, exchange, routing_key, n):
 import oslo_messaging, warnings
 from oslo_config import cfg
 warnings.filterwarnings('ignore')
-conf = cfg.ConfigOpts(); conf([])
+# oslo.messaging 18.3 registers its tracing options on cfg.CONF only.
+conf = cfg.CONF; conf([])
 t = oslo_messaging.get_rpc_transport(conf, url={ENV['TRANSPORT_URL']!r})
 c = oslo_messaging.get_rpc_client(t, oslo_messaging.Target(topic='compute', server={routing_key!r}, exchange={exchange!r}, version='6.0'))
 for i in range({n}):
     c.cast({{}}, {method!r}, x=i)
 """
-    subprocess.run([PEER, "-c", code], check=True, capture_output=True, env=dict(ENV, PYTHONWARNINGS="ignore"))
+    r = subprocess.run([PEER, "-c", code], capture_output=True, text=True, env=dict(ENV, PYTHONWARNINGS="ignore"))
+    if r.returncode:
+        raise RuntimeError(f"preloading {n} casts failed:\n{r.stderr[-2000:]}")
 
 
 def queue_depth(queue):
@@ -361,7 +364,8 @@ def dispatch_throughput():
 import oslo_messaging, sys, time, warnings
 from oslo_config import cfg
 warnings.filterwarnings('ignore')
-conf = cfg.ConfigOpts(); conf([])
+# oslo.messaging 18.3 registers its tracing options on cfg.CONF only.
+conf = cfg.CONF; conf([])
 t = oslo_messaging.get_rpc_transport(conf, url={ENV['TRANSPORT_URL']!r})
 class E:
     target = oslo_messaging.Target(version='6.0')
