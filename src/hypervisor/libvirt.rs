@@ -221,8 +221,13 @@ impl Hypervisor for LibvirtHypervisor {
                 let domain = inner.domain(c, uuid)?;
                 if !domain.is_active()? {
                     let flags = if paused { sys::VIR_DOMAIN_START_PAUSED } else { 0 };
-                    domain.create_with_flags(flags)?;
-                    return Ok(());
+                    match domain.create_with_flags(flags) {
+                        Ok(_) => return Ok(()),
+                        // Started meanwhile by someone else (an operator, a script bringing
+                        // guests up): bring it to the wanted state below.
+                        Err(e) if e.code().is(ErrorNumber::OperationInvalid) && domain.is_active()? => {}
+                        Err(e) => return Err(e),
+                    }
                 }
                 match (power_state(&domain)?, paused) {
                     (PowerState::Running, true) => domain.suspend(),
