@@ -101,11 +101,21 @@ impl GlanceClient {
     }
 }
 
+/// How long a `location_import` task may stay `pending`: Glance hands a task to its thread
+/// pool as it accepts the request, so one still pending after this was lost (seen when the
+/// request that started it met Glance's sqlite database "locked"). Its lock on the image
+/// would hold for two hours.
+const LOCATION_IMPORT_PENDING_LIMIT: Duration = Duration::from_secs(60);
+
 impl GlanceClient {
     /// Waits for the image to turn `active`, bounded by the request timeout × 10 (the
-    /// locations API activates asynchronously, after hashing the data).
+    /// locations API activates asynchronously, in a `location_import` task of Glance's).
+    /// A task that failed, or that Glance never started, ends the wait early as a transient
+    /// fault: either leaves the image queued with no location for good, and registering the
+    /// location again (see `add_location`) gets past it.
     async fn wait_until_active(&self, ctx: &RequestContext, id: Uuid) -> Result<(), ImageError> {
-        let deadline = tokio::time::Instant::now() + self.wait_limit;
+        let started = tokio::time::Instant::now();
+        let deadline = started + self.wait_limit;
         loop {
             let image = self.get(ctx, id).await?;
             match image.status {
@@ -124,10 +134,57 @@ impl GlanceClient {
                         message: format!("image {id} not active {:?} after registering its location", self.wait_limit),
                     })
                 }
-                _ => tokio::time::sleep(Duration::from_millis(250)).await,
+                _ => match self.newest_location_import(ctx, id).await? {
+                    Some(task) if task.status == "failure" => {
+                        return Err(ImageError::LocationImportFailed { id, message: task.message })
+                    }
+                    // This wait began as the task was made: it has been pending all along.
+                    Some(task) if task.status == "pending" && started.elapsed() >= LOCATION_IMPORT_PENDING_LIMIT => {
+                        let message = format!(
+                            "task {} still pending after {LOCATION_IMPORT_PENDING_LIMIT:?}: Glance never started it",
+                            task.id
+                        );
+                        return Err(ImageError::LocationImportFailed { id, message });
+                    }
+                    _ => tokio::time::sleep(Duration::from_millis(250)).await,
+                },
             }
         }
     }
+
+    /// The image's newest `location_import` task. Glance without the image-tasks API
+    /// (< 2.12) tells nothing: None.
+    async fn newest_location_import(
+        &self,
+        ctx: &RequestContext,
+        id: Uuid,
+    ) -> Result<Option<LocationImport>, ImageError> {
+        let path = format!("/v2/images/{id}/tasks");
+        let response = self.send("list image tasks", ctx, Method::GET, &path, |r| r, &self.http).await?;
+        match self.json("list image tasks", id, response).await {
+            Ok(tasks) => Ok(newest_location_import(&tasks)),
+            Err(ImageError::NotFound(_)) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+/// A `location_import` task as Glance's image-tasks listing shows it.
+#[derive(Debug, PartialEq)]
+struct LocationImport {
+    id: String,
+    status: String,
+    message: String,
+}
+
+fn newest_location_import(tasks: &Value) -> Option<LocationImport> {
+    let newest = tasks["tasks"]
+        .as_array()?
+        .iter()
+        .filter(|t| t["type"] == "location_import")
+        .max_by(|a, b| a["created_at"].as_str().cmp(&b["created_at"].as_str()))?;
+    let text = |key: &str| newest[key].as_str().unwrap_or_default().to_string();
+    Some(LocationImport { id: text("id"), status: text("status"), message: text("message") })
 }
 
 /// Turns non-2xx answers into errors; 404 becomes `NotFound`.
@@ -235,8 +292,13 @@ impl ImageService for GlanceClient {
     }
 
     async fn add_location(&self, ctx: &RequestContext, id: Uuid, url: &str) -> Result<(), ImageError> {
-        if self.get(ctx, id).await?.locations.iter().any(|l| l == url) {
-            return Ok(());
+        let image = self.get(ctx, id).await?;
+        if image.locations.iter().any(|l| l == url) {
+            // Registered by an earlier try, whose import task may still be at work.
+            return match image.status {
+                ImageStatus::Active => Ok(()),
+                _ => self.wait_until_active(ctx, id).await,
+            };
         }
         // The locations API (Glance ≥ 29), meant for services such as Nova.
         let body = json!({"url": url, "validation_data": {}});
@@ -253,8 +315,10 @@ impl ImageService for GlanceClient {
         let first_refusal = match check("add location", id, response).await {
             // 202: Glance verifies the location (hashing the data) in a task of its own.
             Ok(_) => return self.wait_until_active(ctx, id).await,
-            // Older Glance, or the policy keeps this API to others: try the PATCH form.
-            Err(ImageError::Http { status: status @ (400 | 403 | 404 | 405 | 501), body, .. }) => {
+            // Older Glance, or the policy keeps this API to others, or (409) an earlier try's
+            // task that failed or never started still holds the image's import lock, for up
+            // to two hours: try the PATCH form, which takes no lock and activates at once.
+            Err(ImageError::Http { status: status @ (400 | 403 | 404 | 405 | 409 | 501), body, .. }) => {
                 format!("HTTP {status}: {body}")
             }
             Err(ImageError::NotFound(_)) => "locations API not found".to_string(),
@@ -359,6 +423,19 @@ mod tests {
 
     fn image(v: Value) -> Image {
         parse_image(&v).unwrap()
+    }
+
+    #[test]
+    fn only_the_newest_location_import_task_counts() {
+        let task = |id: &str, kind: &str, status: &str, created: &str| json!({"id": id, "type": kind, "status": status, "created_at": created, "message": format!("{status} {id}")});
+        let tasks = json!({"tasks": [
+            task("a", "location_import", "failure", "2026-11-25T07:59:26.125554"),
+            task("c", "api_image_import", "processing", "2026-11-25T07:59:29.000000"),
+            task("b", "location_import", "pending", "2026-11-25T07:59:27.000001"),
+        ]});
+        let newest = LocationImport { id: "b".into(), status: "pending".into(), message: "pending b".into() };
+        assert_eq!(newest_location_import(&tasks), Some(newest));
+        assert_eq!(newest_location_import(&json!({"tasks": []})), None);
     }
 
     #[test]

@@ -89,6 +89,8 @@ pub enum ImageError {
     NotFound(Uuid),
     #[error("Glance refuses to add a location to image {id}: {reason}")]
     LocationsRefused { id: Uuid, reason: String },
+    #[error("Glance's location import task for image {id} failed: {message}")]
+    LocationImportFailed { id: Uuid, message: String },
     #[error("Glance {operation} on {target}: HTTP {status}: {body}")]
     Http { operation: &'static str, target: String, status: u16, body: String },
     #[error("Glance {operation}: {message}")]
@@ -101,7 +103,7 @@ impl Classify for ImageError {
     fn disposition(&self) -> Disposition {
         match self {
             Self::Http { status, .. } if *status >= 500 || *status == 429 || *status == 408 => Disposition::Transient,
-            Self::Transport { .. } => Disposition::Transient,
+            Self::Transport { .. } | Self::LocationImportFailed { .. } => Disposition::Transient,
             _ => Disposition::Permanent,
         }
     }

@@ -116,11 +116,25 @@ impl DirectSnapshot<'_, '_> {
         let (images, ctx) = (&job.b.images, &job.req.context);
         job.step(Step::UpdateMetadata, || images.update(ctx, image_id, metadata)).await?;
         let location = format!("rbd://{fsid}/{image_pool}/{image_id}/{IMAGE_SNAPSHOT}");
-        match job.step(Step::RegisterLocation, || images.add_location(ctx, image_id, &location)).await {
+        let register = || async {
+            // Glance reverts a failed location_import task by removing the location, and with
+            // it the data: a retry after that finds no copy to register.
+            if !storage.exists(&copy).await? {
+                return Err(Fault::CopyLost(format!(
+                    "{copy} was removed, as Glance does when its location import fails"
+                )));
+            }
+            images.add_location(ctx, image_id, &location).await.map_err(Fault::from)
+        };
+        match job.step(Step::RegisterLocation, register).await {
             Ok(()) => {}
             Err(SnapshotError { fault: Fault::Image(ImageError::LocationsRefused { reason, .. }), .. }) => {
                 cleanup_rbd(storage, &disk, &copy, image_id).await;
                 return Ok(Direct::Unavailable(format!("Glance refuses image locations: {reason}")));
+            }
+            Err(SnapshotError { fault: Fault::CopyLost(reason), .. }) => {
+                cleanup_rbd(storage, &disk, &copy, image_id).await;
+                return Ok(Direct::Unavailable(reason));
             }
             Err(e) => return Err(e),
         }

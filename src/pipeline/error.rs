@@ -61,6 +61,9 @@ pub enum Fault {
     Image(#[from] ImageError),
     #[error("{0}")]
     Unsupported(String),
+    /// The direct path's copy in Glance's pool vanished before it was registered.
+    #[error("{0}")]
+    CopyLost(String),
 }
 
 impl Classify for Fault {
@@ -69,7 +72,7 @@ impl Classify for Fault {
             Self::Hypervisor(e) => e.disposition(),
             Self::Storage(e) => e.disposition(),
             Self::Image(e) => e.disposition(),
-            Self::Unsupported(_) => Disposition::Permanent,
+            Self::Unsupported(_) | Self::CopyLost(_) => Disposition::Permanent,
         }
     }
 }
@@ -91,7 +94,7 @@ impl SnapshotError {
             Fault::Hypervisor(HypervisorError::GuestNotFound(_)) => "InstanceNotFound",
             Fault::Image(ImageError::NotFound(_)) => "ImageNotFound",
             Fault::Hypervisor(_) => "HypervisorError",
-            Fault::Storage(_) => "StorageError",
+            Fault::Storage(_) | Fault::CopyLost(_) => "StorageError",
             Fault::Image(_) => "ImageError",
             Fault::Unsupported(_) => "ImageUnacceptable",
         }

@@ -2,8 +2,7 @@
 //! path use it, plus the qemu-img work the standard path does on files.
 //!
 //! [`BlockStorage`] is the contract for RBD; `rbd.rs` implements it with librados (the
-//! `ceph` crate) and librbd through `ffi.rs`, the crate's only `unsafe` code, on a
-//! dedicated blocking pool. `files.rs` holds the qemu-img steps.
+//! `ceph` crate) and librbd through [`crate::ffi::rbd`], on a dedicated blocking pool. `files.rs` holds the qemu-img steps.
 
 pub mod files;
 pub mod ledger;
