@@ -27,8 +27,7 @@ async fn every_bad_input_class_is_dead_lettered_with_its_reason_and_the_worker_g
     let worker = WorkerProcess::start(&config).await;
     let key = format!("compute.{}", config.host);
     let guest = guest(1);
-    let good =
-        String::from_utf8(nova_snapshot_cast(&guest, &uuid::Uuid::new_v4().to_string(), &config.host, "u1")).unwrap();
+    let good = String::from_utf8(nova_snapshot_cast(&guest, &uuid::Uuid::new_v4().to_string(), &config.host)).unwrap();
     let inner = |edit: &dyn Fn(&mut serde_json::Value)| {
         let envelope: serde_json::Value = serde_json::from_str(&good).unwrap();
         let mut msg: serde_json::Value = serde_json::from_str(envelope["oslo.message"].as_str().unwrap()).unwrap();
@@ -79,8 +78,7 @@ async fn every_bad_input_class_is_dead_lettered_with_its_reason_and_the_worker_g
     // Still consuming: a good MessagePack cast for a guest that is not here is handled.
     let ghost = guest.clone_with_uuid(uuid::Uuid::new_v4());
     let image = glance_create_snapshot_image(&ghost.uuid).await;
-    let cast: serde_json::Value =
-        serde_json::from_slice(&nova_snapshot_cast(&ghost, &image, &config.host, "u2")).unwrap();
+    let cast: serde_json::Value = serde_json::from_slice(&nova_snapshot_cast(&ghost, &image, &config.host)).unwrap();
     publish_raw("nova", &key, Some("application/msgpack"), &rmp_serde::to_vec_named(&cast).unwrap()).await;
     wait_until(Duration::from_secs(60), || async { glance_image(&image).await.is_none() })
         .await
@@ -102,7 +100,7 @@ async fn a_broker_restart_mid_snapshot_loses_nothing() {
     ]);
     let worker = WorkerProcess::start(&config).await;
     let image = glance_create_snapshot_image(&guest.uuid).await;
-    let body = nova_snapshot_cast(&guest, &image, &config.host, &uuid::Uuid::new_v4().simple().to_string());
+    let body = nova_snapshot_cast(&guest, &image, &config.host);
     publish_raw(&exchange, &format!("compute.{}", config.host), Some("application/json"), &body).await;
     rabbitmqctl(&["stop_app"]).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -122,7 +120,7 @@ async fn a_broker_restart_mid_snapshot_loses_nothing() {
     assert_eq!(glance_image_sha256(&image).await, guest.sha256);
     // And the worker consumes again: a second cast after the restart completes too.
     let second = glance_create_snapshot_image(&guest.uuid).await;
-    let body = nova_snapshot_cast(&guest, &second, &config.host, &uuid::Uuid::new_v4().simple().to_string());
+    let body = nova_snapshot_cast(&guest, &second, &config.host);
     publish_raw(&exchange, &queue, Some("application/json"), &body).await;
     wait_until(Duration::from_secs(180), || async {
         glance_image(&second).await.is_some_and(|i| i["status"] == "active")

@@ -1,5 +1,6 @@
-//! Faults that are not crashes, against the real stack: Glance answering 503, the Ceph OSD
-//! unresponsive, libvirtd restarted. A fault that clears within the retry bounds only delays
+//! Faults that are not crashes, against the real stack: Glance answering 503, Glance's
+//! location import task failing or never started, the Ceph OSD unresponsive, Glance's
+//! pool full, libvirtd restarted. A fault that clears within the retry bounds only delays
 //! the snapshot; one that does not ends in a clean failure. (The broker restart is in
 //! tests/messaging.rs.)
 
@@ -31,6 +32,13 @@ async fn glance_failing_updates(down: Arc<AtomicBool>) -> (String, Arc<AtomicUsi
     (url, refused)
 }
 
+/// The snapshot ended: its end notification seen, the image active with the disk's bytes.
+async fn assert_completed(listener: &mut Listener, image_id: &str, guest: &DemoGuest) {
+    listener.wait_for("instance.snapshot.end", image_id, Duration::from_secs(300)).await;
+    assert_eq!(glance_image(image_id).await.unwrap()["status"], "active");
+    assert_eq!(glance_image_sha256(image_id).await, guest.sha256);
+}
+
 /// The end state every outage test asserts: nothing of novasnap's left in Ceph or on disk,
 /// and the guest running.
 async fn assert_nothing_left(guest: &DemoGuest, images_before: &[String], worker: &WorkerProcess) {
@@ -57,14 +65,123 @@ async fn glance_answering_503_for_a_while_only_delays_the_snapshot() {
     tokio::time::sleep(Duration::from_secs(3)).await;
     down.store(false, Ordering::SeqCst);
 
-    listener.wait_for("instance.snapshot.end", &image_id, Duration::from_secs(300)).await;
-    assert_eq!(glance_image(&image_id).await.unwrap()["status"], "active");
-    assert_eq!(glance_image_sha256(&image_id).await, guest.sha256);
+    assert_completed(&mut listener, &image_id, &guest).await;
     let log = worker.log_text();
     assert!(log.contains("transient fault, retrying") && log.contains("503"), "the retries are logged:\n{log}");
     glance_delete(&image_id).await;
     assert_nothing_left(&guest, &images_before, &worker).await;
     assert!(worker.stop().await.success());
+}
+
+/// One snapshot of guest 1 whose location requests (`POST /v2/images/{id}/locations`) pass
+/// a proxy in front of Glance: `first` may edit or answer the first of them, given the image
+/// id. The snapshot must complete with nothing left behind. Returns how many location
+/// requests the worker sent and its log.
+async fn snapshot_past_first_location_request<F>(first: F) -> (usize, String)
+where
+    F: Fn(&str, &mut ProxiedRequest) -> Option<(&'static str, &'static str)> + Send + Sync + 'static,
+{
+    let guest = guest(1);
+    let posted = Arc::new(AtomicUsize::new(0));
+    let counter = posted.clone();
+    let proxy = glance_proxy(move |request| {
+        let line = request.request_line().to_string();
+        let image = line.strip_prefix("POST /v2/images/")?.strip_suffix(" HTTP/1.1")?.strip_suffix("/locations")?;
+        if counter.fetch_add(1, Ordering::SeqCst) == 0 {
+            first(image, request)
+        } else {
+            None
+        }
+    })
+    .await;
+    let config = TestConfig::new(&[("glance", "api_servers", &proxy)]);
+    let mut listener = Listener::start(&config).await;
+    let worker = WorkerProcess::start(&config).await;
+    let images_before = rbd_images("images").await;
+    let image_id = nova_api(&config, "snapshot", &guest, &[]).await;
+
+    assert_completed(&mut listener, &image_id, &guest).await;
+    let log = worker.log_text();
+    glance_delete(&image_id).await;
+    assert_nothing_left(&guest, &images_before, &worker).await;
+    assert!(worker.stop().await.success());
+    (posted.load(Ordering::SeqCst), log)
+}
+
+/// Glance's location import task fails, for real: the proxy forwards the worker's first
+/// location request with the snapshot's name changed to one that does not exist, Glance
+/// accepts it (202) and its task then fails, leaving the image queued without a location, as
+/// a task failing on Glance's "database is locked" does. The worker sees the failed task
+/// instead of waiting out its bound, registers the location again, and the snapshot completes.
+#[tokio::test]
+async fn a_failed_location_import_task_is_registered_again() {
+    let (posted, log) = snapshot_past_first_location_request(|_, request| {
+        // Same length, so the Content-Length stays right.
+        request.text = request.text.replacen("/snap\"", "/snaq\"", 1);
+        None
+    })
+    .await;
+    assert_eq!(posted, 2, "the location is registered a second time");
+    assert!(log.contains("location import task") && log.contains("transient fault, retrying"), "{log}");
+}
+
+/// Writes into Glance's database what a location request Glance accepted but never started
+/// leaves behind: a pending `location_import` task holding the image's import lock.
+fn leave_location_import_pending(image: &str) {
+    const SQL: &str = r#"
+import datetime, json, sqlite3, sys
+db, image, task = sys.argv[1:4]
+now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S.%f")
+with sqlite3.connect(db, timeout=30) as c:
+    c.execute("insert into tasks (id, type, status, owner, created_at, updated_at, deleted, image_id, user_id)"
+              " values (?, 'location_import', 'pending', 'novasnap-stack', ?, ?, 0, ?, 'novasnap-stack')",
+              (task, now, now, image))
+    c.execute("insert into task_info (task_id, input, message) values (?, ?, '')",
+              (task, json.dumps({"image_id": image})))
+    c.execute("insert into image_properties (image_id, name, value, created_at, deleted)"
+              " values (?, 'os_glance_import_task', ?, ?, 0)", (image, task, now))
+"#;
+    let db = std::path::Path::new(&env("NOVASNAP_STACK_STATE")).join("glance/glance.sqlite");
+    let task = uuid::Uuid::new_v4().to_string();
+    let out = std::process::Command::new("python3").arg("-c").arg(SQL).arg(&db).args([image, &task]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// Glance accepts the location (202) but never starts its task, as when the request met
+/// Glance's sqlite database "locked": the task stays pending for good and holds the image's
+/// import lock, which Glance would keep for two hours. The proxy answers the worker's first
+/// location request itself and leaves that state in Glance's database. The worker gives the
+/// task its bound, the locations API then refuses (409, the lock), and the PATCH form, which
+/// takes no lock, registers the location: the snapshot completes.
+#[tokio::test]
+async fn a_location_import_task_glance_never_starts_is_bypassed() {
+    let (posted, log) = snapshot_past_first_location_request(|image, _| {
+        leave_location_import_pending(image);
+        Some(("202 Accepted", ""))
+    })
+    .await;
+    assert_eq!(posted, 2, "the locations API is tried a second time");
+    assert!(log.contains("still pending after 60s: Glance never started it"), "{log}");
+}
+
+/// Glance's location import task fails after taking the location, and its revert removes
+/// the location's data: the copy in Glance's pool (seen with Glance's sqlite database
+/// "locked" under concurrent snapshots). The proxy plays that revert: it removes the copy
+/// from Ceph as the worker's first location request passes, so Glance's task fails on it.
+/// The worker finds no copy left to register again and makes the image on the standard path.
+#[tokio::test]
+async fn a_copy_removed_by_glance_falls_back_to_the_standard_path() {
+    let (posted, log) = snapshot_past_first_location_request(|image, _| {
+        let (copy, snap) = (format!("images/{image}"), format!("images/{image}@snap"));
+        for args in [&["snap", "unprotect", &snap][..], &["snap", "purge", &copy], &["rm", &copy]] {
+            let out = std::process::Command::new("rbd").args(args).output().unwrap();
+            assert!(out.status.success(), "rbd {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        None
+    })
+    .await;
+    assert_eq!(posted, 1, "no location registered again once the copy was gone");
+    assert!(log.contains("performing standard snapshot") && log.contains("was removed, as Glance does"), "{log}");
 }
 
 #[tokio::test]
@@ -119,9 +236,7 @@ async fn an_unresponsive_osd_for_a_while_only_delays_the_snapshot() {
     let marked = tokio::process::Command::new("ceph").args(["osd", "down", "0"]).output().await.unwrap();
     assert!(marked.status.success(), "ceph osd down 0: {}", String::from_utf8_lossy(&marked.stderr));
 
-    listener.wait_for("instance.snapshot.end", &image_id, Duration::from_secs(300)).await;
-    assert_eq!(glance_image(&image_id).await.unwrap()["status"], "active");
-    assert_eq!(glance_image_sha256(&image_id).await, guest.sha256);
+    assert_completed(&mut listener, &image_id, &guest).await;
     // The pause met the pipeline: some step waited for the OSD for seconds.
     let log = worker.log_text();
     let longest_step =
@@ -149,18 +264,82 @@ async fn a_libvirtd_restart_only_delays_the_snapshot() {
     assert!(gone.is_some(), "libvirtd {libvirtd} did not exit");
     let image_id = nova_api(&config, "snapshot", &guest, &[]).await;
     tokio::time::sleep(Duration::from_secs(3)).await;
+    // libvirtd alone: bringing the guests up too would start the guest the worker has just
+    // managed-saved for its cold snapshot.
     let up = tokio::process::Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/stack"))
-        .arg("up")
+        .args(["up", "libvirt"])
         .output()
         .await
         .unwrap();
     assert!(up.status.success(), "scripts/stack up restarts libvirtd: {}", String::from_utf8_lossy(&up.stderr));
 
-    listener.wait_for("instance.snapshot.end", &image_id, Duration::from_secs(300)).await;
-    assert_eq!(glance_image(&image_id).await.unwrap()["status"], "active");
-    assert_eq!(glance_image_sha256(&image_id).await, guest.sha256);
+    assert_completed(&mut listener, &image_id, &guest).await;
     assert!(worker.log_text().contains("transient fault, retrying"), "{}", worker.log_text());
     glance_delete(&image_id).await;
     assert_nothing_left(&guest, &images_before, &worker).await;
+    assert!(worker.stop().await.success());
+}
+
+/// Glance's pool at its quota for as long as the guard lives; the quota is lifted again when
+/// it is dropped, also when the test fails, so later tests find the pool writable.
+struct FullPool(&'static str);
+
+impl FullPool {
+    async fn fill(pool: &'static str) -> Self {
+        ceph(&["osd", "pool", "set-quota", pool, "max_objects", "1"]).await;
+        let guard = Self(pool);
+        // The monitor flags the pool full with its next look at the usage.
+        let full = wait_until(Duration::from_secs(60), || async { pool_is_full(pool).await }).await;
+        assert!(full.is_some(), "pool {pool} not flagged full within 60 s");
+        guard
+    }
+}
+
+impl Drop for FullPool {
+    fn drop(&mut self) {
+        let _ =
+            std::process::Command::new("ceph").args(["osd", "pool", "set-quota", self.0, "max_objects", "0"]).output();
+    }
+}
+
+async fn ceph(args: &[&str]) -> String {
+    let out = tokio::process::Command::new("ceph").args(args).output().await.unwrap();
+    assert!(out.status.success(), "ceph {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+async fn pool_is_full(pool: &str) -> bool {
+    let detail: serde_json::Value =
+        serde_json::from_str(&ceph(&["osd", "pool", "ls", "detail", "--format", "json"]).await).unwrap();
+    detail.as_array().unwrap().iter().any(|p| {
+        p["pool_name"] == pool && p["flags_names"].as_str().is_some_and(|f| f.split(',').any(|f| f == "full_quota"))
+    })
+}
+
+/// Glance's pool full: neither the clone into it nor an upload to Glance can be written. The
+/// request fails within its bounds (no hang on the blocked writes), cleans up after itself,
+/// and once the quota is lifted the next snapshot of the guest completes.
+#[tokio::test]
+async fn a_full_glance_pool_fails_cleanly_and_the_next_snapshot_works() {
+    let guest = guest(1);
+    let config = TestConfig::new(&[("novasnap", "retry_max_retries", "1")]);
+    let mut listener = Listener::start(&config).await;
+    let worker = WorkerProcess::start(&config).await;
+    let images_before = rbd_images("images").await;
+    {
+        let _full = FullPool::fill("images").await;
+        let image_id = nova_api(&config, "snapshot", &guest, &[]).await;
+        listener.wait_for("instance.snapshot.error", &image_id, Duration::from_secs(600)).await;
+        assert!(glance_image(&image_id).await.is_none(), "the failed snapshot's image is deleted");
+    }
+    // The blocked clone gave up at the client op timeout instead of hanging.
+    let log = worker.log_text();
+    assert!(log.contains("failed at step 'clone into image pool'") && log.contains("timed out"), "{log}");
+    assert_nothing_left(&guest, &images_before, &worker).await;
+    let lifted = wait_until(Duration::from_secs(60), || async { !pool_is_full("images").await }).await;
+    assert!(lifted.is_some(), "quota lifted");
+    let image_id = nova_api(&config, "snapshot", &guest, &[]).await;
+    assert_completed(&mut listener, &image_id, &guest).await;
+    glance_delete(&image_id).await;
     assert!(worker.stop().await.success());
 }

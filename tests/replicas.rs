@@ -15,7 +15,7 @@ async fn a_cast_published_twice_makes_one_snapshot_across_two_replicas() {
     let (a, b) = (WorkerProcess::start(&config).await, WorkerProcess::start(&config).await);
 
     let image_id = glance_create_snapshot_image(&guest.uuid).await;
-    let body = nova_snapshot_cast(&guest, &image_id, &config.host, &uuid::Uuid::new_v4().simple().to_string());
+    let body = nova_snapshot_cast(&guest, &image_id, &config.host);
     publish_cast(&config.host, &body).await;
     publish_cast(&config.host, &body).await;
 

@@ -394,12 +394,12 @@ pub async fn rbd_images(pool: &str) -> Vec<String> {
     v.as_array().unwrap().iter().map(|s| s.as_str().unwrap().to_string()).collect()
 }
 
-/// `rbd:vms/x_disk` → `vms/x_disk`.
 /// The snapshots novasnap made on the guest's disk (and has not removed).
 pub async fn novasnap_disk_snapshots(guest: &DemoGuest) -> Vec<String> {
     rbd_snapshots(rbd_name(&guest.disk)).await.into_iter().filter(|s| s.starts_with("novasnap-")).collect()
 }
 
+/// `rbd:vms/x_disk` → `vms/x_disk`.
 pub fn rbd_name(disk: &str) -> &str {
     disk.strip_prefix("rbd:").unwrap_or_else(|| panic!("{disk} is not an RBD disk"))
 }
@@ -453,8 +453,8 @@ pub fn shared_fixture(relative: &str) -> Value {
 }
 
 /// The captured nova `snapshot_instance` cast, re-addressed to `guest`, `image_id` and `host`,
-/// with `unique_id` as its `_unique_id`: exact bytes as nova would send them.
-pub fn nova_snapshot_cast(guest: &DemoGuest, image_id: &str, host: &str, unique_id: &str) -> Vec<u8> {
+/// with a fresh `_unique_id`: exact bytes as nova would send them.
+pub fn nova_snapshot_cast(guest: &DemoGuest, image_id: &str, host: &str) -> Vec<u8> {
     let fixture = shared_fixture("messages/rpc_cast.snapshot_instance.nova_minimal.json");
     let envelope: Value = serde_json::from_str(fixture["body_raw_utf8"].as_str().unwrap()).unwrap();
     let mut msg: Value = serde_json::from_str(envelope["oslo.message"].as_str().unwrap()).unwrap();
@@ -463,7 +463,9 @@ pub fn nova_snapshot_cast(guest: &DemoGuest, image_id: &str, host: &str, unique_
     data["image_ref"] = guest.base_image.as_str().into();
     data["host"] = host.into();
     msg["args"]["image_id"] = image_id.into();
-    msg["_unique_id"] = unique_id.into();
+    // Fresh each time: the duplicate ledger in Ceph outlives a test run, and a `_unique_id`
+    // seen by an earlier run would make this cast a duplicate.
+    msg["_unique_id"] = uuid::Uuid::new_v4().simple().to_string().into();
     msg["_context_auth_token"] = Value::Null;
     let body = serde_json::json!({"oslo.version": "2.0", "oslo.message": msg.to_string()});
     body.to_string().into_bytes()
@@ -520,8 +522,9 @@ pub async fn glance_refusing_locations() -> String {
     .await
 }
 
-/// A request as [`glance_proxy`] sees it: the head, and for JSON-patch requests the start of
-/// the body, which names the paths the patch changes.
+/// A request as [`glance_proxy`] sees it: the head, and for PATCH and POST requests (JSON
+/// bodies; uploads are PUTs) the start of the body, which names what the request changes.
+/// A rule may edit `text` before it is forwarded, keeping its length (Content-Length).
 pub struct ProxiedRequest {
     pub text: String,
 }
@@ -539,11 +542,11 @@ impl ProxiedRequest {
 }
 
 /// A proxy in front of Glance: `refuse` answers a request itself with (status line, message),
-/// or lets it through to Glance (None). One request per connection, so each is inspected.
-/// Returns the proxy's URL.
+/// or lets it, as it may have edited it, through to Glance (None). One request per
+/// connection, so each is inspected. Returns the proxy's URL.
 pub async fn glance_proxy<F>(refuse: F) -> String
 where
-    F: Fn(&ProxiedRequest) -> Option<(&'static str, &'static str)> + Send + Sync + 'static,
+    F: Fn(&mut ProxiedRequest) -> Option<(&'static str, &'static str)> + Send + Sync + 'static,
 {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let refuse = std::sync::Arc::new(refuse);
@@ -564,14 +567,16 @@ where
                     }
                     head.push(byte[0]);
                 }
-                let text = String::from_utf8_lossy(&head).to_string();
-                if text.starts_with("PATCH") && text.to_ascii_lowercase().contains("openstack-images-v2.1-json-patch") {
+                let text = String::from_utf8_lossy(&head).to_ascii_lowercase();
+                let has_body = text.lines().any(|l| l.starts_with("content-length:") && l[15..].trim() != "0")
+                    || text.contains("transfer-encoding: chunked");
+                if (text.starts_with("patch") || text.starts_with("post")) && has_body {
                     let mut body = vec![0u8; 8192];
                     let n = client.read(&mut body).await.unwrap_or(0);
                     head.extend_from_slice(&body[..n]);
                 }
-                let request = ProxiedRequest { text: String::from_utf8_lossy(&head).to_string() };
-                if let Some((status, msg)) = refuse(&request) {
+                let mut request = ProxiedRequest { text: String::from_utf8_lossy(&head).to_string() };
+                if let Some((status, msg)) = refuse(&mut request) {
                     let reply = format!(
                         "HTTP/1.1 {status}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{msg}",
                         msg.len()
