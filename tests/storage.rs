@@ -93,6 +93,10 @@ async fn snapshot_clone_flatten_read_and_clean_up_idempotently() {
     rbd.protect_snapshot(&copy, "snap").await.unwrap();
     let at_snap: Vec<bytes::Bytes> = rbd.read(&copy, Some("snap")).try_collect().await.unwrap();
     assert_eq!(at_snap.concat(), data);
+    // Handed over (to Glance, in the pipeline): no handle of ours is left watching the copy.
+    rbd.release(&copy).await.unwrap();
+    let watchers = rbd_json(&["status", &copy.to_string()]).await["watchers"].clone();
+    assert_eq!(watchers, serde_json::json!([]), "released");
     for image in [&copy, &disk] {
         rbd.remove_image(image).await.unwrap();
         rbd.remove_image(image).await.unwrap();

@@ -7,7 +7,11 @@
 //! - a negative return is `-errno` and is turned into [`Errno`] before anything else;
 //! - these calls block: callers run them on the blocking pool, never on the executor.
 
+use std::collections::VecDeque;
 use std::ffi::{c_char, c_int, c_void, CStr, CString};
+use std::sync::mpsc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use ceph::ceph::{IoCtx, Rados};
 use ceph::rados::rados_ioctx_t;
@@ -105,23 +109,27 @@ impl Pool {
         *self.0.inner()
     }
 
-    /// Opens `name`, at `snap` if given (then read-only).
-    pub fn open(&self, name: &str, snap: Option<&str>) -> Result<Image, Errno> {
+    /// Opens `name` read-only, at `snap` if given. A read-only handle registers no watch on
+    /// the image header, so closing it cannot race a notification (see [`DeferredClose`]).
+    pub fn open_read_only(&self, name: &str, snap: Option<&str>) -> Result<Image, Errno> {
         let name = cstr(name)?;
         let snap = snap.map(cstr).transpose()?;
         let snap_ptr = snap.as_ref().map_or(std::ptr::null(), |s| s.as_ptr());
         let mut handle: RbdImageT = std::ptr::null_mut();
         // SAFETY: io is a live ioctx (self borrows it); name/snap outlive the call; on
         // success librbd stores an open handle in `handle`, which `Image` closes once.
-        let ret = unsafe {
-            if snap.is_some() {
-                rbd_open_read_only(self.io(), name.as_ptr(), &mut handle, snap_ptr)
-            } else {
-                rbd_open(self.io(), name.as_ptr(), &mut handle, snap_ptr)
-            }
-        };
-        check(ret)?;
-        Ok(Image { handle })
+        check(unsafe { rbd_open_read_only(self.io(), name.as_ptr(), &mut handle, snap_ptr) })?;
+        Ok(Image { handle, closer: None })
+    }
+
+    /// Opens `name` for changes; `closer` closes the handle once it has gone quiet.
+    pub fn open_writable(&self, name: &str, closer: &DeferredClose) -> Result<Image, Errno> {
+        let name = cstr(name)?;
+        let mut handle: RbdImageT = std::ptr::null_mut();
+        // SAFETY: as in open_read_only; a null snapshot name opens the image head.
+        check(unsafe { rbd_open(self.io(), name.as_ptr(), &mut handle, std::ptr::null()) })?;
+        let key = closer_key(self, &name);
+        Ok(Image { handle, closer: Some((closer.queue.clone(), key)) })
     }
 
     /// Clones `parent@snap` (parent in `parent_pool`) as `child` in this pool.
@@ -170,9 +178,11 @@ impl Pool {
     }
 }
 
-/// An open RBD image; closed when dropped.
+/// An open RBD image; closed when dropped (a writable one by its [`DeferredClose`]).
 pub struct Image {
     handle: RbdImageT,
+    /// For a writable handle: the closer, and the image's key there.
+    closer: Option<(mpsc::Sender<CloseRequest>, ImageKey)>,
 }
 
 // SAFETY: a librbd image handle may be used from any thread, one call at a time; `Image`
@@ -181,8 +191,123 @@ unsafe impl Send for Image {}
 
 impl Drop for Image {
     fn drop(&mut self) {
-        // SAFETY: the handle was opened by `Pool::open` and is closed only here.
-        unsafe { rbd_close(self.handle) };
+        let handle = OpenHandle(self.handle);
+        match self.closer.take() {
+            Some((closer, key)) => {
+                if let Err(mpsc::SendError(CloseRequest::Close(handle, ..))) =
+                    closer.send(CloseRequest::Close(handle, key, Instant::now() + QUIET))
+                {
+                    handle.close(); // the closer has stopped: close here
+                }
+            }
+            None => handle.close(),
+        }
+    }
+}
+
+/// An open handle on its way to `rbd_close`.
+struct OpenHandle(RbdImageT);
+
+// SAFETY: moved to the closer thread by value; nothing else uses it after `Image` dropped it.
+unsafe impl Send for OpenHandle {}
+
+impl OpenHandle {
+    fn close(self) {
+        // SAFETY: the handle came from a successful rbd_open and, wrapped in this value that
+        // is consumed here, is closed exactly once.
+        unsafe { rbd_close(self.0) };
+    }
+}
+
+/// How long a writable handle stays open after its last call.
+const QUIET: Duration = Duration::from_secs(1);
+
+/// Which image a queued handle is open on: its pool's ioctx and its name.
+type ImageKey = (usize, CString);
+
+fn closer_key(pool: &Pool, name: &CStr) -> ImageKey {
+    (pool.io() as usize, name.to_owned())
+}
+
+enum CloseRequest {
+    Close(OpenHandle, ImageKey, Instant),
+    /// Close the handles queued for this image as they go quiet, then answer.
+    Settle(ImageKey, mpsc::Sender<()>),
+    /// Close everything queued and end the thread.
+    Stop,
+}
+
+/// Closes writable image handles on its own thread, [`QUIET`] after their last call.
+///
+/// A writable handle watches the image header. When it is closed while a notification is
+/// still being handled (the header update QEMU's librbd sends after performing a snapshot
+/// operation this handle asked of it, as the exclusive-lock owner), Ceph 16.2's librbd can
+/// destroy the image watcher under the pending work and abort the whole process
+/// (`FAILED ceph_assert(m_pending_ops == 0)` in `~AsyncOpTracker`, "The futex facility
+/// returned an unexpected error code", or an uncaught `std::system_error`). Closing a little
+/// later lets those notifications finish first, and costs the caller nothing.
+pub struct DeferredClose {
+    queue: mpsc::Sender<CloseRequest>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl DeferredClose {
+    pub fn start() -> std::io::Result<Self> {
+        let (queue, requests) = mpsc::channel();
+        let thread = std::thread::Builder::new().name("rbd-close".into()).spawn(move || {
+            let mut pending: VecDeque<(OpenHandle, ImageKey, Instant)> = VecDeque::new();
+            loop {
+                let request = match pending.front() {
+                    Some((_, _, due)) => requests.recv_timeout(due.saturating_duration_since(Instant::now())),
+                    None => requests.recv().map_err(|_| mpsc::RecvTimeoutError::Disconnected),
+                };
+                match request {
+                    Ok(CloseRequest::Close(handle, key, due)) => pending.push_back((handle, key, due)),
+                    Ok(CloseRequest::Settle(key, done)) => {
+                        let (image, others) = pending.drain(..).partition(|(_, k, _)| *k == key);
+                        pending = others;
+                        for (handle, _, due) in image {
+                            std::thread::sleep(due.saturating_duration_since(Instant::now()));
+                            handle.close();
+                        }
+                        let _ = done.send(());
+                    }
+                    Err(mpsc::RecvTimeoutError::Timeout) => {}
+                    Ok(CloseRequest::Stop) | Err(mpsc::RecvTimeoutError::Disconnected) => {
+                        pending.drain(..).for_each(|(handle, ..)| handle.close());
+                        return;
+                    }
+                }
+                while pending.front().is_some_and(|(_, _, due)| *due <= Instant::now()) {
+                    if let Some((handle, ..)) = pending.pop_front() {
+                        handle.close();
+                    }
+                }
+            }
+        })?;
+        Ok(Self { queue, thread: Some(thread) })
+    }
+
+    /// Returns once the handles queued for `name` in `pool` are closed, each when it has
+    /// gone quiet (at most [`QUIET`] from now): an image cannot be removed while one of them
+    /// still watches it.
+    pub fn settle(&self, pool: &Pool, name: &str) {
+        let Ok(name) = cstr(name) else { return };
+        let (done, settled) = mpsc::channel();
+        if self.queue.send(CloseRequest::Settle(closer_key(pool, &name), done)).is_ok() {
+            let _ = settled.recv();
+        }
+    }
+}
+
+impl Drop for DeferredClose {
+    /// Closes what is queued before the connection the handles belong to goes away.
+    fn drop(&mut self) {
+        if self.queue.send(CloseRequest::Stop).is_ok() {
+            if let Some(thread) = self.thread.take() {
+                let _ = thread.join();
+            }
+        }
     }
 }
 

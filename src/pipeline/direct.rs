@@ -111,6 +111,9 @@ impl DirectSnapshot<'_, '_> {
         job.step(Step::RemoveDiskSnapshot, || storage.remove_snapshot(&disk, &snap)).await?;
         job.step(Step::ImageSnapshot, || storage.create_snapshot(&copy, IMAGE_SNAPSHOT)).await?;
         job.step(Step::ImageSnapshot, || storage.protect_snapshot(&copy, IMAGE_SNAPSHOT)).await?;
+        // Glance owns the copy from here: reverting a failed location import, it removes the
+        // copy, which a handle of ours still open would keep busy.
+        job.step(Step::ImageSnapshot, || storage.release(&copy)).await?;
         crash::point("after-image-snapshot");
 
         let (images, ctx) = (&job.b.images, &job.req.context);

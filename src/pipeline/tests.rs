@@ -181,6 +181,9 @@ impl BlockStorage for FakeStorage {
     async fn metadata(&self, image: &RbdImage, key: &str) -> Result<Option<String>, StorageError> {
         Ok(self.get(image).ok_or_else(|| Self::missing(image))?.metadata.get(key).cloned())
     }
+    async fn release(&self, _image: &RbdImage) -> Result<(), StorageError> {
+        Ok(()) // an in-memory image has no handles
+    }
     async fn remove_image(&self, image: &RbdImage) -> Result<(), StorageError> {
         self.images.lock().unwrap().remove(image);
         Ok(())

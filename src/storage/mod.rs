@@ -138,6 +138,10 @@ pub trait BlockStorage: Send + Sync {
     /// Image metadata `key`, or None if it is not set.
     async fn metadata(&self, image: &RbdImage, key: &str) -> Result<Option<String>, StorageError>;
 
+    /// Returns once no handle this process opened on `image` is open any more: before
+    /// another service (Glance) takes the image over, and may remove it.
+    async fn release(&self, image: &RbdImage) -> Result<(), StorageError>;
+
     /// Removes `image` and all its snapshots (unprotecting them); succeeds if it is gone.
     async fn remove_image(&self, image: &RbdImage) -> Result<(), StorageError>;
 

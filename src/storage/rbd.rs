@@ -27,8 +27,11 @@ pub struct CephRbd {
 }
 
 struct Inner {
-    cluster: ffi::Cluster,
+    // Fields drop in declaration order: handles are closed, then the I/O contexts they were
+    // opened in destroyed, while the cluster connection they all point into is still up.
+    closer: ffi::DeferredClose,
     pools: Mutex<HashMap<String, Arc<ffi::Pool>>>,
+    cluster: ffi::Cluster,
 }
 
 /// The error for `operation` on `target` failing with `errno`.
@@ -68,19 +71,30 @@ impl Inner {
         Ok(pool)
     }
 
-    fn open(&self, image: &RbdImage, snap: Option<&str>) -> Result<ffi::Image, StorageError> {
-        self.pool(&image.pool)?.open(&image.name, snap).map_err(|e| match e {
-            Errno(libc::ENOENT) => StorageError::NotFound(match snap {
-                Some(s) => format!("{image}@{s}"),
-                None => image.to_string(),
-            }),
-            e => rbd_error("open", image)(e),
-        })
+    fn not_found(image: &RbdImage, snap: Option<&str>, operation: &'static str) -> impl Fn(Errno) -> StorageError {
+        let target = match snap {
+            Some(s) => format!("{image}@{s}"),
+            None => image.to_string(),
+        };
+        move |e| match e {
+            Errno(libc::ENOENT) => StorageError::NotFound(target.clone()),
+            e => rbd_error(operation, &target)(e),
+        }
     }
 
-    /// Opens `image`, or None if it does not exist.
-    fn open_if_exists(&self, image: &RbdImage) -> Result<Option<ffi::Image>, StorageError> {
-        match self.open(image, None) {
+    /// Opens `image` (at `snap`) to look at it.
+    fn open_read_only(&self, image: &RbdImage, snap: Option<&str>) -> Result<ffi::Image, StorageError> {
+        self.pool(&image.pool)?.open_read_only(&image.name, snap).map_err(Self::not_found(image, snap, "open"))
+    }
+
+    /// Opens `image` to change it.
+    fn open_writable(&self, image: &RbdImage) -> Result<ffi::Image, StorageError> {
+        self.pool(&image.pool)?.open_writable(&image.name, &self.closer).map_err(Self::not_found(image, None, "open"))
+    }
+
+    /// Opens `image` to look at it, or None if it does not exist.
+    fn look_if_exists(&self, image: &RbdImage) -> Result<Option<ffi::Image>, StorageError> {
+        match self.open_read_only(image, None) {
             Ok(handle) => Ok(Some(handle)),
             Err(StorageError::NotFound(_)) => Ok(None),
             Err(e) => Err(e),
@@ -94,12 +108,17 @@ impl Inner {
             .map(|(pool, name, snapshot)| CloneParent { image: RbdImage::new(pool, name), snapshot }))
     }
 
-    fn remove_snapshot(&self, handle: &ffi::Image, image: &RbdImage, snap: &str) -> Result<(), StorageError> {
+    fn remove_snapshot(&self, image: &RbdImage, snap: &str) -> Result<(), StorageError> {
         let target = format!("{image}@{snap}");
-        if !handle.snap_exists(snap).map_err(rbd_error("stat snapshot", &target))? {
+        // Looked at read-only first: most calls (cleanup, reclamation) find nothing to do.
+        let Some(look) = self.look_if_exists(image)? else { return Ok(()) };
+        if !look.snap_exists(snap).map_err(rbd_error("stat snapshot", &target))? {
             return Ok(());
         }
-        if handle.snap_is_protected(snap).map_err(rbd_error("stat snapshot", &target))? {
+        let protected = look.snap_is_protected(snap).map_err(rbd_error("stat snapshot", &target))?;
+        drop(look);
+        let handle = self.open_writable(image)?;
+        if protected {
             match handle.snap_unprotect(snap) {
                 Ok(()) | Err(Errno(libc::EINVAL)) => {} // EINVAL: not protected (any more)
                 Err(e) => return Err(rbd_error("unprotect snapshot", &target)(e)),
@@ -125,7 +144,9 @@ impl CephRbd {
         })
         .await
         .map_err(|e| StorageError::Connect(e.to_string()))??;
-        Ok(Self { inner: Arc::new(Inner { cluster, pools: Mutex::default() }) })
+        let closer =
+            ffi::DeferredClose::start().map_err(|e| StorageError::Connect(format!("starting the closer: {e}")))?;
+        Ok(Self { inner: Arc::new(Inner { closer, pools: Mutex::default(), cluster }) })
     }
 
     /// Runs `f` on the blocking pool with the connection.
@@ -158,17 +179,18 @@ impl BlockStorage for CephRbd {
 
     async fn exists(&self, image: &RbdImage) -> Result<bool, StorageError> {
         let image = image.clone();
-        self.blocking(move |inner| Ok(inner.open_if_exists(&image)?.is_some())).await
+        self.blocking(move |inner| Ok(inner.look_if_exists(&image)?.is_some())).await
     }
 
     async fn size(&self, image: &RbdImage) -> Result<u64, StorageError> {
         let image = image.clone();
-        self.blocking(move |inner| inner.open(&image, None)?.size().map_err(rbd_error("get size", &image))).await
+        self.blocking(move |inner| inner.open_read_only(&image, None)?.size().map_err(rbd_error("get size", &image)))
+            .await
     }
 
     async fn parent(&self, image: &RbdImage) -> Result<Option<CloneParent>, StorageError> {
         let image = image.clone();
-        self.blocking(move |inner| inner.parent(&inner.open(&image, None)?, &image)).await
+        self.blocking(move |inner| inner.parent(&inner.open_read_only(&image, None)?, &image)).await
     }
 
     async fn list_images(&self, pool: &str) -> Result<Vec<String>, StorageError> {
@@ -179,7 +201,7 @@ impl BlockStorage for CephRbd {
     async fn list_snapshots(&self, image: &RbdImage) -> Result<Vec<SnapshotInfo>, StorageError> {
         let image = image.clone();
         self.blocking(move |inner| {
-            let handle = inner.open(&image, None)?;
+            let handle = inner.open_read_only(&image, None)?;
             let names = handle.snapshots().map_err(rbd_error("list snapshots", &image))?;
             names
                 .into_iter()
@@ -195,12 +217,13 @@ impl BlockStorage for CephRbd {
     async fn create_snapshot(&self, image: &RbdImage, snap: &str) -> Result<(), StorageError> {
         let (image, snap) = (image.clone(), snap.to_string());
         self.blocking(move |inner| {
-            let handle = inner.open(&image, None)?;
             let target = format!("{image}@{snap}");
-            if handle.snap_exists(&snap).map_err(rbd_error("stat snapshot", &target))? {
+            let look = inner.open_read_only(&image, None)?;
+            if look.snap_exists(&snap).map_err(rbd_error("stat snapshot", &target))? {
                 return Ok(());
             }
-            match handle.snap_create(&snap) {
+            drop(look);
+            match inner.open_writable(&image)?.snap_create(&snap) {
                 Ok(()) | Err(Errno(libc::EEXIST)) => Ok(()),
                 Err(e) => Err(rbd_error("create snapshot", &target)(e)),
             }
@@ -211,29 +234,26 @@ impl BlockStorage for CephRbd {
     async fn protect_snapshot(&self, image: &RbdImage, snap: &str) -> Result<(), StorageError> {
         let (image, snap) = (image.clone(), snap.to_string());
         self.blocking(move |inner| {
-            let handle = inner.open(&image, None)?;
             let target = format!("{image}@{snap}");
-            if handle.snap_is_protected(&snap).map_err(rbd_error("stat snapshot", &target))? {
+            let look = inner.open_read_only(&image, None)?;
+            if look.snap_is_protected(&snap).map_err(rbd_error("stat snapshot", &target))? {
                 return Ok(());
             }
-            handle.snap_protect(&snap).map_err(rbd_error("protect snapshot", &target))
+            drop(look);
+            inner.open_writable(&image)?.snap_protect(&snap).map_err(rbd_error("protect snapshot", &target))
         })
         .await
     }
 
     async fn remove_snapshot(&self, image: &RbdImage, snap: &str) -> Result<(), StorageError> {
         let (image, snap) = (image.clone(), snap.to_string());
-        self.blocking(move |inner| match inner.open_if_exists(&image)? {
-            Some(handle) => inner.remove_snapshot(&handle, &image, &snap),
-            None => Ok(()),
-        })
-        .await
+        self.blocking(move |inner| inner.remove_snapshot(&image, &snap)).await
     }
 
     async fn clone_image(&self, parent: &RbdImage, snap: &str, child: &RbdImage) -> Result<(), StorageError> {
         let (parent, snap, child) = (parent.clone(), snap.to_string(), child.clone());
         self.blocking(move |inner| {
-            if let Some(existing) = inner.open_if_exists(&child)? {
+            if let Some(existing) = inner.look_if_exists(&child)? {
                 let expected = CloneParent { image: parent.clone(), snapshot: snap.clone() };
                 return match inner.parent(&existing, &child)? {
                     Some(p) if p == expected => Ok(()),
@@ -245,7 +265,8 @@ impl BlockStorage for CephRbd {
                     }),
                 };
             }
-            let features = inner.open(&parent, Some(&snap))?.features().map_err(rbd_error("get features", &parent))?;
+            let features =
+                inner.open_read_only(&parent, Some(&snap))?.features().map_err(rbd_error("get features", &parent))?;
             let (parent_pool, child_pool) = (inner.pool(&parent.pool)?, inner.pool(&child.pool)?);
             match child_pool.clone_image(&parent_pool, &parent.name, &snap, &child.name, features | FEATURE_LAYERING) {
                 Ok(()) => Ok(()),
@@ -258,10 +279,10 @@ impl BlockStorage for CephRbd {
     async fn flatten(&self, image: &RbdImage, progress: Progress) -> Result<(), StorageError> {
         let image = image.clone();
         self.blocking(move |inner| {
-            let handle = inner.open(&image, None)?;
-            if inner.parent(&handle, &image)?.is_none() {
+            if inner.parent(&inner.open_read_only(&image, None)?, &image)?.is_none() {
                 return Ok(());
             }
+            let handle = inner.open_writable(&image)?;
             let mut report = |done: u64, total: u64| progress((done.saturating_mul(100) / total.max(1)).min(100) as u8);
             handle.flatten(&mut report).map_err(rbd_error("flatten", &image))?;
             progress(100);
@@ -273,7 +294,7 @@ impl BlockStorage for CephRbd {
     async fn set_metadata(&self, image: &RbdImage, key: &str, value: &str) -> Result<(), StorageError> {
         let (image, key, value) = (image.clone(), key.to_string(), value.to_string());
         self.blocking(move |inner| {
-            inner.open(&image, None)?.metadata_set(&key, &value).map_err(rbd_error("set metadata", &image))
+            inner.open_writable(&image)?.metadata_set(&key, &value).map_err(rbd_error("set metadata", &image))
         })
         .await
     }
@@ -281,7 +302,16 @@ impl BlockStorage for CephRbd {
     async fn metadata(&self, image: &RbdImage, key: &str) -> Result<Option<String>, StorageError> {
         let (image, key) = (image.clone(), key.to_string());
         self.blocking(move |inner| {
-            inner.open(&image, None)?.metadata_get(&key).map_err(rbd_error("get metadata", &image))
+            inner.open_read_only(&image, None)?.metadata_get(&key).map_err(rbd_error("get metadata", &image))
+        })
+        .await
+    }
+
+    async fn release(&self, image: &RbdImage) -> Result<(), StorageError> {
+        let image = image.clone();
+        self.blocking(move |inner| {
+            inner.closer.settle(&*inner.pool(&image.pool)?, &image.name);
+            Ok(())
         })
         .await
     }
@@ -289,12 +319,16 @@ impl BlockStorage for CephRbd {
     async fn remove_image(&self, image: &RbdImage) -> Result<(), StorageError> {
         let image = image.clone();
         self.blocking(move |inner| {
-            let Some(handle) = inner.open_if_exists(&image)? else { return Ok(()) };
-            for snap in handle.snapshots().map_err(rbd_error("list snapshots", &image))? {
-                inner.remove_snapshot(&handle, &image, &snap)?;
+            let Some(look) = inner.look_if_exists(&image)? else { return Ok(()) };
+            let snapshots = look.snapshots().map_err(rbd_error("list snapshots", &image))?;
+            drop(look);
+            for snap in snapshots {
+                inner.remove_snapshot(&image, &snap)?;
             }
-            drop(handle);
-            match inner.pool(&image.pool)?.remove(&image.name) {
+            // Our own handles still waiting to close would count as watchers (EBUSY).
+            let pool = inner.pool(&image.pool)?;
+            inner.closer.settle(&pool, &image.name);
+            match pool.remove(&image.name) {
                 Ok(()) | Err(Errno(libc::ENOENT)) => Ok(()),
                 Err(e) => Err(rbd_error("remove image", &image)(e)),
             }
@@ -308,7 +342,7 @@ impl BlockStorage for CephRbd {
         let inner = self.inner.clone();
         tokio::task::spawn_blocking(move || {
             let read = || -> Result<(), StorageError> {
-                let handle = inner.open(&image, snap.as_deref())?;
+                let handle = inner.open_read_only(&image, snap.as_deref())?;
                 let size = handle.size().map_err(rbd_error("get size", &image))?;
                 let mut offset = 0u64;
                 while offset < size {

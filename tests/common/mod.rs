@@ -377,7 +377,7 @@ pub async fn glance_images_of(instance: &str, image_type: &str) -> Vec<Value> {
     v["images"].as_array().cloned().unwrap_or_default()
 }
 
-async fn rbd_json(args: &[&str]) -> Value {
+pub async fn rbd_json(args: &[&str]) -> Value {
     let out = Command::new("rbd").args(args).args(["--format", "json"]).output().await.unwrap();
     assert!(out.status.success(), "rbd {args:?}: {}", String::from_utf8_lossy(&out.stderr));
     serde_json::from_slice(&out.stdout).unwrap()
