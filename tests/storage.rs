@@ -105,6 +105,48 @@ async fn snapshot_clone_flatten_read_and_clean_up_idempotently() {
     assert!(!rbd_images("vms").await.contains(&disk.name));
 }
 
+/// What a flatten killed mid-way can leave behind: an object the clone's object map marks as
+/// present that was never written. Reads still fall through to the parent; a resumed flatten
+/// must copy it up too, not leave zeros there (Ceph 16's flatten trusts the map).
+#[tokio::test]
+async fn flatten_copies_up_an_object_the_object_map_wrongly_marks_present() {
+    let rbd = connect().await;
+    let disk = RbdImage::new("vms", unique("test-disk"));
+    let copy = RbdImage::new("images", unique("test-copy"));
+    let data = pattern(12 << 20, 5);
+    rbd_import(&disk, &data).await;
+    rbd.create_snapshot(&disk, "s1").await.unwrap();
+    rbd.protect_snapshot(&disk, "s1").await.unwrap();
+    rbd.clone_image(&disk, "s1", &copy).await.unwrap();
+
+    // A write marks object 0 present in the map; removing the RADOS object undoes the write
+    // but not the mark.
+    let bench = ["bench", "--io-type", "write", "--io-size", "4096", "--io-total", "4096", "--io-pattern", "seq"];
+    let status = Command::new("rbd").args(bench).arg(copy.to_string()).status().await.unwrap();
+    assert!(status.success());
+    let prefix = rbd_json(&["info", &copy.to_string()]).await["block_name_prefix"].as_str().unwrap().to_string();
+    let object = format!("{prefix}.{:016x}", 0);
+    let status = Command::new("rados").args(["-p", "images", "rm", &object]).status().await.unwrap();
+    assert!(status.success());
+    let before: Vec<bytes::Bytes> = rbd.read(&copy, None).try_collect().await.unwrap();
+    assert_eq!(before.concat(), data, "before flatten the parent fills in the missing object");
+
+    rbd.flatten(&copy, Arc::new(|_| {})).await.unwrap();
+    assert_eq!(rbd.parent(&copy).await.unwrap(), None);
+    let after: Vec<bytes::Bytes> = rbd.read(&copy, None).try_collect().await.unwrap();
+    assert!(after.concat() == data, "after flatten the copy holds every byte of the parent");
+    // The object map, off while flattening, is back and valid.
+    let info = rbd_json(&["info", &copy.to_string()]).await;
+    let features: Vec<&str> = info["features"].as_array().unwrap().iter().map(|f| f.as_str().unwrap()).collect();
+    assert!(features.contains(&"object-map") && features.contains(&"fast-diff"), "{info}");
+    assert_eq!(info["flags"], serde_json::json!([]), "{info}");
+    assert_eq!(rbd.metadata(&copy, "novasnap.object_map_off").await.unwrap(), None);
+
+    rbd.remove_image(&copy).await.unwrap();
+    rbd.remove_snapshot(&disk, "s1").await.unwrap();
+    rbd.remove_image(&disk).await.unwrap();
+}
+
 #[tokio::test]
 async fn missing_things_are_clear_errors() {
     let rbd = connect().await;

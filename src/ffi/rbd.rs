@@ -86,11 +86,14 @@ extern "C" {
         order: *mut c_int,
     ) -> c_int;
     fn rbd_flatten_with_progress(image: RbdImageT, cb: ProgressFn, data: *mut c_void) -> c_int;
+    fn rbd_rebuild_object_map(image: RbdImageT, cb: ProgressFn, data: *mut c_void) -> c_int;
+    fn rbd_update_features(image: RbdImageT, features: u64, enabled: u8) -> c_int;
     fn rbd_remove(io: rados_ioctx_t, name: *const c_char) -> c_int;
     fn rbd_list(io: rados_ioctx_t, names: *mut c_char, size: *mut usize) -> c_int;
     fn rbd_read(image: RbdImageT, ofs: u64, len: usize, buf: *mut c_char) -> isize;
     fn rbd_metadata_set(image: RbdImageT, key: *const c_char, value: *const c_char) -> c_int;
     fn rbd_metadata_get(image: RbdImageT, key: *const c_char, value: *mut c_char, len: *mut usize) -> c_int;
+    fn rbd_metadata_remove(image: RbdImageT, key: *const c_char) -> c_int;
 }
 
 /// The cluster connection, shared by every worker thread.
@@ -454,6 +457,21 @@ impl Image {
         check(unsafe { rbd_flatten_with_progress(self.handle, trampoline, data) }).map(drop)
     }
 
+    /// Turns `features` (RBD_FEATURE_* bits) on or off.
+    pub fn update_features(&self, features: u64, enabled: bool) -> Result<(), Errno> {
+        // SAFETY: open handle; plain values.
+        check(unsafe { rbd_update_features(self.handle, features, u8::from(enabled)) }).map(drop)
+    }
+
+    /// Rebuilds the object map from the objects that exist in RADOS.
+    pub fn rebuild_object_map(&self) -> Result<(), Errno> {
+        extern "C" fn ignore(_offset: u64, _total: u64, _data: *mut c_void) -> c_int {
+            0
+        }
+        // SAFETY: open handle; the callback uses no data, so a null pointer is fine.
+        check(unsafe { rbd_rebuild_object_map(self.handle, ignore, std::ptr::null_mut()) }).map(drop)
+    }
+
     /// Reads up to `buf.len()` bytes at `offset`; returns how many were read.
     pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<usize, Errno> {
         // SAFETY: open handle; buf is writable for its full length.
@@ -468,6 +486,16 @@ impl Image {
         let (key, value) = (cstr(key)?, cstr(value)?);
         // SAFETY: open handle; NUL-terminated key and value.
         check(unsafe { rbd_metadata_set(self.handle, key.as_ptr(), value.as_ptr()) }).map(drop)
+    }
+
+    /// Removes `key`; a key that is not there is no error.
+    pub fn metadata_remove(&self, key: &str) -> Result<(), Errno> {
+        let key = cstr(key)?;
+        // SAFETY: open handle; NUL-terminated key.
+        match check(unsafe { rbd_metadata_remove(self.handle, key.as_ptr()) }) {
+            Ok(_) | Err(Errno(libc::ENOENT)) => Ok(()),
+            Err(e) => Err(e),
+        }
     }
 
     pub fn metadata_get(&self, key: &str) -> Result<Option<String>, Errno> {

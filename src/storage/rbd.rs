@@ -16,6 +16,12 @@ use crate::hypervisor::Progress;
 
 /// librbd's layering feature bit: a clone needs it.
 const FEATURE_LAYERING: u64 = 1;
+/// The object map and fast-diff feature bits, which flatten turns off for a while.
+const FEATURE_OBJECT_MAP: u64 = 8;
+const FEATURE_FAST_DIFF: u64 = 16;
+/// Image metadata naming the object map features turned off for a flatten, to turn back on
+/// after it (also by a retry after a crash).
+const OBJECT_MAP_OFF_KEY: &str = "novasnap.object_map_off";
 /// Bytes per read from librbd, and per chunk of [`BlockStorage::read`]'s stream.
 const READ_CHUNK: usize = 4 << 20;
 /// Chunks read ahead of the consumer: bounds the stream's memory to this × READ_CHUNK.
@@ -128,6 +134,46 @@ impl Inner {
             Ok(()) | Err(Errno(libc::ENOENT)) => Ok(()),
             Err(e) => Err(rbd_error("remove snapshot", &target)(e)),
         }
+    }
+
+    /// Flattens `image` without trusting its object map, then restores the map.
+    ///
+    /// Ceph 16's flatten skips every object the object map marks as present (fixed later
+    /// by ceph PR #61129, tracker 68998). A flatten killed mid-way can leave an object
+    /// marked that was never copied up; resumed, it would leave a hole of zeros there and
+    /// detach the parent. A rebuild does not help, as the map may mark more than exists.
+    /// So the map is off while flattening, recorded in the image's metadata so that a retry
+    /// after any crash turns it back on, and rebuilt from the objects once all exist.
+    fn flatten(&self, image: &RbdImage, progress: &mut dyn FnMut(u64, u64)) -> Result<(), StorageError> {
+        let look = self.open_read_only(image, None)?;
+        let has_parent = self.parent(&look, image)?.is_some();
+        let features = look.features().map_err(rbd_error("get features", image))?;
+        let mut off = look.metadata_get(OBJECT_MAP_OFF_KEY).map_err(rbd_error("get metadata", image))?;
+        drop(look);
+        if !has_parent && off.is_none() {
+            return Ok(());
+        }
+        let handle = self.open_writable(image)?;
+        if has_parent {
+            let map_features = features & (FEATURE_OBJECT_MAP | FEATURE_FAST_DIFF);
+            if map_features != 0 {
+                let record = map_features.to_string();
+                handle.metadata_set(OBJECT_MAP_OFF_KEY, &record).map_err(rbd_error("set metadata", image))?;
+                handle.update_features(map_features, false).map_err(rbd_error("disable object map", image))?;
+                off = Some(record);
+            }
+            handle.flatten(progress).map_err(rbd_error("flatten", image))?;
+        }
+        if let Some(record) = off {
+            let wanted: u64 = record.parse().unwrap_or(FEATURE_OBJECT_MAP | FEATURE_FAST_DIFF);
+            let now = handle.features().map_err(rbd_error("get features", image))?;
+            if wanted & !now != 0 {
+                handle.update_features(wanted & !now, true).map_err(rbd_error("enable object map", image))?;
+            }
+            handle.rebuild_object_map().map_err(rbd_error("rebuild object map", image))?;
+            handle.metadata_remove(OBJECT_MAP_OFF_KEY).map_err(rbd_error("remove metadata", image))?;
+        }
+        Ok(())
     }
 }
 
@@ -279,12 +325,8 @@ impl BlockStorage for CephRbd {
     async fn flatten(&self, image: &RbdImage, progress: Progress) -> Result<(), StorageError> {
         let image = image.clone();
         self.blocking(move |inner| {
-            if inner.parent(&inner.open_read_only(&image, None)?, &image)?.is_none() {
-                return Ok(());
-            }
-            let handle = inner.open_writable(&image)?;
             let mut report = |done: u64, total: u64| progress((done.saturating_mul(100) / total.max(1)).min(100) as u8);
-            handle.flatten(&mut report).map_err(rbd_error("flatten", &image))?;
+            inner.flatten(&image, &mut report)?;
             progress(100);
             Ok(())
         })
