@@ -74,12 +74,12 @@ async fn glance_answering_503_for_a_while_only_delays_the_snapshot() {
 }
 
 /// One snapshot of guest 1 whose location requests (`POST /v2/images/{id}/locations`) pass
-/// a proxy in front of Glance: `first` may edit or answer the first of them, given the image
-/// id. The snapshot must complete with nothing left behind. Returns how many location
-/// requests the worker sent and its log.
-async fn snapshot_past_first_location_request<F>(first: F) -> (usize, String)
+/// a proxy in front of Glance: `edit` may edit or answer each of them, given its number
+/// (from 0) and the image id. The snapshot must complete with nothing left behind. Returns
+/// how many location requests the worker sent and its log.
+async fn snapshot_past_location_requests<F>(edit: F) -> (usize, String)
 where
-    F: Fn(&str, &mut ProxiedRequest) -> Option<(&'static str, &'static str)> + Send + Sync + 'static,
+    F: Fn(usize, &str, &mut ProxiedRequest) -> Option<(&'static str, &'static str)> + Send + Sync + 'static,
 {
     let guest = guest(1);
     let posted = Arc::new(AtomicUsize::new(0));
@@ -87,11 +87,7 @@ where
     let proxy = glance_proxy(move |request| {
         let line = request.request_line().to_string();
         let image = line.strip_prefix("POST /v2/images/")?.strip_suffix(" HTTP/1.1")?.strip_suffix("/locations")?;
-        if counter.fetch_add(1, Ordering::SeqCst) == 0 {
-            first(image, request)
-        } else {
-            None
-        }
+        edit(counter.fetch_add(1, Ordering::SeqCst), image, request)
     })
     .await;
     let config = TestConfig::new(&[("glance", "api_servers", &proxy)]);
@@ -115,9 +111,11 @@ where
 /// instead of waiting out its bound, registers the location again, and the snapshot completes.
 #[tokio::test]
 async fn a_failed_location_import_task_is_registered_again() {
-    let (posted, log) = snapshot_past_first_location_request(|_, request| {
+    let (posted, log) = snapshot_past_location_requests(|n, _, request| {
         // Same length, so the Content-Length stays right.
-        request.text = request.text.replacen("/snap\"", "/snaq\"", 1);
+        if n == 0 {
+            request.text = request.text.replacen("/snap\"", "/snaq\"", 1);
+        }
         None
     })
     .await;
@@ -155,32 +153,54 @@ with sqlite3.connect(db, timeout=30) as c:
 /// takes no lock, registers the location: the snapshot completes.
 #[tokio::test]
 async fn a_location_import_task_glance_never_starts_is_bypassed() {
-    let (posted, log) = snapshot_past_first_location_request(|image, _| {
-        leave_location_import_pending(image);
-        Some(("202 Accepted", ""))
+    let (posted, log) = snapshot_past_location_requests(|n, image, _| {
+        (n == 0).then(|| {
+            leave_location_import_pending(image);
+            ("202 Accepted", "")
+        })
     })
     .await;
     assert_eq!(posted, 2, "the locations API is tried a second time");
     assert!(log.contains("still pending after 60s: Glance never started it"), "{log}");
 }
 
-/// Glance's location import task fails after taking the location, and its revert removes
-/// the location's data: the copy in Glance's pool (seen with Glance's sqlite database
-/// "locked" under concurrent snapshots). The proxy plays that revert: it removes the copy
-/// from Ceph as the worker's first location request passes, so Glance's task fails on it.
-/// The worker finds no copy left to register again and makes the image on the standard path.
+/// What Glance does reverting a location import task that failed after taking the location
+/// (seen with its sqlite database "locked" under concurrent snapshots): it removes the
+/// location's data, the copy in Glance's pool. The proxy plays that revert, removing the
+/// copy from Ceph as a location request passes, so Glance's task fails on it.
+fn remove_copy_as_glance_reverts(image: &str) {
+    let (copy, snap) = (format!("images/{image}"), format!("images/{image}@snap"));
+    for args in [&["snap", "unprotect", &snap][..], &["snap", "purge", &copy], &["rm", &copy]] {
+        let out = std::process::Command::new("rbd").args(args).output().unwrap();
+        assert!(out.status.success(), "rbd {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+}
+
+/// Glance removes the first copy: the worker finds no copy left to register again, takes
+/// the direct path a second time, and registers the new copy.
 #[tokio::test]
-async fn a_copy_removed_by_glance_falls_back_to_the_standard_path() {
-    let (posted, log) = snapshot_past_first_location_request(|image, _| {
-        let (copy, snap) = (format!("images/{image}"), format!("images/{image}@snap"));
-        for args in [&["snap", "unprotect", &snap][..], &["snap", "purge", &copy], &["rm", &copy]] {
-            let out = std::process::Command::new("rbd").args(args).output().unwrap();
-            assert!(out.status.success(), "rbd {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+async fn a_copy_removed_by_glance_is_made_again() {
+    let (posted, log) = snapshot_past_location_requests(|n, image, _| {
+        if n == 0 {
+            remove_copy_as_glance_reverts(image);
         }
         None
     })
     .await;
-    assert_eq!(posted, 1, "no location registered again once the copy was gone");
+    assert_eq!(posted, 2, "one location request per copy");
+    assert!(log.contains("making the direct snapshot again") && log.contains("was removed, as Glance does"), "{log}");
+    assert!(log.contains("direct snapshot registered") && !log.contains("performing standard snapshot"), "{log}");
+}
+
+/// Glance removes the second copy too: the worker makes the image on the standard path.
+#[tokio::test]
+async fn copies_removed_by_glance_twice_fall_back_to_the_standard_path() {
+    let (posted, log) = snapshot_past_location_requests(|_, image, _| {
+        remove_copy_as_glance_reverts(image);
+        None
+    })
+    .await;
+    assert_eq!(posted, 2, "no third copy");
     assert!(log.contains("performing standard snapshot") && log.contains("was removed, as Glance does"), "{log}");
 }
 

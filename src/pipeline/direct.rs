@@ -35,6 +35,9 @@ pub(crate) enum Direct {
     Done,
     /// The direct path cannot be taken; the standard path must produce the bytes.
     Unavailable(String),
+    /// Glance removed the copy (reverting its failed location import): everything this try
+    /// made is gone, and the direct path may be taken again from the start.
+    CopyLost(String),
 }
 
 pub(crate) struct DirectSnapshot<'j, 'a> {
@@ -137,7 +140,7 @@ impl DirectSnapshot<'_, '_> {
             }
             Err(SnapshotError { fault: Fault::CopyLost(reason), .. }) => {
                 cleanup_rbd(storage, &disk, &copy, image_id).await;
-                return Ok(Direct::Unavailable(reason));
+                return Ok(Direct::CopyLost(reason));
             }
             Err(e) => return Err(e),
         }

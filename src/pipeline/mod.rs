@@ -213,10 +213,18 @@ impl Job<'_> {
         self.set_task_state(Some(TaskState::ImagePendingUpload)).await;
         self.set_task_state(Some(TaskState::ImageUploading)).await;
 
-        // 6. The direct path where it can be taken, 7. the standard path otherwise.
-        let direct = match self.direct_snapshot(&guest, &plan, &metadata).await? {
+        // 6. The direct path where it can be taken (a second time if Glance removed the
+        // first copy: a failure of Glance's own, such as its database being locked, should
+        // not cost the snapshot its direct path), 7. the standard path otherwise.
+        let mut outcome = self.direct_snapshot(&guest, &plan, &metadata).await?;
+        if let direct::Direct::CopyLost(reason) = &outcome {
+            warn!(%instance, image = %image_id, %reason, "making the direct snapshot again");
+            self.suspend_if_needed(&plan).await?; // cold: the new disk snapshot as the first
+            outcome = self.direct_snapshot(&guest, &plan, &metadata).await?;
+        }
+        let direct = match outcome {
             direct::Direct::Done => true,
-            direct::Direct::Unavailable(reason) => {
+            direct::Direct::Unavailable(reason) | direct::Direct::CopyLost(reason) => {
                 warn!(%instance, image = %image_id, %reason, "performing standard snapshot: direct snapshot is not possible");
                 self.set_task_state(Some(TaskState::ImagePendingUpload)).await;
                 standard::StandardSnapshot { job: self, guest: &guest, plan: &plan }.run(&metadata).await?;
