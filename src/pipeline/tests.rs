@@ -203,6 +203,9 @@ struct FakeImages {
     images: Mutex<BTreeMap<Uuid, Image>>,
     uploads: Mutex<BTreeMap<Uuid, Vec<u8>>>,
     refuse_locations: bool,
+    /// Plays Glance's failing location import: run (and dropped) at the next add_location,
+    /// which then fails as the import task does.
+    failing_import: Mutex<Option<Box<dyn FnOnce() + Send>>>,
 }
 
 impl FakeImages {
@@ -225,6 +228,10 @@ impl ImageService for FakeImages {
     async fn add_location(&self, _: &RequestContext, id: Uuid, url: &str) -> Result<(), ImageError> {
         if self.refuse_locations {
             return Err(ImageError::LocationsRefused { id, reason: "403 Forbidden".into() });
+        }
+        if let Some(revert) = self.failing_import.lock().unwrap().take() {
+            revert();
+            return Err(ImageError::LocationImportFailed { id, message: "database is locked".into() });
         }
         let mut images = self.images.lock().unwrap();
         let image = images.get_mut(&id).ok_or(ImageError::NotFound(id))?;
@@ -549,6 +556,23 @@ async fn a_cold_snapshot_suspends_and_restores_a_paused_guest() {
     w.pipeline(|s| s.plan.disable_live_snapshot = true).run(&req).await.unwrap();
     assert_eq!(*w.hv.calls.lock().unwrap(), vec!["suspend", "resume paused=true"]);
     assert_eq!(w.hv.find_guest(req.instance.uuid).await.unwrap().power_state, PowerState::Paused);
+}
+
+#[tokio::test]
+async fn a_copy_glance_removed_is_made_again_with_the_guest_suspended_again() {
+    let w = World::clone_backed(FakeImages::default());
+    let (storage, copy) = (w.storage.clone(), w.copy());
+    *w.images.failing_import.lock().unwrap() = Some(Box::new(move || {
+        storage.images.lock().unwrap().remove(&copy);
+    }));
+    let outcome = w.pipeline(|s| s.plan.disable_live_snapshot = true).run(&w.req).await.unwrap();
+    assert_eq!(outcome, Outcome::Completed { direct: true });
+    let image = w.images.image(w.req.image_id).unwrap();
+    assert_eq!((image.status, image.locations.len()), (ImageStatus::Active, 1));
+    assert_eq!(w.storage.get(&w.copy()).unwrap().data, DISK_DATA, "the second copy holds the disk");
+    assert!(w.disk_snapshots().is_empty());
+    let calls = w.hv.calls.lock().unwrap().clone();
+    assert_eq!(calls, vec!["suspend", "resume paused=false", "suspend", "resume paused=false"], "cold both times");
 }
 
 #[tokio::test]
