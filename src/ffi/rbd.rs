@@ -7,9 +7,9 @@
 //! - a negative return is `-errno` and is turned into [`Errno`] before anything else;
 //! - these calls block: callers run them on the blocking pool, never on the executor.
 
-use std::collections::VecDeque;
+use std::collections::HashMap;
 use std::ffi::{c_char, c_int, c_void, CStr, CString};
-use std::sync::mpsc;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -125,14 +125,19 @@ impl Pool {
         Ok(Image { handle, closer: None })
     }
 
-    /// Opens `name` for changes; `closer` closes the handle once it has gone quiet.
+    /// Opens `name` for changes; `closer` closes the handle once the image has gone quiet.
     pub fn open_writable(&self, name: &str, closer: &DeferredClose) -> Result<Image, Errno> {
         let name = cstr(name)?;
+        let key = closer_key(self, &name);
+        // Counted in use before it exists: the image's idle handles stay open meanwhile.
+        closer.begin(&key);
         let mut handle: RbdImageT = std::ptr::null_mut();
         // SAFETY: as in open_read_only; a null snapshot name opens the image head.
-        check(unsafe { rbd_open(self.io(), name.as_ptr(), &mut handle, std::ptr::null()) })?;
-        let key = closer_key(self, &name);
-        Ok(Image { handle, closer: Some((closer.queue.clone(), key)) })
+        if let Err(e) = check(unsafe { rbd_open(self.io(), name.as_ptr(), &mut handle, std::ptr::null()) }) {
+            closer.end(key, None);
+            return Err(e);
+        }
+        Ok(Image { handle, closer: Some((closer.state.clone(), key)) })
     }
 
     /// Clones `parent@snap` (parent in `parent_pool`) as `child` in this pool.
@@ -184,8 +189,8 @@ impl Pool {
 /// An open RBD image; closed when dropped (a writable one by its [`DeferredClose`]).
 pub struct Image {
     handle: RbdImageT,
-    /// For a writable handle: the closer, and the image's key there.
-    closer: Option<(mpsc::Sender<CloseRequest>, ImageKey)>,
+    /// For a writable handle: the closer's state, and the image's key there.
+    closer: Option<(Arc<Shared>, ImageKey)>,
 }
 
 // SAFETY: a librbd image handle may be used from any thread, one call at a time; `Image`
@@ -196,13 +201,7 @@ impl Drop for Image {
     fn drop(&mut self) {
         let handle = OpenHandle(self.handle);
         match self.closer.take() {
-            Some((closer, key)) => {
-                if let Err(mpsc::SendError(CloseRequest::Close(handle, ..))) =
-                    closer.send(CloseRequest::Close(handle, key, Instant::now() + QUIET))
-                {
-                    handle.close(); // the closer has stopped: close here
-                }
-            }
+            Some((shared, key)) => Shared::end(&shared, key, Some(handle)),
             None => handle.close(),
         }
     }
@@ -222,94 +221,165 @@ impl OpenHandle {
     }
 }
 
-/// How long a writable handle stays open after its last call.
+/// How long an image's writable handles stay open after the last call on any of them.
 const QUIET: Duration = Duration::from_secs(1);
 
-/// Which image a queued handle is open on: its pool's ioctx and its name.
+/// Which image a handle is open on: its pool's ioctx and its name.
 type ImageKey = (usize, CString);
 
 fn closer_key(pool: &Pool, name: &CStr) -> ImageKey {
     (pool.io() as usize, name.to_owned())
 }
 
-enum CloseRequest {
-    Close(OpenHandle, ImageKey, Instant),
-    /// Close the handles queued for this image as they go quiet, then answer.
-    Settle(ImageKey, mpsc::Sender<()>),
-    /// Close everything queued and end the thread.
-    Stop,
+/// One image's writable handles: those done with, waiting to close, and how many are in use.
+struct ImageHandles {
+    idle: Vec<OpenHandle>,
+    in_use: usize,
+    last_used: Instant,
 }
 
-/// Closes writable image handles on its own thread, [`QUIET`] after their last call.
+impl ImageHandles {
+    /// When its idle handles may close: never while one is in use.
+    fn quiet_at(&self) -> Option<Instant> {
+        (self.in_use == 0).then_some(self.last_used + QUIET)
+    }
+}
+
+#[derive(Default)]
+struct Handles {
+    images: HashMap<ImageKey, ImageHandles>,
+    stopped: bool,
+}
+
+impl Handles {
+    fn image(&mut self, key: ImageKey) -> &mut ImageHandles {
+        self.images.entry(key).or_insert_with(|| ImageHandles {
+            idle: Vec::new(),
+            in_use: 0,
+            last_used: Instant::now(),
+        })
+    }
+}
+
+/// The closer's state, shared with every writable [`Image`].
+#[derive(Default)]
+struct Shared {
+    handles: Mutex<Handles>,
+    changed: Condvar,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Handles> {
+        // A panic while holding it leaves plain bookkeeping behind: still usable.
+        self.handles.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// A handle on `key` is done with (`handle`), or was never opened (None).
+    fn end(shared: &Shared, key: ImageKey, handle: Option<OpenHandle>) {
+        let mut handles = shared.lock();
+        if handles.stopped {
+            drop(handles);
+            handle.map(OpenHandle::close);
+            return;
+        }
+        let image = handles.image(key);
+        image.in_use = image.in_use.saturating_sub(1);
+        image.last_used = Instant::now();
+        image.idle.extend(handle);
+        shared.changed.notify_all();
+    }
+
+    /// Closes the idle handles of every image quiet by now; returns when the next one will be.
+    fn close_quiet(handles: &mut Handles) -> Option<Instant> {
+        let now = Instant::now();
+        handles.images.retain(|_, image| match image.quiet_at() {
+            Some(at) if at <= now => {
+                image.idle.drain(..).for_each(OpenHandle::close);
+                false
+            }
+            _ => true,
+        });
+        handles.images.values().filter_map(ImageHandles::quiet_at).min()
+    }
+}
+
+/// Closes writable image handles on its own thread, once their image has seen no call on any
+/// of them for [`QUIET`].
 ///
 /// A writable handle watches the image header. When it is closed while a notification is
 /// still being handled (the header update QEMU's librbd sends after performing a snapshot
-/// operation this handle asked of it, as the exclusive-lock owner), Ceph 16.2's librbd can
+/// operation a handle asked of it, as the exclusive-lock owner), Ceph 16.2's librbd can
 /// destroy the image watcher under the pending work and abort the whole process
 /// (`FAILED ceph_assert(m_pending_ops == 0)` in `~AsyncOpTracker`, "The futex facility
-/// returned an unexpected error code", or an uncaught `std::system_error`). Closing a little
-/// later lets those notifications finish first, and costs the caller nothing.
+/// returned an unexpected error code", or an uncaught `std::system_error`). Each call on an
+/// image notifies every handle open on it, so none of them closes until calls on the image
+/// have stopped for a while: then no notification is left in flight.
 pub struct DeferredClose {
-    queue: mpsc::Sender<CloseRequest>,
+    state: Arc<Shared>,
     thread: Option<JoinHandle<()>>,
 }
 
 impl DeferredClose {
     pub fn start() -> std::io::Result<Self> {
-        let (queue, requests) = mpsc::channel();
+        let state = Arc::new(Shared::default());
+        let shared = state.clone();
         let thread = std::thread::Builder::new().name("rbd-close".into()).spawn(move || {
-            let mut pending: VecDeque<(OpenHandle, ImageKey, Instant)> = VecDeque::new();
-            loop {
-                let request = match pending.front() {
-                    Some((_, _, due)) => requests.recv_timeout(due.saturating_duration_since(Instant::now())),
-                    None => requests.recv().map_err(|_| mpsc::RecvTimeoutError::Disconnected),
+            let mut handles = shared.lock();
+            while !handles.stopped {
+                let next = Shared::close_quiet(&mut handles);
+                handles = match next {
+                    Some(at) => {
+                        let wait = at.saturating_duration_since(Instant::now());
+                        shared.changed.wait_timeout(handles, wait).unwrap_or_else(|p| p.into_inner()).0
+                    }
+                    None => shared.changed.wait(handles).unwrap_or_else(|p| p.into_inner()),
                 };
-                match request {
-                    Ok(CloseRequest::Close(handle, key, due)) => pending.push_back((handle, key, due)),
-                    Ok(CloseRequest::Settle(key, done)) => {
-                        let (image, others) = pending.drain(..).partition(|(_, k, _)| *k == key);
-                        pending = others;
-                        for (handle, _, due) in image {
-                            std::thread::sleep(due.saturating_duration_since(Instant::now()));
-                            handle.close();
-                        }
-                        let _ = done.send(());
-                    }
-                    Err(mpsc::RecvTimeoutError::Timeout) => {}
-                    Ok(CloseRequest::Stop) | Err(mpsc::RecvTimeoutError::Disconnected) => {
-                        pending.drain(..).for_each(|(handle, ..)| handle.close());
-                        return;
-                    }
-                }
-                while pending.front().is_some_and(|(_, _, due)| *due <= Instant::now()) {
-                    if let Some((handle, ..)) = pending.pop_front() {
-                        handle.close();
-                    }
-                }
             }
+            handles.images.drain().flat_map(|(_, image)| image.idle).for_each(OpenHandle::close);
         })?;
-        Ok(Self { queue, thread: Some(thread) })
+        Ok(Self { state, thread: Some(thread) })
     }
 
-    /// Returns once the handles queued for `name` in `pool` are closed, each when it has
-    /// gone quiet (at most [`QUIET`] from now): an image cannot be removed while one of them
-    /// still watches it.
+    /// A handle on `key` is about to be opened.
+    fn begin(&self, key: &ImageKey) {
+        self.state.lock().image(key.clone()).in_use += 1;
+    }
+
+    fn end(&self, key: ImageKey, handle: Option<OpenHandle>) {
+        Shared::end(&self.state, key, handle);
+    }
+
+    /// Returns once no handle of ours is open on `name` in `pool`, its idle ones closed when
+    /// the image has gone quiet: an image cannot be removed while one of them still watches it.
     pub fn settle(&self, pool: &Pool, name: &str) {
         let Ok(name) = cstr(name) else { return };
-        let (done, settled) = mpsc::channel();
-        if self.queue.send(CloseRequest::Settle(closer_key(pool, &name), done)).is_ok() {
-            let _ = settled.recv();
+        let key = closer_key(pool, &name);
+        let mut handles = self.state.lock();
+        loop {
+            let Some(image) = handles.images.get_mut(&key) else { return };
+            match image.quiet_at() {
+                Some(at) if at <= Instant::now() => {
+                    image.idle.drain(..).for_each(OpenHandle::close);
+                    handles.images.remove(&key);
+                    return;
+                }
+                Some(at) => {
+                    let wait = at.saturating_duration_since(Instant::now());
+                    handles = self.state.changed.wait_timeout(handles, wait).unwrap_or_else(|p| p.into_inner()).0;
+                }
+                None => handles = self.state.changed.wait(handles).unwrap_or_else(|p| p.into_inner()),
+            }
         }
     }
 }
 
 impl Drop for DeferredClose {
-    /// Closes what is queued before the connection the handles belong to goes away.
+    /// Closes every idle handle before the connection the handles belong to goes away.
     fn drop(&mut self) {
-        if self.queue.send(CloseRequest::Stop).is_ok() {
-            if let Some(thread) = self.thread.take() {
-                let _ = thread.join();
-            }
+        self.state.lock().stopped = true;
+        self.state.changed.notify_all();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
         }
     }
 }
