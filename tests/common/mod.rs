@@ -62,8 +62,37 @@ pub struct TestConfig {
     _dir: tempfile::TempDir,
 }
 
+/// A test that fails mid-snapshot (a worker aborted, an assertion failed) leaves its image
+/// queued, and with it the disk snapshot and copy its worker made, which reclamation rightly
+/// keeps while the image is queued. Tests run one at a time, so a queued test image at the
+/// start of a test is such a leftover: it is deleted and reclaimed, so that one failure
+/// does not fail every later test of the same guest.
+fn clear_failed_tests_leftovers() {
+    let glance = env("GLANCE_URL");
+    let out =
+        std::process::Command::new("curl").args(["-sf", &format!("{glance}/v2/images?limit=1000")]).output().unwrap();
+    let images: Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    let mut found = false;
+    for image in images["images"].as_array().into_iter().flatten() {
+        let name = image["name"].as_str().unwrap_or_default();
+        if name.starts_with("test-") && image["status"] != "active" {
+            let url = format!("{glance}/v2/images/{}", image["id"].as_str().unwrap());
+            std::process::Command::new("curl").args(["-sf", "-X", "DELETE", &url]).status().unwrap();
+            found = true;
+        }
+    }
+    if found {
+        let reclaim = std::process::Command::new(env!("CARGO_BIN_EXE_novasnap"))
+            .args(["reclaim", "--config", &env("NOVASNAP_CONFIG")])
+            .output()
+            .unwrap();
+        assert!(reclaim.status.success(), "reclaim: {}", String::from_utf8_lossy(&reclaim.stderr));
+    }
+}
+
 impl TestConfig {
     pub fn new(overrides: &[(&str, &str, &str)]) -> Self {
+        clear_failed_tests_leftovers();
         let dir = tempfile::tempdir().unwrap();
         let host = unique("novasnap-test");
         let notification_exchange = unique("novasnap-test-notifications");
