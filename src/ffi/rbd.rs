@@ -134,7 +134,7 @@ impl Pool {
         let mut handle: RbdImageT = std::ptr::null_mut();
         // SAFETY: as in open_read_only; a null snapshot name opens the image head.
         if let Err(e) = check(unsafe { rbd_open(self.io(), name.as_ptr(), &mut handle, std::ptr::null()) }) {
-            closer.end(key, None);
+            closer.state.end(key, None);
             return Err(e);
         }
         Ok(Image { handle, closer: Some((closer.state.clone(), key)) })
@@ -201,7 +201,7 @@ impl Drop for Image {
     fn drop(&mut self) {
         let handle = OpenHandle(self.handle);
         match self.closer.take() {
-            Some((shared, key)) => Shared::end(&shared, key, Some(handle)),
+            Some((shared, key)) => shared.end(key, Some(handle)),
             None => handle.close(),
         }
     }
@@ -274,19 +274,32 @@ impl Shared {
         self.handles.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
+    /// Waits for a change to the handles, or until `at` if given.
+    fn wait<'a>(&self, handles: MutexGuard<'a, Handles>, at: Option<Instant>) -> MutexGuard<'a, Handles> {
+        match at {
+            Some(at) => {
+                let wait = at.saturating_duration_since(Instant::now());
+                self.changed.wait_timeout(handles, wait).unwrap_or_else(|p| p.into_inner()).0
+            }
+            None => self.changed.wait(handles).unwrap_or_else(|p| p.into_inner()),
+        }
+    }
+
     /// A handle on `key` is done with (`handle`), or was never opened (None).
-    fn end(shared: &Shared, key: ImageKey, handle: Option<OpenHandle>) {
-        let mut handles = shared.lock();
+    fn end(&self, key: ImageKey, handle: Option<OpenHandle>) {
+        let mut handles = self.lock();
         if handles.stopped {
             drop(handles);
-            handle.map(OpenHandle::close);
+            if let Some(handle) = handle {
+                handle.close();
+            }
             return;
         }
         let image = handles.image(key);
         image.in_use = image.in_use.saturating_sub(1);
         image.last_used = Instant::now();
         image.idle.extend(handle);
-        shared.changed.notify_all();
+        self.changed.notify_all();
     }
 
     /// Closes the idle handles of every image quiet by now; returns when the next one will be.
@@ -327,13 +340,7 @@ impl DeferredClose {
             let mut handles = shared.lock();
             while !handles.stopped {
                 let next = Shared::close_quiet(&mut handles);
-                handles = match next {
-                    Some(at) => {
-                        let wait = at.saturating_duration_since(Instant::now());
-                        shared.changed.wait_timeout(handles, wait).unwrap_or_else(|p| p.into_inner()).0
-                    }
-                    None => shared.changed.wait(handles).unwrap_or_else(|p| p.into_inner()),
-                };
+                handles = shared.wait(handles, next);
             }
             handles.images.drain().flat_map(|(_, image)| image.idle).for_each(OpenHandle::close);
         })?;
@@ -345,10 +352,6 @@ impl DeferredClose {
         self.state.lock().image(key.clone()).in_use += 1;
     }
 
-    fn end(&self, key: ImageKey, handle: Option<OpenHandle>) {
-        Shared::end(&self.state, key, handle);
-    }
-
     /// Returns once no handle of ours is open on `name` in `pool`, its idle ones closed when
     /// the image has gone quiet: an image cannot be removed while one of them still watches it.
     pub fn settle(&self, pool: &Pool, name: &str) {
@@ -357,18 +360,13 @@ impl DeferredClose {
         let mut handles = self.state.lock();
         loop {
             let Some(image) = handles.images.get_mut(&key) else { return };
-            match image.quiet_at() {
-                Some(at) if at <= Instant::now() => {
-                    image.idle.drain(..).for_each(OpenHandle::close);
-                    handles.images.remove(&key);
-                    return;
-                }
-                Some(at) => {
-                    let wait = at.saturating_duration_since(Instant::now());
-                    handles = self.state.changed.wait_timeout(handles, wait).unwrap_or_else(|p| p.into_inner()).0;
-                }
-                None => handles = self.state.changed.wait(handles).unwrap_or_else(|p| p.into_inner()),
+            let quiet_at = image.quiet_at();
+            if quiet_at.is_some_and(|at| at <= Instant::now()) {
+                image.idle.drain(..).for_each(OpenHandle::close);
+                handles.images.remove(&key);
+                return;
             }
+            handles = self.state.wait(handles, quiet_at);
         }
     }
 }
