@@ -7,6 +7,7 @@
 //! - a negative return is `-errno` and is turned into [`Errno`] before anything else;
 //! - these calls block: callers run them on the blocking pool, never on the executor.
 
+use std::cell::Cell;
 use std::collections::HashMap;
 use std::ffi::{c_char, c_int, c_void, CStr, CString};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -112,32 +113,41 @@ impl Pool {
         *self.0.inner()
     }
 
-    /// Opens `name` read-only, at `snap` if given. A read-only handle registers no watch on
-    /// the image header, so closing it cannot race a notification (see [`DeferredClose`]).
-    pub fn open_read_only(&self, name: &str, snap: Option<&str>) -> Result<Image, Errno> {
+    /// Opens `name` read-only, at `snap` if given, to look at it. A read-only handle
+    /// registers no watch on the image header; it is closed, like a writable one, by
+    /// `closer` once the image has gone quiet (see [`DeferredClose`]), never reused.
+    pub fn open_read_only(&self, name: &str, snap: Option<&str>, closer: &DeferredClose) -> Result<Image, Errno> {
         let name = cstr(name)?;
         let snap = snap.map(cstr).transpose()?;
         let snap_ptr = snap.as_ref().map_or(std::ptr::null(), |s| s.as_ptr());
+        let key = closer_key(self, &name);
+        closer.begin(&key, Use::Look);
         let mut handle: RbdImageT = std::ptr::null_mut();
         // SAFETY: io is a live ioctx (self borrows it); name/snap outlive the call; on
-        // success librbd stores an open handle in `handle`, which `Image` closes once.
-        check(unsafe { rbd_open_read_only(self.io(), name.as_ptr(), &mut handle, snap_ptr) })?;
-        Ok(Image { handle, closer: None })
+        // success librbd stores an open handle in `handle`, which `Image` hands back once.
+        if let Err(e) = check(unsafe { rbd_open_read_only(self.io(), name.as_ptr(), &mut handle, snap_ptr) }) {
+            closer.state.end(key, None);
+            return Err(e);
+        }
+        Ok(Image::new(handle, Use::Look, closer, key))
     }
 
-    /// Opens `name` for changes; `closer` closes the handle once the image has gone quiet.
+    /// Opens `name` for changes: the image's idle writable handle if there is one (so one
+    /// handle keeps the image's exclusive lock instead of several passing it around), else a
+    /// new one. `closer` closes it once the image has gone quiet.
     pub fn open_writable(&self, name: &str, closer: &DeferredClose) -> Result<Image, Errno> {
         let name = cstr(name)?;
         let key = closer_key(self, &name);
-        // Counted in use before it exists: the image's idle handles stay open meanwhile.
-        closer.begin(&key);
+        if let Some(OpenHandle(handle)) = closer.begin(&key, Use::Change) {
+            return Ok(Image::new(handle, Use::Change, closer, key));
+        }
         let mut handle: RbdImageT = std::ptr::null_mut();
         // SAFETY: as in open_read_only; a null snapshot name opens the image head.
         if let Err(e) = check(unsafe { rbd_open(self.io(), name.as_ptr(), &mut handle, std::ptr::null()) }) {
             closer.state.end(key, None);
             return Err(e);
         }
-        Ok(Image { handle, closer: Some((closer.state.clone(), key)) })
+        Ok(Image::new(handle, Use::Change, closer, key))
     }
 
     /// Clones `parent@snap` (parent in `parent_pool`) as `child` in this pool.
@@ -186,23 +196,55 @@ impl Pool {
     }
 }
 
-/// An open RBD image; closed when dropped (a writable one by its [`DeferredClose`]).
+/// What a handle was opened for.
+#[derive(Clone, Copy, PartialEq)]
+enum Use {
+    /// Read-only, possibly at a snapshot: its view may be stale once dropped.
+    Look,
+    /// Writable head, kept current by its header watch: reusable.
+    Change,
+}
+
+/// An open RBD image, handed back to its [`DeferredClose`] when dropped.
 pub struct Image {
     handle: RbdImageT,
-    /// For a writable handle: the closer's state, and the image's key there.
-    closer: Option<(Arc<Shared>, ImageKey)>,
+    /// Whether the handle may serve a later `open_writable`: a writable one on which no
+    /// call failed (a failure may come from a handle librbd gave up on, e.g. blocklisted).
+    reusable: Cell<bool>,
+    /// The closer's state, and the image's key there.
+    closer: Arc<Shared>,
+    key: Option<ImageKey>,
 }
 
 // SAFETY: a librbd image handle may be used from any thread, one call at a time; `Image`
 // is not `Sync` and every method takes `&self`/`&mut self` on the one owner.
 unsafe impl Send for Image {}
 
+impl Image {
+    fn new(handle: RbdImageT, purpose: Use, closer: &DeferredClose, key: ImageKey) -> Self {
+        Self { handle, reusable: Cell::new(purpose == Use::Change), closer: closer.state.clone(), key: Some(key) }
+    }
+
+    /// Like [`check`], and a failed call makes the handle not reusable.
+    fn check(&self, ret: c_int) -> Result<c_int, Errno> {
+        let result = check(ret);
+        if result.is_err() {
+            self.reusable.set(false);
+        }
+        result
+    }
+
+    /// Runs `f` with a NUL-terminated copy of `s`; see [`Image::check`].
+    fn with_c(&self, s: &str, f: impl FnOnce(*const c_char) -> c_int) -> Result<c_int, Errno> {
+        let c = cstr(s)?;
+        self.check(f(c.as_ptr()))
+    }
+}
+
 impl Drop for Image {
     fn drop(&mut self) {
-        let handle = OpenHandle(self.handle);
-        match self.closer.take() {
-            Some((shared, key)) => shared.end(key, Some(handle)),
-            None => handle.close(),
+        if let Some(key) = self.key.take() {
+            self.closer.end(key, Some((OpenHandle(self.handle), self.reusable.get())));
         }
     }
 }
@@ -210,7 +252,8 @@ impl Drop for Image {
 /// An open handle on its way to `rbd_close`.
 struct OpenHandle(RbdImageT);
 
-// SAFETY: moved to the closer thread by value; nothing else uses it after `Image` dropped it.
+// SAFETY: held by value, by the closer's bookkeeping or (reused) by exactly one new `Image`;
+// nothing else uses the handle once the `Image` that had it dropped it.
 unsafe impl Send for OpenHandle {}
 
 impl OpenHandle {
@@ -221,7 +264,7 @@ impl OpenHandle {
     }
 }
 
-/// How long an image's writable handles stay open after the last call on any of them.
+/// How long an image's handles stay open after the last call on any of them.
 const QUIET: Duration = Duration::from_secs(1);
 
 /// Which image a handle is open on: its pool's ioctx and its name.
@@ -231,9 +274,13 @@ fn closer_key(pool: &Pool, name: &CStr) -> ImageKey {
     (pool.io() as usize, name.to_owned())
 }
 
-/// One image's writable handles: those done with, waiting to close, and how many are in use.
+/// One image's handles: those done with, waiting to close (a writable one among them may be
+/// reused), and how many are in use.
 struct ImageHandles {
-    idle: Vec<OpenHandle>,
+    /// Writable handles on which nothing failed: the next `open_writable` takes one.
+    reusable: Vec<OpenHandle>,
+    /// Read-only handles, and writable ones a call failed on: only closed.
+    retired: Vec<OpenHandle>,
     in_use: usize,
     last_used: Instant,
 }
@@ -242,6 +289,10 @@ impl ImageHandles {
     /// When its idle handles may close: never while one is in use.
     fn quiet_at(&self) -> Option<Instant> {
         (self.in_use == 0).then_some(self.last_used + QUIET)
+    }
+
+    fn close_idle(&mut self) {
+        self.reusable.drain(..).chain(self.retired.drain(..)).for_each(OpenHandle::close);
     }
 }
 
@@ -254,7 +305,8 @@ struct Handles {
 impl Handles {
     fn image(&mut self, key: ImageKey) -> &mut ImageHandles {
         self.images.entry(key).or_insert_with(|| ImageHandles {
-            idle: Vec::new(),
+            reusable: Vec::new(),
+            retired: Vec::new(),
             in_use: 0,
             last_used: Instant::now(),
         })
@@ -285,12 +337,13 @@ impl Shared {
         }
     }
 
-    /// A handle on `key` is done with (`handle`), or was never opened (None).
-    fn end(&self, key: ImageKey, handle: Option<OpenHandle>) {
+    /// A handle on `key` is done with (`handle`, and whether it may be reused), or was
+    /// never opened (None).
+    fn end(&self, key: ImageKey, handle: Option<(OpenHandle, bool)>) {
         let mut handles = self.lock();
         if handles.stopped {
             drop(handles);
-            if let Some(handle) = handle {
+            if let Some((handle, _)) = handle {
                 handle.close();
             }
             return;
@@ -298,7 +351,11 @@ impl Shared {
         let image = handles.image(key);
         image.in_use = image.in_use.saturating_sub(1);
         image.last_used = Instant::now();
-        image.idle.extend(handle);
+        match handle {
+            Some((handle, true)) => image.reusable.push(handle),
+            Some((handle, false)) => image.retired.push(handle),
+            None => {}
+        }
         self.changed.notify_all();
     }
 
@@ -307,7 +364,7 @@ impl Shared {
         let now = Instant::now();
         handles.images.retain(|_, image| match image.quiet_at() {
             Some(at) if at <= now => {
-                image.idle.drain(..).for_each(OpenHandle::close);
+                image.close_idle();
                 false
             }
             _ => true,
@@ -316,8 +373,8 @@ impl Shared {
     }
 }
 
-/// Closes writable image handles on its own thread, once their image has seen no call on any
-/// of them for [`QUIET`].
+/// Closes image handles on its own thread, once their image has seen no call on any of them
+/// for [`QUIET`]; until then an idle writable handle serves the image's next change.
 ///
 /// A writable handle watches the image header. When it is closed while a notification is
 /// still being handled (the header update QEMU's librbd sends after performing a snapshot
@@ -326,7 +383,10 @@ impl Shared {
 /// (`FAILED ceph_assert(m_pending_ops == 0)` in `~AsyncOpTracker`, "The futex facility
 /// returned an unexpected error code", or an uncaught `std::system_error`). Each call on an
 /// image notifies every handle open on it, so none of them closes until calls on the image
-/// have stopped for a while: then no notification is left in flight.
+/// have stopped for a while: then no notification is left in flight. Read-only handles close
+/// the same way, so no `rbd_close` runs on a worker thread between calls on an image; and
+/// changes go through one writable handle per image, which keeps the exclusive lock (when
+/// the guest does not hold it) instead of several of ours passing it between them.
 pub struct DeferredClose {
     state: Arc<Shared>,
     thread: Option<JoinHandle<()>>,
@@ -342,14 +402,18 @@ impl DeferredClose {
                 let next = Shared::close_quiet(&mut handles);
                 handles = shared.wait(handles, next);
             }
-            handles.images.drain().flat_map(|(_, image)| image.idle).for_each(OpenHandle::close);
+            handles.images.drain().for_each(|(_, mut image)| image.close_idle());
         })?;
         Ok(Self { state, thread: Some(thread) })
     }
 
-    /// A handle on `key` is about to be opened.
-    fn begin(&self, key: &ImageKey) {
-        self.state.lock().image(key.clone()).in_use += 1;
+    /// A handle on `key` is about to be used: counted in use from now, so the image's idle
+    /// handles stay open meanwhile. For a change, returns an idle writable handle to reuse.
+    fn begin(&self, key: &ImageKey, purpose: Use) -> Option<OpenHandle> {
+        let mut handles = self.state.lock();
+        let image = handles.image(key.clone());
+        image.in_use += 1;
+        (purpose == Use::Change).then(|| image.reusable.pop()).flatten()
     }
 
     /// Returns once no handle of ours is open on `name` in `pool`, its idle ones closed when
@@ -362,7 +426,7 @@ impl DeferredClose {
             let Some(image) = handles.images.get_mut(&key) else { return };
             let quiet_at = image.quiet_at();
             if quiet_at.is_some_and(|at| at <= Instant::now()) {
-                image.idle.drain(..).for_each(OpenHandle::close);
+                image.close_idle();
                 handles.images.remove(&key);
                 return;
             }
@@ -382,24 +446,18 @@ impl Drop for DeferredClose {
     }
 }
 
-/// Runs `f` with a NUL-terminated copy of `s`.
-fn with_c(s: &str, f: impl FnOnce(*const c_char) -> c_int) -> Result<c_int, Errno> {
-    let c = cstr(s)?;
-    check(f(c.as_ptr()))
-}
-
 impl Image {
     pub fn size(&self) -> Result<u64, Errno> {
         let mut size = 0u64;
         // SAFETY: open handle; valid out-pointer.
-        check(unsafe { rbd_get_size(self.handle, &mut size) })?;
+        self.check(unsafe { rbd_get_size(self.handle, &mut size) })?;
         Ok(size)
     }
 
     pub fn features(&self) -> Result<u64, Errno> {
         let mut features = 0u64;
         // SAFETY: open handle; valid out-pointer.
-        check(unsafe { rbd_get_features(self.handle, &mut features) })?;
+        self.check(unsafe { rbd_get_features(self.handle, &mut features) })?;
         Ok(features)
     }
 
@@ -420,7 +478,7 @@ impl Image {
                 LEN,
             )
         };
-        match check(ret) {
+        match self.check(ret) {
             Ok(_) => {
                 let text = |b: &[u8]| {
                     CStr::from_bytes_until_nul(b).map(|s| s.to_string_lossy().into_owned()).unwrap_or_default()
@@ -442,7 +500,7 @@ impl Image {
             // on success librbd fills `ret` entries whose names it owns until
             // rbd_snap_list_end, called before the buffer is dropped.
             let ret = unsafe { rbd_snap_list(self.handle, snaps.as_mut_ptr(), &mut max) };
-            match check(ret) {
+            match self.check(ret) {
                 Ok(count) => {
                     // SAFETY: librbd initialised `count` entries.
                     unsafe { snaps.set_len(count as usize) };
@@ -451,7 +509,7 @@ impl Image {
                     for snap in &snaps {
                         let mut namespace: c_int = -1;
                         // SAFETY: the handle is open; librbd writes one enum value.
-                        match check(unsafe { rbd_snap_get_namespace_type(self.handle, snap.id, &mut namespace) }) {
+                        match self.check(unsafe { rbd_snap_get_namespace_type(self.handle, snap.id, &mut namespace) }) {
                             Ok(_) if namespace == RBD_SNAP_NAMESPACE_TYPE_USER => {
                                 // SAFETY: each name is a NUL-terminated string owned by librbd.
                                 names.push(unsafe { CStr::from_ptr(snap.name) }.to_string_lossy().into_owned());
@@ -478,35 +536,35 @@ impl Image {
     pub fn snap_exists(&self, snap: &str) -> Result<bool, Errno> {
         let mut exists = false;
         // SAFETY: open handle; NUL-terminated name; valid out-pointer.
-        with_c(snap, |s| unsafe { rbd_snap_exists(self.handle, s, &mut exists) })?;
+        self.with_c(snap, |s| unsafe { rbd_snap_exists(self.handle, s, &mut exists) })?;
         Ok(exists)
     }
 
     pub fn snap_is_protected(&self, snap: &str) -> Result<bool, Errno> {
         let mut protected: c_int = 0;
         // SAFETY: open handle; NUL-terminated name; valid out-pointer.
-        with_c(snap, |s| unsafe { rbd_snap_is_protected(self.handle, s, &mut protected) })?;
+        self.with_c(snap, |s| unsafe { rbd_snap_is_protected(self.handle, s, &mut protected) })?;
         Ok(protected != 0)
     }
 
     pub fn snap_create(&self, snap: &str) -> Result<(), Errno> {
         // SAFETY: open handle; NUL-terminated name.
-        with_c(snap, |s| unsafe { rbd_snap_create(self.handle, s) }).map(drop)
+        self.with_c(snap, |s| unsafe { rbd_snap_create(self.handle, s) }).map(drop)
     }
 
     pub fn snap_remove(&self, snap: &str) -> Result<(), Errno> {
         // SAFETY: open handle; NUL-terminated name.
-        with_c(snap, |s| unsafe { rbd_snap_remove(self.handle, s) }).map(drop)
+        self.with_c(snap, |s| unsafe { rbd_snap_remove(self.handle, s) }).map(drop)
     }
 
     pub fn snap_protect(&self, snap: &str) -> Result<(), Errno> {
         // SAFETY: open handle; NUL-terminated name.
-        with_c(snap, |s| unsafe { rbd_snap_protect(self.handle, s) }).map(drop)
+        self.with_c(snap, |s| unsafe { rbd_snap_protect(self.handle, s) }).map(drop)
     }
 
     pub fn snap_unprotect(&self, snap: &str) -> Result<(), Errno> {
         // SAFETY: open handle; NUL-terminated name.
-        with_c(snap, |s| unsafe { rbd_snap_unprotect(self.handle, s) }).map(drop)
+        self.with_c(snap, |s| unsafe { rbd_snap_unprotect(self.handle, s) }).map(drop)
     }
 
     /// Flattens, calling `progress(done, total)` as librbd reports.
@@ -522,13 +580,13 @@ impl Image {
         let mut progress = progress;
         let data = &mut progress as *mut &mut dyn FnMut(u64, u64) as *mut c_void;
         // SAFETY: open handle; `data` outlives the call (see trampoline).
-        check(unsafe { rbd_flatten_with_progress(self.handle, trampoline, data) }).map(drop)
+        self.check(unsafe { rbd_flatten_with_progress(self.handle, trampoline, data) }).map(drop)
     }
 
     /// Turns `features` (RBD_FEATURE_* bits) on or off.
     pub fn update_features(&self, features: u64, enabled: bool) -> Result<(), Errno> {
         // SAFETY: open handle; plain values.
-        check(unsafe { rbd_update_features(self.handle, features, u8::from(enabled)) }).map(drop)
+        self.check(unsafe { rbd_update_features(self.handle, features, u8::from(enabled)) }).map(drop)
     }
 
     /// Rebuilds the object map from the objects that exist in RADOS.
@@ -537,7 +595,7 @@ impl Image {
             0
         }
         // SAFETY: open handle; the callback uses no data, so a null pointer is fine.
-        check(unsafe { rbd_rebuild_object_map(self.handle, ignore, std::ptr::null_mut()) }).map(drop)
+        self.check(unsafe { rbd_rebuild_object_map(self.handle, ignore, std::ptr::null_mut()) }).map(drop)
     }
 
     /// Reads up to `buf.len()` bytes at `offset`; returns how many were read.
@@ -553,14 +611,14 @@ impl Image {
     pub fn metadata_set(&self, key: &str, value: &str) -> Result<(), Errno> {
         let (key, value) = (cstr(key)?, cstr(value)?);
         // SAFETY: open handle; NUL-terminated key and value.
-        check(unsafe { rbd_metadata_set(self.handle, key.as_ptr(), value.as_ptr()) }).map(drop)
+        self.check(unsafe { rbd_metadata_set(self.handle, key.as_ptr(), value.as_ptr()) }).map(drop)
     }
 
     /// Removes `key`; a key that is not there is no error.
     pub fn metadata_remove(&self, key: &str) -> Result<(), Errno> {
         let key = cstr(key)?;
         // SAFETY: open handle; NUL-terminated key.
-        match check(unsafe { rbd_metadata_remove(self.handle, key.as_ptr()) }) {
+        match self.check(unsafe { rbd_metadata_remove(self.handle, key.as_ptr()) }) {
             Ok(_) | Err(Errno(libc::ENOENT)) => Ok(()),
             Err(e) => Err(e),
         }
@@ -574,7 +632,7 @@ impl Image {
             // SAFETY: open handle; buf holds `len` writable bytes; on ERANGE librbd sets
             // `len` to the size needed.
             let ret = unsafe { rbd_metadata_get(self.handle, key.as_ptr(), buf.as_mut_ptr().cast(), &mut len) };
-            match check(ret) {
+            match self.check(ret) {
                 Ok(_) => {
                     let value =
                         CStr::from_bytes_until_nul(&buf).map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();

@@ -90,7 +90,9 @@ impl Inner {
 
     /// Opens `image` (at `snap`) to look at it.
     fn open_read_only(&self, image: &RbdImage, snap: Option<&str>) -> Result<ffi::Image, StorageError> {
-        self.pool(&image.pool)?.open_read_only(&image.name, snap).map_err(Self::not_found(image, snap, "open"))
+        self.pool(&image.pool)?
+            .open_read_only(&image.name, snap, &self.closer)
+            .map_err(Self::not_found(image, snap, "open"))
     }
 
     /// Opens `image` to change it.
