@@ -117,37 +117,39 @@ impl Pool {
     /// registers no watch on the image header; it is closed, like a writable one, by
     /// `closer` once the image has gone quiet (see [`DeferredClose`]), never reused.
     pub fn open_read_only(&self, name: &str, snap: Option<&str>, closer: &DeferredClose) -> Result<Image, Errno> {
-        let name = cstr(name)?;
-        let snap = snap.map(cstr).transpose()?;
-        let snap_ptr = snap.as_ref().map_or(std::ptr::null(), |s| s.as_ptr());
-        let key = closer_key(self, &name);
-        closer.begin(&key, Use::Look);
-        let mut handle: RbdImageT = std::ptr::null_mut();
-        // SAFETY: io is a live ioctx (self borrows it); name/snap outlive the call; on
-        // success librbd stores an open handle in `handle`, which `Image` hands back once.
-        if let Err(e) = check(unsafe { rbd_open_read_only(self.io(), name.as_ptr(), &mut handle, snap_ptr) }) {
-            closer.state.end(key, None);
-            return Err(e);
-        }
-        Ok(Image::new(handle, Use::Look, closer, key))
+        self.open(name, snap, Use::Look, closer)
     }
 
     /// Opens `name` for changes: the image's idle writable handle if there is one (so one
     /// handle keeps the image's exclusive lock instead of several passing it around), else a
     /// new one. `closer` closes it once the image has gone quiet.
     pub fn open_writable(&self, name: &str, closer: &DeferredClose) -> Result<Image, Errno> {
+        self.open(name, None, Use::Change, closer)
+    }
+
+    fn open(&self, name: &str, snap: Option<&str>, purpose: Use, closer: &DeferredClose) -> Result<Image, Errno> {
         let name = cstr(name)?;
+        let snap = snap.map(cstr).transpose()?;
+        let snap_ptr = snap.as_ref().map_or(std::ptr::null(), |s| s.as_ptr());
         let key = closer_key(self, &name);
-        if let Some(OpenHandle(handle)) = closer.begin(&key, Use::Change) {
-            return Ok(Image::new(handle, Use::Change, closer, key));
+        if let Some(OpenHandle(handle)) = closer.begin(&key, purpose) {
+            return Ok(Image::new(handle, purpose, closer, key));
         }
         let mut handle: RbdImageT = std::ptr::null_mut();
-        // SAFETY: as in open_read_only; a null snapshot name opens the image head.
-        if let Err(e) = check(unsafe { rbd_open(self.io(), name.as_ptr(), &mut handle, std::ptr::null()) }) {
+        // SAFETY: io is a live ioctx (self borrows it); name/snap outlive the call (a null
+        // snapshot name opens the image head); on success librbd stores an open handle in
+        // `handle`, which `Image` hands back to the closer once.
+        let ret = unsafe {
+            match purpose {
+                Use::Look => rbd_open_read_only(self.io(), name.as_ptr(), &mut handle, snap_ptr),
+                Use::Change => rbd_open(self.io(), name.as_ptr(), &mut handle, snap_ptr),
+            }
+        };
+        if let Err(e) = check(ret) {
             closer.state.end(key, None);
             return Err(e);
         }
-        Ok(Image::new(handle, Use::Change, closer, key))
+        Ok(Image::new(handle, purpose, closer, key))
     }
 
     /// Clones `parent@snap` (parent in `parent_pool`) as `child` in this pool.
@@ -213,7 +215,7 @@ pub struct Image {
     reusable: Cell<bool>,
     /// The closer's state, and the image's key there.
     closer: Arc<Shared>,
-    key: Option<ImageKey>,
+    key: ImageKey,
 }
 
 // SAFETY: a librbd image handle may be used from any thread, one call at a time; `Image`
@@ -222,7 +224,7 @@ unsafe impl Send for Image {}
 
 impl Image {
     fn new(handle: RbdImageT, purpose: Use, closer: &DeferredClose, key: ImageKey) -> Self {
-        Self { handle, reusable: Cell::new(purpose == Use::Change), closer: closer.state.clone(), key: Some(key) }
+        Self { handle, reusable: Cell::new(purpose == Use::Change), closer: closer.state.clone(), key }
     }
 
     /// Like [`check`], and a failed call makes the handle not reusable.
@@ -243,9 +245,8 @@ impl Image {
 
 impl Drop for Image {
     fn drop(&mut self) {
-        if let Some(key) = self.key.take() {
-            self.closer.end(key, Some((OpenHandle(self.handle), self.reusable.get())));
-        }
+        let key = std::mem::take(&mut self.key);
+        self.closer.end(key, Some((OpenHandle(self.handle), self.reusable.get())));
     }
 }
 
@@ -313,7 +314,7 @@ impl Handles {
     }
 }
 
-/// The closer's state, shared with every writable [`Image`].
+/// The closer's state, shared with every [`Image`].
 #[derive(Default)]
 struct Shared {
     handles: Mutex<Handles>,
@@ -618,10 +619,9 @@ impl Image {
     pub fn metadata_remove(&self, key: &str) -> Result<(), Errno> {
         let key = cstr(key)?;
         // SAFETY: open handle; NUL-terminated key.
-        match self.check(unsafe { rbd_metadata_remove(self.handle, key.as_ptr()) }) {
-            Ok(_) | Err(Errno(libc::ENOENT)) => Ok(()),
-            Err(e) => Err(e),
-        }
+        let ret = unsafe { rbd_metadata_remove(self.handle, key.as_ptr()) };
+        // A key already gone is the outcome asked for, not a failure of the handle.
+        self.check(if ret == -libc::ENOENT { 0 } else { ret }).map(drop)
     }
 
     pub fn metadata_get(&self, key: &str) -> Result<Option<String>, Errno> {
