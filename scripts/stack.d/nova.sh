@@ -1,0 +1,170 @@
+# shellcheck shell=bash
+# Nova 34: nova-api (WSGI, 127.0.0.1:8774), nova-conductor, nova-scheduler and nova-compute
+# with the libvirt driver (virt_type qemu, instance disks on RBD pool `vms`), cells v2 with
+# cell0 and cell1 in MariaDB. Two files, as devstack keeps them: nova.conf for the control
+# services (they reach the databases) and nova-cpu.conf for nova-compute (it reaches
+# everything through nova-conductor). nova-cpu.conf is what novasnap runs from beside it:
+# Nova's own options, plus a [novasnap] section Nova ignores.
+
+NOVA_DIR=$STATE/nova
+NOVA_CONTROL_CONF=$NOVA_DIR/etc/nova.conf
+NOVA_CONF=$NOVA_DIR/etc/nova-cpu.conf
+NOVA_URL=http://127.0.0.1:8774/v2.1
+# The compute host: nova-compute's `[DEFAULT] host`, and so the host novasnap serves.
+COMPUTE_HOST=compute1
+NOVA_DAEMONS=(nova-conductor nova-scheduler nova-compute)
+
+nova_manage() {
+  "$OPENSTACK_VENV/bin/nova-manage" --config-file "$NOVA_CONTROL_CONF" "$@" >>"$LOGS/nova-manage.log" 2>&1
+}
+
+nova_api_healthy() { curl -fsS -m 5 "http://127.0.0.1:8774/" >/dev/null 2>&1; }
+
+# What both files say the same way; the arguments are more [DEFAULT] lines.
+nova_common_conf() {
+  cat <<EOC
+[DEFAULT]
+transport_url = $TRANSPORT_URL
+state_path = $NOVA_DIR
+my_ip = 127.0.0.1
+use_stderr = False
+$(printf '%s\n' "$@")
+
+[oslo_concurrency]
+lock_path = $NOVA_DIR/locks
+
+[oslo_messaging_notifications]
+driver = messagingv2
+
+[notifications]
+notification_format = both
+
+[placement]
+$(keystone_auth_section placement)
+
+[service_user]
+send_service_user_token = True
+$(keystone_auth_section nova)
+EOC
+}
+
+write_nova_confs() {
+  mkdir -p "$NOVA_DIR/etc" "$NOVA_DIR/locks" "$NOVA_DIR/instances"
+  cp "$OPENSTACK_VENV/etc/nova/api-paste.ini" "$NOVA_DIR/etc/"
+  local changed=1
+  write_if_changed "$NOVA_CONTROL_CONF" <<EOC && changed=0
+# Written by novasnap scripts/stack: Nova's control services of the local test stack.
+$(nova_common_conf)
+
+[api_database]
+connection = $(mysql_url nova_api)
+
+[database]
+connection = $(mysql_url nova)
+
+[api]
+auth_strategy = keystone
+
+[wsgi]
+api_paste_config = $NOVA_DIR/etc/api-paste.ini
+
+[keystone_authtoken]
+www_authenticate_uri = $KEYSTONE_URL
+$(keystone_auth_section nova)
+
+[scheduler]
+# Hosts are mapped to the cell by \`nova-manage cell_v2 discover_hosts\` when compute starts.
+discover_hosts_in_cells_interval = -1
+EOC
+  write_if_changed "$NOVA_CONF" <<EOC && changed=0
+# Written by novasnap scripts/stack: nova-compute of the local test stack, and novasnap
+# beside it (its [novasnap] section; Nova ignores it).
+$(nova_common_conf "host = $COMPUTE_HOST" "compute_driver = libvirt.LibvirtDriver" \
+    "instances_path = $NOVA_DIR/instances")
+
+[libvirt]
+virt_type = qemu
+connection_uri = qemu:///system
+cpu_mode = none
+images_type = rbd
+images_rbd_pool = vms
+images_rbd_ceph_conf = $CEPH_CONF
+
+[vnc]
+enabled = False
+
+[nova_sys_admin]
+# Root already: privsep's helper needs no sudo, only its path in Nova's environment.
+helper_command = $OPENSTACK_VENV/bin/privsep-helper --config-file $NOVA_CONF
+
+$(novasnap_conf_section)
+EOC
+  return $changed
+}
+
+# nova_daemon_start NAME: one of NOVA_DAEMONS, with its log and pid under the stack's state.
+nova_daemon_start() {
+  local name=$1 conf=$NOVA_CONTROL_CONF
+  [ "$name" = nova-compute ] && conf=$NOVA_CONF
+  pid_alive "$STATE/run/$name.pid" && return 0
+  PATH=$OPENSTACK_VENV/bin:$PATH background "$STATE/run/$name.pid" "$LOGS/$name.log" \
+    "$OPENSTACK_VENV/bin/$name" --config-file "$conf"
+}
+
+# The cell mappings and schemas, once per database set.
+nova_databases() {
+  local fresh=
+  mariadb_create nova_api && fresh=1
+  mariadb_create nova_cell0 && fresh=1
+  mariadb_create nova && fresh=1
+  [ -n "$fresh" ] || [ ! -f "$NOVA_DIR/cells-ready" ] || return 0
+  say "nova: building its databases and cells"
+  nova_manage api_db sync || die "nova-manage api_db sync failed; see $LOGS/nova-manage.log"
+  nova_manage cell_v2 list_cells | grep -q ' cell0 ' ||
+    nova_manage cell_v2 map_cell0 --database_connection "$(mysql_url nova_cell0)" ||
+    die "nova-manage cell_v2 map_cell0 failed; see $LOGS/nova-manage.log"
+  nova_manage cell_v2 list_cells | grep -q ' cell1 ' ||
+    nova_manage cell_v2 create_cell --name cell1 ||
+    die "nova-manage cell_v2 create_cell failed; see $LOGS/nova-manage.log"
+  nova_manage db sync || die "nova-manage db sync failed; see $LOGS/nova-manage.log"
+  touch "$NOVA_DIR/cells-ready"
+}
+
+# The compute service is up, and its host is mapped to cell1.
+compute_registered() {
+  "$PEER_VENV/bin/openstack" --os-username admin --os-password "$(password admin)" \
+    --os-project-name admin compute service list --service nova-compute -f value -c Host -c State |
+    grep -qx "$COMPUTE_HOST up"
+}
+
+nova_up() {
+  local t0=$SECONDS d
+  if write_nova_confs; then
+    local running=
+    for d in "${NOVA_DAEMONS[@]}" nova-api; do pid_alive "$STATE/run/$d.pid" && running=1; done
+    if [ -n "$running" ]; then
+      say "nova: its configuration changed, restarting Nova"
+      nova_stop
+    fi
+  fi
+  nova_databases
+  for d in nova-conductor nova-scheduler; do nova_daemon_start "$d"; done
+  wsgi_start nova-api 8774 nova.wsgi.osapi_compute:application OS_NOVA_CONFIG_DIR="$NOVA_DIR/etc"
+  wait_until 60 nova-api "$LOGS/nova-api-gunicorn.log" nova_api_healthy
+  nova_daemon_start nova-compute
+  OS_AUTH_URL=$KEYSTONE_URL OS_USER_DOMAIN_NAME=Default OS_PROJECT_DOMAIN_NAME=Default \
+    wait_service 120 nova-compute "$STATE/run/nova-compute.pid" "$LOGS/nova-compute.log" compute_registered
+  nova_manage cell_v2 discover_hosts || die "nova-manage cell_v2 discover_hosts failed; see $LOGS/nova-manage.log"
+  say "nova up ($((SECONDS - t0))s)"
+}
+
+nova_status() {
+  local d
+  for d in "${NOVA_DAEMONS[@]}" nova-api; do pid_alive "$STATE/run/$d.pid" || return 1; done
+  nova_api_healthy
+}
+
+nova_stop() {
+  local d
+  for d in nova-compute nova-api nova-scheduler nova-conductor; do stop_pidfile "$STATE/run/$d.pid"; done
+}
