@@ -69,10 +69,12 @@ pub async fn serve(path: &Path) -> anyhow::Result<()> {
         shutdown.clone(),
     ));
 
-    let boundaries = Boundaries { hypervisor, storage, images, notifier };
+    let boundaries = Boundaries { hypervisor, storage, images, notifier: notifier.clone() };
     let pipeline = SnapshotPipeline::new(boundaries, PipelineSettings::from_config(&config));
     let worker = Arc::new(Worker::new(pipeline, ledger));
     consumer::serve(&config, worker, shutdown).await.context("consuming casts")?;
+    // The last notifications (the end of a snapshot that finished during the grace period).
+    notifier.flush(std::time::Duration::from_secs(10)).await;
     info!("novasnap stopped");
     Ok(())
 }

@@ -73,6 +73,27 @@ pub struct MessagingConfig {
     pub dead_letter_queue: String,
     /// Bodies larger than this are dead-lettered unread (`[novasnap] max_message_bytes`).
     pub max_message_bytes: usize,
+    /// `[novasnap] dead_letter_max_length`: the dead-letter queue keeps at most this many
+    /// messages (the oldest are dropped first), so hostile input cannot fill the broker.
+    pub dead_letter_max_length: u32,
+    /// `[novasnap] dead_letter_ttl` (seconds): how long a dead letter is kept.
+    pub dead_letter_ttl: Duration,
+    /// `[novasnap] consumer_priority`: novasnap's `x-priority` on `compute.<host>`, above
+    /// nova-compute's (0), so the broker hands it every message while it has room.
+    pub consumer_priority: i32,
+    /// `[novasnap] relay_prefetch`: messages of `compute.<host>` novasnap holds at once while
+    /// it passes them on. It keeps its priority only while it has room (RabbitMQ gives the
+    /// rest to nova-compute), and memory is bounded by this many messages.
+    pub relay_prefetch: u16,
+    /// `[novasnap] serve_whole_host`: novasnap alone serves `compute.<host>` (no nova-compute
+    /// beside it, or one without a `compute-alt` server): what is not a snapshot is refused.
+    pub serve_whole_host: bool,
+    /// `[novasnap] confirm_timeout` (seconds): bound on waiting for a publisher confirm; a
+    /// broker under a memory or disk alarm blocks publishers until it clears.
+    pub confirm_timeout: Duration,
+    /// `[DEFAULT] rpc_response_timeout` (oslo.messaging): how long a call to Nova's conductor
+    /// waits for its reply.
+    pub rpc_response_timeout: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -193,7 +214,22 @@ impl Config {
             dead_letter_exchange: r.string("novasnap", "dead_letter_exchange", "novasnap.dead_letter")?,
             dead_letter_queue: r.string("novasnap", "dead_letter_queue", "novasnap.dead_letter")?,
             max_message_bytes: r.parse("novasnap", "max_message_bytes", 1024 * 1024)?,
+            dead_letter_max_length: r.parse("novasnap", "dead_letter_max_length", 10_000)?,
+            dead_letter_ttl: r.seconds("novasnap", "dead_letter_ttl", 7 * 24 * 3600)?,
+            consumer_priority: r.parse("novasnap", "consumer_priority", 10)?,
+            relay_prefetch: r.parse("novasnap", "relay_prefetch", 500)?,
+            serve_whole_host: r.parse("novasnap", "serve_whole_host", false)?,
+            confirm_timeout: r.seconds("novasnap", "confirm_timeout", 30)?,
+            rpc_response_timeout: r.seconds("DEFAULT", "rpc_response_timeout", 60)?,
         };
+        if messaging.relay_prefetch == 0 {
+            return Err(r.invalid(
+                "novasnap",
+                "relay_prefetch",
+                "0",
+                "must be at least 1: unlimited would let a flood of messages fill novasnap's memory".into(),
+            ));
+        }
 
         let drivers = r.list("oslo_messaging_notifications", "driver", &[])?;
         let format = match r.string("notifications", "notification_format", "both")?.as_str() {
@@ -362,7 +398,7 @@ macro_rules! from_str_value {
         }
     )*};
 }
-from_str_value!(u32, u64, usize, f64);
+from_str_value!(i32, u16, u32, u64, usize, f64);
 
 /// Splits an oslo `transport_url` (`rabbit://u:p@h1:5672,u:p@h2:5672/vhost`) into one AMQP
 /// URI per host, as oslo's rabbit driver does when it fails over between them.

@@ -121,6 +121,33 @@ fn instance(v: Option<&Value>) -> Result<Instance, Rejection> {
     })
 }
 
+/// What the front consumer of `compute.<host>` does with one message.
+#[derive(Debug)]
+pub enum Route {
+    /// A snapshot or backup cast novasnap takes.
+    Serve(Box<SnapshotRequest>),
+    /// Anything nova-compute may serve (another method, an RPC call, a version novasnap
+    /// does not speak): forwarded to it unchanged.
+    Forward,
+    /// A snapshot or backup cast that cannot be carried out as sent: dead-lettered.
+    Refuse(Rejection),
+}
+
+/// Decides who serves `message`. A call (it carries `_msg_id`) always goes to nova-compute:
+/// only it answers calls.
+pub fn route(message: &Map<String, Value>) -> Route {
+    let ours = matches!(message.get("method").and_then(Value::as_str), Some("snapshot_instance" | "backup_instance"));
+    let version = text(message.get("version")).unwrap_or_else(|| "1.0".into());
+    if !ours || message.contains_key("_msg_id") || message.contains_key("namespace") || !version_is_compatible(&version)
+    {
+        return Route::Forward;
+    }
+    match dispatch(message) {
+        Ok(request) => Route::Serve(Box::new(request)),
+        Err(rejection) => Route::Refuse(rejection),
+    }
+}
+
 /// Checks and decodes one cast.
 pub fn dispatch(message: &Map<String, Value>) -> Result<SnapshotRequest, Rejection> {
     let method = message.get("method").and_then(Value::as_str).ok_or_else(|| Rejection::NoSuchMethod(String::new()))?;
@@ -169,7 +196,7 @@ pub fn dispatch(message: &Map<String, Value>) -> Result<SnapshotRequest, Rejecti
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::messaging::envelope::decode;
     use serde_json::json;
@@ -264,6 +291,34 @@ mod tests {
             cast(|m| m["method"] = json!("reboot_instance")).unwrap_err(),
             Rejection::NoSuchMethod("reboot_instance".into())
         );
+    }
+
+    #[test]
+    fn other_methods_calls_and_versions_go_to_nova_compute() {
+        let routed = |edit: &dyn Fn(&mut Value)| {
+            let mut m = Value::Object(decode_fixture("rpc_cast.snapshot_instance.nova_minimal.json"));
+            edit(&mut m);
+            route(m.as_object().unwrap())
+        };
+        assert!(matches!(routed(&|_| {}), Route::Serve(_)));
+        assert!(matches!(routed(&|m| m["method"] = json!("reboot_instance")), Route::Forward));
+        assert!(
+            matches!(routed(&|m| m["version"] = json!("6.6")), Route::Forward),
+            "a newer nova-api: nova-compute may know it"
+        );
+        assert!(matches!(routed(&|m| m["namespace"] = json!("baseapi")), Route::Forward));
+        assert!(matches!(routed(&|m| m["_msg_id"] = json!("abc")), Route::Forward), "only nova-compute answers calls");
+        assert!(matches!(
+            routed(&|m| m["args"]["image_id"] = json!("x")),
+            Route::Refuse(Rejection::BadArgument { .. })
+        ));
+        let call = decode(
+            Some("application/json"),
+            fixture("rpc_call.echo.oslo.json")["body_raw_utf8"].as_str().unwrap().as_bytes(),
+            1 << 20,
+        )
+        .unwrap();
+        assert!(matches!(route(&call), Route::Forward));
     }
 
     #[test]

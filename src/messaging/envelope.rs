@@ -36,7 +36,30 @@ pub enum Rejection {
     BadContext(String),
 }
 
+/// Longest reason kept in logs and dead-letter headers: a cast may carry megabytes in the
+/// field it is refused for, and RabbitMQ closes the connection over a header larger than its
+/// frame size (131072 bytes by default).
+pub const REASON_LIMIT: usize = 512;
+
 impl Rejection {
+    /// The reason as it may be logged and sent: control characters escaped (a version with a
+    /// newline must not forge a log line), at most [`REASON_LIMIT`] bytes.
+    pub fn reason(&self) -> String {
+        let mut escaped = String::new();
+        for c in self.to_string().chars() {
+            if c.is_control() {
+                escaped.extend(c.escape_default());
+            } else {
+                escaped.push(c);
+            }
+        }
+        if escaped.len() <= REASON_LIMIT {
+            return escaped;
+        }
+        let cut = (0..=REASON_LIMIT - 3).rev().find(|&i| escaped.is_char_boundary(i)).unwrap_or(0);
+        format!("{}...", &escaped[..cut])
+    }
+
     /// A short machine-readable class for the `x-novasnap-reason-class` header.
     pub fn class(&self) -> &'static str {
         match self {
@@ -117,6 +140,19 @@ mod tests {
             decode(Some("application/msgpack"), b"\xc1", LIMIT),
             Err(Rejection::Syntax { format: "MessagePack", .. })
         ));
+    }
+
+    #[test]
+    fn reasons_are_short_and_escaped() {
+        let long = Rejection::NoSuchMethod("m".repeat(200_000));
+        assert!(long.reason().len() <= REASON_LIMIT);
+        let forged = Rejection::UnsupportedVersion {
+            requested: "7.0\nERROR novasnap forged".into(),
+            namespace: None,
+            supported: "6.5".into(),
+        };
+        assert!(!forged.reason().contains('\n'), "{}", forged.reason());
+        assert!(forged.reason().contains("\\n"));
     }
 
     #[test]

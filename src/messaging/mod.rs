@@ -1,15 +1,21 @@
 //! The messaging boundary: oslo.messaging's rabbit driver, reimplemented.
 //!
-//! Layered as oslo is: transport (connection, failover, reconnect) → driver (AMQP topology,
-//! ack/reject, dead-lettering) → dispatcher (envelope, context, method and version checks)
+//! Layered as oslo is: transport (connection, failover, reconnect, confirmed publishes) →
+//! topology (what is declared, as oslo declares it) → routing of each delivery of
+//! `compute.<host>` ([`relay`]: served, forwarded to nova-compute, or dead-lettered) → the
+//! work queue's consumer ([`consumer`]: dispatcher checks, ack when the outcome is durable)
 //! → the [`SnapshotHandler`] the worker provides. Notifications go the other way through
-//! [`Notifier`].
+//! [`Notifier`]; calls to Nova's services through [`rpc`].
 
 pub mod consumer;
+pub mod deadletter;
 pub mod dispatcher;
 pub mod envelope;
 pub mod notifier;
 pub mod payload;
+pub mod relay;
+pub mod rpc;
+pub mod topology;
 pub mod transport;
 
 use async_trait::async_trait;
@@ -81,10 +87,23 @@ pub enum MessagingError {
     Amqp(String),
     #[error("publish to {exchange} with key {routing_key} was not confirmed")]
     NotConfirmed { exchange: String, routing_key: String },
+    #[error("publish to {exchange} with key {routing_key} not confirmed within {seconds}s (is the broker blocking publishers under an alarm?)")]
+    ConfirmTimeout { exchange: String, routing_key: String, seconds: u64 },
+    /// The host's nova-compute has no `compute-alt` RPC server (Nova older than 33), so
+    /// novasnap cannot sit in front of it.
+    #[error("{0}")]
+    NoComputeAlt(String),
+}
+
+pub(crate) fn amqp(e: lapin::Error) -> MessagingError {
+    MessagingError::Amqp(e.to_string())
 }
 
 impl crate::error::Classify for MessagingError {
     fn disposition(&self) -> crate::error::Disposition {
-        crate::error::Disposition::Transient
+        match self {
+            Self::NoComputeAlt(_) => crate::error::Disposition::Permanent,
+            _ => crate::error::Disposition::Transient,
+        }
     }
 }

@@ -1,29 +1,52 @@
 //! Nova-style notifications, published as oslo.messaging's notifier driver publishes them:
 //! envelope 2.0 (or 1.0 for the `messaging` driver), the request context redacted, routing
-//! key `<topic>.<priority>` on the configured exchange, publisher confirms on. Like oslo,
+//! key `<topic>.<priority>` on the configured exchange, publisher confirms on (awaited off the
+//! snapshot's path, see [`AmqpNotifier`]). Like oslo,
 //! the notifier declares the exchange and a queue per routing key, so notifications are
 //! kept until a listener consumes them.
 
 use std::collections::HashSet;
 
 use async_trait::async_trait;
-use lapin::options::{
-    BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
-};
+use lapin::options::{ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection, ExchangeKind};
 use serde_json::{Map, Value};
-use tokio::sync::Mutex;
+use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, warn};
 
 use super::payload::{notifications_for, Notification};
-use super::{MessagingError, Notifier, SnapshotEvent};
+use super::transport::publish_confirmed;
+use super::{amqp, MessagingError, Notifier, SnapshotEvent};
 use crate::config::{Config, NotificationFormat};
 use crate::request::SnapshotRequest;
 
+/// Notifications waiting for the publisher, at most: beyond, new ones are dropped (and
+/// logged) rather than stall a snapshot behind a broker that blocks publishers.
+const OUTBOX: usize = 1024;
+
+/// Publishes notifications on a task of its own, in order, so a snapshot never waits for a
+/// broker's confirm (a RabbitMQ under a memory or disk alarm blocks publishers until it
+/// clears); each publish waits at most `[novasnap] confirm_timeout`.
 pub struct AmqpNotifier {
     config: Config,
-    link: Mutex<Option<Link>>,
+    outbox: mpsc::Sender<Outgoing>,
+}
+
+enum Outgoing {
+    Publish {
+        routing_key: String,
+        body: Vec<u8>,
+        event_type: &'static str,
+    },
+    /// Answered once everything queued before it was published (or given up).
+    Flush(oneshot::Sender<()>),
+}
+
+/// The publisher task's side: the broker link, opened and reopened as needed.
+struct Publisher {
+    config: Config,
+    link: Option<Link>,
 }
 
 /// A connection with its confirming channel and the routing keys already declared on it.
@@ -31,10 +54,6 @@ struct Link {
     _connection: Connection,
     channel: Channel,
     declared: HashSet<String>,
-}
-
-fn amqp(e: lapin::Error) -> MessagingError {
-    MessagingError::Amqp(e.to_string())
 }
 
 /// oslo's wire timestamp: UTC, `YYYY-MM-DD HH:MM:SS.ffffff`.
@@ -66,11 +85,60 @@ pub fn message_body(req: &SnapshotRequest, n: &Notification, publisher_id: &str,
 impl AmqpNotifier {
     /// Connects now, so a broker that is unreachable at start-up is reported at once.
     pub async fn connect(config: &Config) -> Result<Self, MessagingError> {
-        let notifier = Self { config: config.clone(), link: Mutex::new(None) };
+        let mut publisher = Publisher { config: config.clone(), link: None };
         if config.notifications.enabled {
-            *notifier.link.lock().await = Some(notifier.open().await?);
+            publisher.link = Some(publisher.open().await?);
         }
-        Ok(notifier)
+        let (outbox, inbox) = mpsc::channel(OUTBOX);
+        tokio::spawn(publisher.run(inbox));
+        Ok(Self { config: config.clone(), outbox })
+    }
+
+    /// Returns once every notification queued so far was published or given up, or after
+    /// `limit`.
+    pub async fn flush(&self, limit: std::time::Duration) {
+        let (done, flushed) = oneshot::channel();
+        if self.outbox.send(Outgoing::Flush(done)).await.is_ok() {
+            let _ = tokio::time::timeout(limit, flushed).await;
+        }
+    }
+
+    /// Topics a notification goes to, by kind and `notification_format`.
+    fn topics(&self, versioned: bool) -> &[String] {
+        let n = &self.config.notifications;
+        match (versioned, n.format) {
+            (true, NotificationFormat::Versioned | NotificationFormat::Both) => &n.versioned_topics,
+            (false, NotificationFormat::Unversioned | NotificationFormat::Both) => &n.legacy_topics,
+            _ => &[],
+        }
+    }
+}
+
+impl Publisher {
+    async fn run(mut self, mut inbox: mpsc::Receiver<Outgoing>) {
+        while let Some(outgoing) = inbox.recv().await {
+            match outgoing {
+                Outgoing::Flush(done) => {
+                    let _ = done.send(());
+                }
+                Outgoing::Publish { routing_key, body, event_type } => {
+                    // One reconnect per publish: a broker that restarted since the last one.
+                    let mut result = self.publish(&routing_key, &body).await;
+                    if let Err(e) = &result {
+                        warn!(error = %e, "notification publish failed; reconnecting");
+                        self.link = None;
+                        result = self.publish(&routing_key, &body).await;
+                    }
+                    match result {
+                        Ok(()) => debug!(event_type, routing_key, "notification published"),
+                        Err(e) => {
+                            self.link = None;
+                            warn!(event_type, routing_key, error = %e, "notification not published");
+                        }
+                    }
+                }
+            }
+        }
     }
 
     async fn open(&self) -> Result<Link, MessagingError> {
@@ -92,45 +160,46 @@ impl AmqpNotifier {
         Ok(Link { _connection: connection, channel, declared: HashSet::new() })
     }
 
-    /// Topics a notification goes to, by kind and `notification_format`.
-    fn topics(&self, versioned: bool) -> &[String] {
-        let n = &self.config.notifications;
-        match (versioned, n.format) {
-            (true, NotificationFormat::Versioned | NotificationFormat::Both) => &n.versioned_topics,
-            (false, NotificationFormat::Unversioned | NotificationFormat::Both) => &n.legacy_topics,
-            _ => &[],
+    /// The confirming channel, with `routing_key`'s queue declared and bound.
+    async fn channel_for(&mut self, routing_key: &str) -> Result<Channel, MessagingError> {
+        if self.link.is_none() {
+            self.link = Some(self.open().await?);
         }
-    }
-
-    async fn publish(&self, link: &mut Link, routing_key: &str, body: &[u8]) -> Result<(), MessagingError> {
-        let exchange = &self.config.notifications.exchange;
+        let link = self.link.as_mut().expect("just opened");
         if !link.declared.contains(routing_key) {
             let durable = self.config.messaging.durable_queues;
             let options = QueueDeclareOptions { durable, ..Default::default() };
             link.channel.queue_declare(routing_key, options, FieldTable::default()).await.map_err(amqp)?;
+            let exchange = &self.config.notifications.exchange;
             link.channel
                 .queue_bind(routing_key, exchange, routing_key, QueueBindOptions::default(), FieldTable::default())
                 .await
                 .map_err(amqp)?;
             link.declared.insert(routing_key.to_string());
         }
+        Ok(link.channel.clone())
+    }
+
+    async fn publish(&mut self, routing_key: &str, body: &[u8]) -> Result<(), MessagingError> {
+        let channel = self.channel_for(routing_key).await?;
         let properties = BasicProperties::default()
             .with_content_type("application/json".into())
             .with_content_encoding("utf-8".into())
             .with_delivery_mode(2)
             .with_priority(0)
             .with_headers(FieldTable::default());
-        let confirm = link
-            .channel
-            .basic_publish(exchange, routing_key, BasicPublishOptions::default(), body, properties)
-            .await
-            .map_err(amqp)?
-            .await
-            .map_err(amqp)?;
-        if !confirm.is_ack() {
-            return Err(MessagingError::NotConfirmed { exchange: exchange.clone(), routing_key: routing_key.into() });
-        }
-        Ok(())
+        let exchange = &self.config.notifications.exchange;
+        publish_confirmed(
+            &channel,
+            exchange,
+            routing_key,
+            false,
+            body,
+            properties,
+            self.config.messaging.confirm_timeout,
+        )
+        .await
+        .map(drop)
     }
 }
 
@@ -141,7 +210,6 @@ impl Notifier for AmqpNotifier {
             return Ok(());
         }
         let glance = self.config.glance.api_servers.first().map(String::as_str).unwrap_or("");
-        let mut link = self.link.lock().await;
         for n in notifications_for(req, &event, glance) {
             let publisher_id = if n.versioned {
                 format!("nova-compute:{}", self.config.host)
@@ -151,26 +219,12 @@ impl Notifier for AmqpNotifier {
             let body = message_body(req, &n, &publisher_id, self.config.notifications.envelope_v2);
             for topic in self.topics(n.versioned) {
                 let routing_key = format!("{topic}.{}", n.priority.to_lowercase());
-                // One reconnect per publish: a broker that restarted since the last one.
-                for attempt in 0..2 {
-                    if link.is_none() {
-                        *link = Some(self.open().await?);
-                    }
-                    match self.publish(link.as_mut().expect("just opened"), &routing_key, &body).await {
-                        Ok(()) => {
-                            debug!(event_type = n.event_type, routing_key, "notification published");
-                            break;
-                        }
-                        Err(e) if attempt == 0 => {
-                            warn!(error = %e, "notification publish failed; reconnecting");
-                            *link = None;
-                        }
-                        Err(e) => {
-                            *link = None;
-                            return Err(e);
-                        }
-                    }
-                }
+                let outgoing = Outgoing::Publish { routing_key, body: body.clone(), event_type: n.event_type };
+                self.outbox.try_send(outgoing).map_err(|_| {
+                    MessagingError::Amqp(format!(
+                        "{OUTBOX} notifications are waiting for the broker; dropping this one"
+                    ))
+                })?;
             }
         }
         Ok(())
