@@ -30,10 +30,10 @@
  * Pace: one record every INTERVAL_MS (default 50 ms: 20 records/s, 1280 B/s, about
  * 110 MB a day), on absolute deadlines so a slow fsync does not accumulate drift, and
  * without catching up in a burst after a stall (such as a filesystem freeze): the gap
- * shows in the timestamps instead. The stack's 256 MiB root disk has some 225 MB free, so
- * it would fill after about two days; before that, the writer stops appending once less
- * than RESERVE_MIB (default 16) is free and checks again every 10 s, so it never fills
- * the disk.
+ * shows in the timestamps instead. The stack's 256 MiB root disk has some 209 MB free, so
+ * it would fill after about 45 hours (1.9 days); before that, the writer stops appending
+ * once less than RESERVE_MIB (default 16) is free (after about 42 hours) and checks again
+ * every 10 s, so it never fills the disk.
  *
  * Messages go to stderr (the guest's init points it at the console). Built statically
  * with `gcc -static -O2` on the host.
