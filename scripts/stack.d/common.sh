@@ -80,13 +80,13 @@ write_if_changed() {
 # 127.0.0.1:PORT (gthread workers: a long request holds a thread, not the worker's
 # heartbeat), loaded through stack.d/wsgi_app.py, with its pid in $STATE/run/NAME.pid and
 # logs under $LOGS. CONFIG_ENV are VAR=value pairs the application reads its configuration
-# location from.
+# location from. WSGI_WORKERS sets the number of worker processes (default 2).
 wsgi_start() {
   local name=$1 port=$2 module=$3; shift 3
   mkdir -p "$STATE/run"
   pid_alive "$STATE/run/$name.pid" && return 0
   env "$@" STACK_WSGI_APP="$module" "$OPENSTACK_VENV/bin/gunicorn" --daemon --pid "$STATE/run/$name.pid" \
-    --bind "127.0.0.1:$port" --workers 2 --worker-class gthread --threads 8 --timeout 300 \
+    --bind "127.0.0.1:$port" --workers "${WSGI_WORKERS:-2}" --worker-class gthread --threads 8 --timeout 300 \
     --error-logfile "$LOGS/$name-gunicorn.log" --access-logfile "$LOGS/$name-access.log" \
     --pythonpath "$(dirname "${BASH_SOURCE[0]}")" wsgi_app:application 9>&-
 }

@@ -1,7 +1,7 @@
 # shellcheck shell=bash
 # Keystone: fernet tokens, MariaDB, under gunicorn on 127.0.0.1:5000. Bootstrapped with an
-# admin; project `service` whose users glance, nova, placement and novasnap hold the
-# `service` role, as a deployment has them; project `demo` whose user `demo` is a member.
+# admin; project `service` whose users glance, nova, placement, neutron and novasnap hold
+# the `service` role, as a deployment has them; project `demo` whose user `demo` is a member.
 
 KEYSTONE_DIR=$STATE/keystone
 KEYSTONE_URL=http://127.0.0.1:5000/v3
@@ -9,7 +9,7 @@ REGION=RegionOne
 # How long a token lives, in seconds: a stack setting (`NOVASNAP_STACK_TOKEN_LIFETIME=60
 # scripts/stack up keystone` restarts Keystone with it; tests shorten it).
 KEYSTONE_TOKEN_LIFETIME=${NOVASNAP_STACK_TOKEN_LIFETIME:-3600}
-SERVICE_USERS=(glance nova placement novasnap)
+SERVICE_USERS=(glance nova placement neutron novasnap)
 
 # password NAME: the stack's password for user NAME, made once and kept with the state.
 password() {
@@ -91,6 +91,7 @@ catalog = {
     "image": ("glance", "http://127.0.0.1:9292"),
     "placement": ("placement", "http://127.0.0.1:8778"),
     "compute": ("nova", "http://127.0.0.1:8774/v2.1"),
+    "network": ("neutron", "http://127.0.0.1:9696"),
 }
 for kind, (name, url) in catalog.items():
     svc = [s for s in ks.services.list(type=kind)]
@@ -164,3 +165,13 @@ keystone_env() {
   echo "export NOVASNAP_SERVICE_PASSWORD=$(cat "$KEYSTONE_DIR/passwords/novasnap" 2>/dev/null)"
   echo "export OPENSTACK=$PEER_VENV/bin/openstack"
 }
+
+# openstack_as USER PROJECT ARGS...: the openstack client as a user of the stack.
+openstack_as() {
+  local user=$1 project=$2; shift 2
+  "$PEER_VENV/bin/openstack" --os-auth-url "$KEYSTONE_URL" --os-identity-api-version 3 \
+    --os-username "$user" --os-password "$(password "$user")" --os-project-name "$project" \
+    --os-user-domain-name Default --os-project-domain-name Default --os-region-name "$REGION" "$@"
+}
+os_admin() { openstack_as admin admin "$@"; }
+os_demo() { openstack_as demo demo "$@"; }

@@ -2,7 +2,7 @@
 # MariaDB: the machine runs it (127.0.0.1:3306, root, no password). Every OpenStack
 # database of the stack lives there; `down` drops them.
 
-OPENSTACK_DATABASES=(keystone glance placement nova_api nova nova_cell0)
+OPENSTACK_DATABASES=(keystone glance placement neutron nova_api nova nova_cell0)
 
 mariadb_healthy() { mariadb -h 127.0.0.1 -uroot -e 'select 1' >/dev/null 2>&1; }
 
