@@ -12,7 +12,8 @@ use tracing::{info, warn};
 use crate::config::Config;
 use crate::hypervisor::libvirt::LibvirtHypervisor;
 use crate::image::glance::GlanceClient;
-use crate::messaging::{consumer, notifier::AmqpNotifier};
+use crate::messaging::{consumer, notifier::AmqpNotifier, rpc::RpcClient};
+use crate::nova::{conductor::Conductor, InstanceRecord, Unrecorded};
 use crate::pipeline::{Boundaries, PipelineSettings, SnapshotPipeline};
 use crate::reclaim::Reclaimer;
 use crate::storage::ledger::{FileLedger, RadosLedger};
@@ -69,7 +70,13 @@ pub async fn serve(path: &Path) -> anyhow::Result<()> {
         shutdown.clone(),
     ));
 
-    let boundaries = Boundaries { hypervisor, storage, images, notifier: notifier.clone() };
+    let nova: Arc<dyn InstanceRecord> = if config.worker.nova_writeback {
+        Arc::new(Conductor::new(RpcClient::new(&config), &config.host))
+    } else {
+        info!("[novasnap] nova_writeback is off: Nova's database is not told of snapshots");
+        Arc::new(Unrecorded)
+    };
+    let boundaries = Boundaries { hypervisor, storage, images, notifier: notifier.clone(), nova };
     let pipeline = SnapshotPipeline::new(boundaries, PipelineSettings::from_config(&config));
     let worker = Arc::new(Worker::new(pipeline, ledger));
     consumer::serve(&config, worker, shutdown).await.context("consuming casts")?;

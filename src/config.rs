@@ -184,6 +184,10 @@ pub struct WorkerConfig {
     /// `[novasnap] shutdown_grace`: on SIGTERM, how long in-flight snapshots may run on
     /// before their casts are handed back to the broker.
     pub shutdown_grace: Duration,
+    /// `[novasnap] nova_writeback`: save task_state, power_state, instance action events and
+    /// faults in Nova's database through nova-conductor, as nova-compute does. Off only for
+    /// a deployment with no Nova conductor to reach.
+    pub nova_writeback: bool,
 }
 
 impl Config {
@@ -316,6 +320,7 @@ impl Config {
             state_directory: PathBuf::from(r.string("novasnap", "state_directory", "/var/lib/novasnap")?),
             instance_lease: r.seconds("novasnap", "instance_lease", 30)?,
             shutdown_grace: r.seconds("novasnap", "shutdown_grace", 120)?,
+            nova_writeback: r.parse("novasnap", "nova_writeback", true)?,
         };
 
         Ok(Self { host, messaging, notifications, libvirt, rbd, glance, worker })

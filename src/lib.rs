@@ -5,6 +5,7 @@
 //! - [`hypervisor`]: the libvirt guest (lookup, power state, block jobs, suspend/resume);
 //! - [`storage`]: Ceph RADOS/RBD (snapshots, clones, flatten, reads) and local files;
 //! - [`image`]: the Glance image service;
+//! - [`nova`]: Nova's record of the instance, kept through nova-conductor;
 //! - [`pipeline`]: the snapshot itself, told top to bottom over the traits of the above.
 //!
 //! [`config`] holds every option in one place; [`error`] and [`retry`] hold the one
@@ -19,6 +20,7 @@ mod ffi;
 pub mod hypervisor;
 pub mod image;
 pub mod messaging;
+pub mod nova;
 pub mod pipeline;
 pub mod reclaim;
 pub mod request;

@@ -68,6 +68,8 @@ pub struct Instance {
     pub os_type: Option<String>,
     pub architecture: Option<String>,
     pub system_metadata: BTreeMap<String, String>,
+    /// `nova_object.version` as received: saves go back at the same version.
+    pub object_version: String,
     /// `nova_object.data` as received.
     pub data: serde_json::Map<String, Value>,
 }
@@ -82,6 +84,26 @@ pub enum SnapshotKind {
         backup_type: String,
         rotation: u32,
     },
+}
+
+impl SnapshotKind {
+    /// The compute RPC method that asks for it.
+    pub fn method(&self) -> &'static str {
+        match self {
+            Self::Snapshot => "snapshot_instance",
+            Self::Backup { .. } => "backup_instance",
+        }
+    }
+
+    /// The task_states Nova's database may hold while this kind of task runs, from the one
+    /// nova-api set on.
+    pub fn task_states(&self) -> &'static [crate::messaging::TaskState] {
+        use crate::messaging::TaskState::*;
+        match self {
+            Self::Snapshot => &[ImageSnapshotPending, ImageSnapshot, ImagePendingUpload, ImageUploading],
+            Self::Backup { .. } => &[ImageBackup, ImagePendingUpload, ImageUploading],
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -117,6 +117,7 @@ fn instance(v: Option<&Value>) -> Result<Instance, Rejection> {
         os_type: field("os_type"),
         architecture: field("architecture"),
         system_metadata,
+        object_version: text(primitive.get("nova_object.version")).unwrap_or_else(|| "2.8".into()),
         data: data.clone(),
     })
 }

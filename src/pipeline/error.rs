@@ -6,6 +6,7 @@ use uuid::Uuid;
 use crate::error::{Classify, Disposition};
 use crate::hypervisor::HypervisorError;
 use crate::image::ImageError;
+use crate::nova::NovaError;
 use crate::storage::StorageError;
 
 /// The steps of a snapshot, named as operators read them in logs.
@@ -26,6 +27,7 @@ pub enum Step {
     UpdateMetadata,
     Resume,
     RotateBackups,
+    UpdateInstance,
 }
 
 impl std::fmt::Display for Step {
@@ -46,6 +48,7 @@ impl std::fmt::Display for Step {
             Self::UpdateMetadata => "update image metadata",
             Self::Resume => "resume guest",
             Self::RotateBackups => "rotate backups",
+            Self::UpdateInstance => "update the instance in Nova",
         };
         f.write_str(name)
     }
@@ -59,6 +62,8 @@ pub enum Fault {
     Storage(#[from] StorageError),
     #[error(transparent)]
     Image(#[from] ImageError),
+    #[error(transparent)]
+    Nova(#[from] NovaError),
     #[error("{0}")]
     Unsupported(String),
     /// The direct path's copy in Glance's pool vanished before it was registered.
@@ -72,6 +77,7 @@ impl Classify for Fault {
             Self::Hypervisor(e) => e.disposition(),
             Self::Storage(e) => e.disposition(),
             Self::Image(e) => e.disposition(),
+            Self::Nova(e) => e.disposition(),
             Self::Unsupported(_) | Self::CopyLost(_) => Disposition::Permanent,
         }
     }
@@ -93,6 +99,10 @@ impl SnapshotError {
         match &self.fault {
             Fault::Hypervisor(HypervisorError::GuestNotFound(_)) => "InstanceNotFound",
             Fault::Image(ImageError::NotFound(_)) => "ImageNotFound",
+            Fault::Nova(NovaError::InstanceNotFound(_)) => "InstanceNotFound",
+            Fault::Nova(NovaError::Deleting(_)) => "UnexpectedDeletingTaskStateError",
+            Fault::Nova(NovaError::UnexpectedTaskState { .. }) => "UnexpectedTaskStateError",
+            Fault::Nova(NovaError::Conductor(_)) => "MessagingTimeout",
             Fault::Hypervisor(_) => "HypervisorError",
             Fault::Storage(_) | Fault::CopyLost(_) => "StorageError",
             Fault::Image(_) => "ImageError",
@@ -105,7 +115,9 @@ impl SnapshotError {
     pub fn is_vanished(&self) -> bool {
         matches!(
             self.fault,
-            Fault::Hypervisor(HypervisorError::GuestNotFound(_)) | Fault::Image(ImageError::NotFound(_))
+            Fault::Hypervisor(HypervisorError::GuestNotFound(_))
+                | Fault::Image(ImageError::NotFound(_))
+                | Fault::Nova(NovaError::InstanceNotFound(_) | NovaError::Deleting(_))
         )
     }
 }

@@ -24,6 +24,7 @@ use crate::error::Classify;
 use crate::hypervisor::{DiskSource, Guest, Hypervisor, PowerState};
 use crate::image::{ImageService, ImageStatus};
 use crate::messaging::{Notifier, SnapshotEvent, TaskState};
+use crate::nova::{Expected, InstanceRecord, NovaError};
 use crate::request::{SnapshotKind, SnapshotRequest};
 use crate::retry::RetryPolicy;
 use crate::storage::{BlockStorage, RbdImage};
@@ -39,6 +40,8 @@ pub struct Boundaries {
     pub storage: Option<Arc<dyn BlockStorage>>,
     pub images: Arc<dyn ImageService>,
     pub notifier: Arc<dyn Notifier>,
+    /// Nova's record of the instance (task_state, power_state, action events, faults).
+    pub nova: Arc<dyn InstanceRecord>,
 }
 
 #[derive(Debug, Clone)]
@@ -91,6 +94,9 @@ pub(crate) struct Job<'a> {
     pub settings: &'a PipelineSettings,
     pub req: &'a SnapshotRequest,
     pub task_state: Option<TaskState>,
+    /// A task_state of this request's is in Nova's database: later saves expect it exactly.
+    /// Until then Nova may hold any state of the task (a redelivery after a crash).
+    pub recorded: bool,
     /// The guest is in managed save because of this request and must be resumed.
     pub suspended: bool,
     /// The RBD instance disk that may carry this request's snapshot.
@@ -110,17 +116,25 @@ impl SnapshotPipeline {
             settings: &self.settings,
             req,
             task_state: None,
+            recorded: false,
             suspended: false,
             rbd_disk: None,
             rbd_copy: None,
         };
-        match job.snapshot().await {
-            Ok(outcome) => Ok(outcome),
-            Err(e) => {
-                job.fail(&e).await;
-                Err(e)
-            }
+        let event = format!("compute_{}", req.kind.method());
+        if let Err(e) = self.b.nova.event_start(req, &event).await {
+            warn!(instance = %req.instance.uuid, error = %e, "instance action event not started in Nova");
         }
+        let result = job.snapshot().await;
+        if let Err(e) = &result {
+            job.fail(e).await;
+        }
+        let failure = result.as_ref().err().map(|e| (e.to_string(), format!("{e:?}")));
+        let failure = failure.as_ref().map(|(m, d)| (m.as_str(), d.as_str()));
+        if let Err(e) = self.b.nova.event_finish(req, &event, failure).await {
+            warn!(instance = %req.instance.uuid, error = %e, "instance action event not finished in Nova");
+        }
+        result
     }
 }
 
@@ -159,20 +173,38 @@ impl Job<'_> {
         }
     }
 
-    pub async fn set_task_state(&mut self, new: Option<TaskState>) {
+    /// Moves the task on: saved in Nova's database (`Instance.save(expected_task_state=)`,
+    /// as nova-compute's `update_task_state` does), then told to subscribers.
+    pub async fn set_task_state(&mut self, new: Option<TaskState>) -> Result<(), SnapshotError> {
         let old = self.task_state;
-        if old != new {
-            self.task_state = new;
-            self.notify(SnapshotEvent::TaskState { old, new }).await;
+        if old == new {
+            return Ok(());
         }
+        let expected = if self.recorded {
+            Expected::exactly(old)
+        } else {
+            // The first save of a delivery: an earlier one may have got further.
+            let mut states: Vec<Option<TaskState>> = self.req.kind.task_states().iter().copied().map(Some).collect();
+            if new.is_none() {
+                states.push(None);
+            }
+            Expected::OneOf(states)
+        };
+        let (nova, req) = (&self.b.nova, self.req);
+        self.step(Step::UpdateInstance, || nova.save_task_state(req, new, expected.clone())).await?;
+        self.recorded = true;
+        self.task_state = new;
+        self.notify(SnapshotEvent::TaskState { old, new }).await;
+        Ok(())
     }
 
     async fn snapshot(&mut self) -> Result<Outcome, SnapshotError> {
         let (b, req) = (self.b, self.req);
         let (instance, image_id, ctx) = (req.instance.uuid, req.image_id, &req.context);
 
-        // 1. The guest, by instance UUID.
+        // 1. The guest, by instance UUID; its power state saved in Nova, as nova-compute does.
         let guest: Guest = self.step(Step::FindGuest, || b.hypervisor.find_guest(instance)).await?;
+        self.step(Step::UpdateInstance, || b.nova.save_power_state(req, guest.power_state)).await?;
 
         // 2. The image nova-api created for the result. Active means an earlier delivery
         //    of this cast already finished it.
@@ -193,7 +225,7 @@ impl Job<'_> {
             SnapshotKind::Backup { .. } => TaskState::ImageBackup,
         });
         if req.kind == SnapshotKind::Snapshot {
-            self.set_task_state(Some(TaskState::ImageSnapshot)).await;
+            self.set_task_state(Some(TaskState::ImageSnapshot)).await?;
         }
 
         // 3. What to make: backend, format, metadata; 4. live or cold.
@@ -210,8 +242,8 @@ impl Job<'_> {
         }
 
         // 5. Nova's task_state sequence.
-        self.set_task_state(Some(TaskState::ImagePendingUpload)).await;
-        self.set_task_state(Some(TaskState::ImageUploading)).await;
+        self.set_task_state(Some(TaskState::ImagePendingUpload)).await?;
+        self.set_task_state(Some(TaskState::ImageUploading)).await?;
 
         // 6. The direct path where it can be taken (a second time if Glance removed the
         // first copy: a failure of Glance's own, such as its database being locked, should
@@ -226,7 +258,7 @@ impl Job<'_> {
             direct::Direct::Done => true,
             direct::Direct::Unavailable(reason) | direct::Direct::CopyLost(reason) => {
                 warn!(%instance, image = %image_id, %reason, "performing standard snapshot: direct snapshot is not possible");
-                self.set_task_state(Some(TaskState::ImagePendingUpload)).await;
+                self.set_task_state(Some(TaskState::ImagePendingUpload)).await?;
                 standard::StandardSnapshot { job: self, guest: &guest, plan: &plan }.run(&metadata).await?;
                 false
             }
@@ -234,7 +266,7 @@ impl Job<'_> {
 
         // 8. The guest back as it was, task_state none, the end.
         self.resume_if_suspended(&plan).await?;
-        self.set_task_state(None).await;
+        self.set_task_state(None).await?;
         self.notify(SnapshotEvent::End).await;
         info!(%instance, image = %image_id, direct, "snapshot image upload complete");
 
@@ -258,7 +290,7 @@ impl Job<'_> {
         self.suspended = plan.suspended_already;
         self.resume_if_suspended(&plan).await?;
         self.task_state = Some(TaskState::ImageUploading);
-        self.set_task_state(None).await;
+        self.set_task_state(None).await?;
         self.notify(SnapshotEvent::End).await;
         if let SnapshotKind::Backup { backup_type, rotation } = &req.kind {
             backup::rotate(self, backup_type, *rotation).await?;
@@ -335,11 +367,35 @@ impl Job<'_> {
             }
             self.suspended = false;
         }
-        if self.task_state.is_some() {
-            self.set_task_state(None).await;
-        }
+        self.revert_task_state(e).await;
         if !e.is_vanished() {
+            // `wrap_instance_fault`: the failure in Nova's record of the instance.
+            if let Err(err) = b.nova.add_fault(req, &e.to_string(), &format!("{e:?}")).await {
+                warn!(instance = %self.instance(), error = %err, "instance fault not recorded in Nova");
+            }
             self.notify(SnapshotEvent::Error { exception: e.exception_name().into(), message: e.to_string() }).await;
+        }
+    }
+
+    /// `reverts_task_state`: task_state back to none, whatever Nova holds, unless the task was
+    /// preempted (then it is someone else's) or the instance is gone.
+    async fn revert_task_state(&mut self, e: &SnapshotError) {
+        let preempted = matches!(
+            e.fault,
+            Fault::Nova(
+                NovaError::UnexpectedTaskState { .. } | NovaError::Deleting(_) | NovaError::InstanceNotFound(_)
+            )
+        );
+        if preempted || self.task_state.is_none() {
+            return;
+        }
+        let (nova, req) = (&self.b.nova, self.req);
+        match self.step(Step::UpdateInstance, || nova.save_task_state(req, None, Expected::Nothing)).await {
+            Ok(()) => {
+                let old = self.task_state.take();
+                self.notify(SnapshotEvent::TaskState { old, new: None }).await;
+            }
+            Err(err) => warn!(instance = %self.instance(), error = %err, "could not revert the task_state in Nova"),
         }
     }
 }

@@ -160,6 +160,7 @@ mod tests {
             os_type: Some("linux".into()),
             architecture: None,
             system_metadata: [("image_architecture".to_string(), "x86_64".to_string())].into(),
+            object_version: "2.8".into(),
             data: Default::default(),
         }
     }

@@ -64,7 +64,7 @@ impl StandardSnapshot<'_, '_> {
         job.step(Step::DiskSnapshot, || storage.create_snapshot(&disk, &snap)).await?;
         // The snapshot holds the disk's state: a suspended guest may run again.
         job.resume_if_suspended(self.plan).await?;
-        job.set_task_state(Some(TaskState::ImageUploading)).await;
+        job.set_task_state(Some(TaskState::ImageUploading)).await?;
 
         if self.plan.image_format == "raw" {
             let size = job.step(Step::Extract, || storage.size(&disk)).await?;
@@ -123,7 +123,7 @@ impl StandardSnapshot<'_, '_> {
         info!(instance = %job.req.instance.uuid, image = %job.req.image_id, "snapshot extracted, beginning image upload");
         // As Nova does: the guest need not wait for the upload.
         job.resume_if_suspended(plan).await?;
-        job.set_task_state(Some(TaskState::ImageUploading)).await;
+        job.set_task_state(Some(TaskState::ImageUploading)).await?;
         job.upload_file(&out).await?;
         crash::point("after-upload");
         cleanup(job.settings, job.req.image_id).await;

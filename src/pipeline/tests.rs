@@ -18,6 +18,7 @@ use super::*;
 use crate::hypervisor::{DiskSource, Guest, HypervisorError, PowerState, Progress, RootDisk};
 use crate::image::{Image, ImageError, ImageProperties, ImageService, ImageStatus};
 use crate::messaging::{MessagingError, Notifier, SnapshotEvent, TaskState};
+use crate::nova::{Expected, InstanceRecord, NovaError};
 use crate::request::{Instance, RequestContext, SnapshotKind, SnapshotRequest};
 use crate::storage::{BlockStorage, CloneParent, RbdImage, SnapshotInfo, StorageError};
 
@@ -283,7 +284,103 @@ impl Notifier for RecordingNotifier {
     }
 }
 
+/// Nova's database as the conductor guards it: a save whose expected_task_state does not
+/// match is refused, as `Instance.save` refuses it.
+struct FakeNova {
+    task_state: Mutex<Option<String>>,
+    power_state: Mutex<Option<PowerState>>,
+    events: Mutex<Vec<(String, Option<String>)>>,
+    faults: Mutex<Vec<String>>,
+    /// Conductor calls to answer with a timeout before answering again.
+    unreachable: Mutex<usize>,
+}
+
+impl FakeNova {
+    fn with_task_state(state: &str) -> Self {
+        Self {
+            task_state: Mutex::new(Some(state.into())),
+            power_state: Mutex::default(),
+            events: Mutex::default(),
+            faults: Mutex::default(),
+            unreachable: Mutex::new(0),
+        }
+    }
+
+    fn reachable(&self) -> Result<(), NovaError> {
+        let mut left = self.unreachable.lock().unwrap();
+        if *left > 0 {
+            *left -= 1;
+            let e = crate::messaging::rpc::RpcError::Timeout {
+                method: "object_action".into(),
+                topic: "conductor".into(),
+                seconds: 60,
+            };
+            return Err(NovaError::Conductor(e));
+        }
+        Ok(())
+    }
+
+    fn task_state(&self) -> Option<String> {
+        self.task_state.lock().unwrap().clone()
+    }
+}
+
+#[async_trait]
+impl InstanceRecord for FakeNova {
+    async fn save_task_state(
+        &self,
+        req: &SnapshotRequest,
+        new: Option<TaskState>,
+        expected: Expected,
+    ) -> Result<(), NovaError> {
+        self.reachable()?;
+        let mut current = self.task_state.lock().unwrap();
+        if let Expected::OneOf(states) = &expected {
+            let names: Vec<Option<String>> = states.iter().map(|s| s.map(|s| s.as_str().to_string())).collect();
+            if !names.contains(&current) {
+                if current.as_deref() == Some("deleting") {
+                    return Err(NovaError::Deleting(req.instance.uuid));
+                }
+                return Err(NovaError::UnexpectedTaskState {
+                    instance: req.instance.uuid,
+                    expected: format!("{names:?}"),
+                    actual: current.clone().unwrap_or_else(|| "None".into()),
+                });
+            }
+        }
+        *current = new.map(|s| s.as_str().to_string());
+        Ok(())
+    }
+
+    async fn save_power_state(&self, _: &SnapshotRequest, state: PowerState) -> Result<(), NovaError> {
+        self.reachable()?;
+        *self.power_state.lock().unwrap() = Some(state);
+        Ok(())
+    }
+
+    async fn event_start(&self, _: &SnapshotRequest, event: &str) -> Result<(), NovaError> {
+        self.events.lock().unwrap().push((format!("start {event}"), None));
+        Ok(())
+    }
+
+    async fn event_finish(
+        &self,
+        _: &SnapshotRequest,
+        event: &str,
+        failure: Option<(&str, &str)>,
+    ) -> Result<(), NovaError> {
+        self.events.lock().unwrap().push((format!("finish {event}"), failure.map(|(m, _)| m.to_string())));
+        Ok(())
+    }
+
+    async fn add_fault(&self, _: &SnapshotRequest, message: &str, _: &str) -> Result<(), NovaError> {
+        self.faults.lock().unwrap().push(message.into());
+        Ok(())
+    }
+}
+
 struct World {
+    nova: Arc<FakeNova>,
     hv: Arc<FakeHypervisor>,
     storage: Arc<FakeStorage>,
     images: Arc<FakeImages>,
@@ -355,6 +452,7 @@ impl World {
                 os_type: None,
                 architecture: None,
                 system_metadata: BTreeMap::new(),
+                object_version: "2.8".into(),
                 data: Default::default(),
             },
             image_id,
@@ -362,6 +460,7 @@ impl World {
             unique_id: None,
         };
         Self {
+            nova: Arc::new(FakeNova::with_task_state("image_snapshot_pending")),
             hv: Arc::new(hv),
             storage: Arc::new(storage),
             images: Arc::new(images),
@@ -392,6 +491,7 @@ impl World {
                 storage: Some(self.storage.clone()),
                 images: self.images.clone(),
                 notifier: self.notifier.clone(),
+                nova: self.nova.clone(),
             },
             s,
         )
@@ -625,7 +725,9 @@ async fn backup_rotation_keeps_the_newest() {
     w.images.images.lock().unwrap().get_mut(&w.req.image_id).unwrap().properties = backup_props(());
     let mut req = w.req.clone();
     req.kind = SnapshotKind::Backup { backup_type: "daily".into(), rotation: 2 };
+    *w.nova.task_state.lock().unwrap() = Some("image_backup".into()); // what nova-api set
     w.pipeline(|_| {}).run(&req).await.unwrap();
+    assert_eq!(w.nova.task_state(), None);
     assert!(w.images.image(old_ids[0]).is_none(), "oldest backup rotated out");
     assert!(w.images.image(old_ids[1]).is_some());
     assert!(w.images.image(req.image_id).is_some());
@@ -688,4 +790,60 @@ async fn a_redelivery_after_the_image_went_active_finishes_the_tail() {
     assert_eq!(w.pipeline(|_| {}).run(&w.req).await.unwrap(), Outcome::AlreadyDone);
     assert!(w.disk_snapshots().is_empty(), "the dead worker's disk snapshot is removed");
     assert_eq!(w.events(), vec![ts(Some(TaskState::ImageUploading), None), SnapshotEvent::End]);
+}
+
+#[tokio::test]
+async fn nova_learns_every_task_state_and_ends_with_none() {
+    let w = World::clone_backed(FakeImages::default());
+    w.pipeline(|_| {}).run(&w.req).await.unwrap();
+    assert_eq!(w.nova.task_state(), None, "Nova's database ends with no task");
+    assert_eq!(*w.nova.power_state.lock().unwrap(), Some(PowerState::Running));
+    let events = w.nova.events.lock().unwrap().clone();
+    assert_eq!(
+        events,
+        vec![
+            ("start compute_snapshot_instance".to_string(), None),
+            ("finish compute_snapshot_instance".to_string(), None)
+        ]
+    );
+    assert!(w.nova.faults.lock().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn a_conductor_away_for_a_while_only_delays_the_snapshot() {
+    let w = World::clone_backed(FakeImages::default());
+    *w.nova.unreachable.lock().unwrap() = 2;
+    w.pipeline(|_| {}).run(&w.req).await.unwrap();
+    assert_eq!(w.nova.task_state(), None);
+}
+
+#[tokio::test]
+async fn a_redelivery_after_nova_saw_uploading_carries_on() {
+    let w = World::clone_backed(FakeImages::default());
+    *w.nova.task_state.lock().unwrap() = Some("image_uploading".into());
+    w.pipeline(|_| {}).run(&w.req).await.unwrap();
+    assert_eq!(w.nova.task_state(), None);
+    assert_eq!(w.images.image(w.req.image_id).unwrap().status, ImageStatus::Active);
+}
+
+#[tokio::test]
+async fn an_instance_being_deleted_stops_the_snapshot_and_its_task_state_is_left_to_the_delete() {
+    let w = World::clone_backed(FakeImages::default());
+    *w.nova.task_state.lock().unwrap() = Some("deleting".into());
+    let err = w.pipeline(|_| {}).run(&w.req).await.unwrap_err();
+    assert!(matches!(err.fault, Fault::Nova(NovaError::Deleting(_))), "{err}");
+    assert_eq!(w.nova.task_state().as_deref(), Some("deleting"), "not reverted: the delete owns it");
+    assert!(w.images.image(w.req.image_id).is_none(), "the queued image is deleted, as Nova deletes it");
+    assert!(w.disk_snapshots().is_empty());
+}
+
+#[tokio::test]
+async fn a_failed_snapshot_reverts_the_task_state_and_records_a_fault() {
+    let w = World::clone_backed(FakeImages::default());
+    w.storage.inject("clone_image", libc::EIO, 10);
+    let err = w.pipeline(|_| {}).run(&w.req).await.unwrap_err();
+    assert_eq!(w.nova.task_state(), None, "reverted, as reverts_task_state does");
+    assert_eq!(w.nova.faults.lock().unwrap().len(), 1, "{err}");
+    let events = w.nova.events.lock().unwrap().clone();
+    assert!(events[1].1.as_deref().is_some_and(|m| m.contains("clone")), "{events:?}");
 }
