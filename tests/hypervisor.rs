@@ -87,13 +87,13 @@ async fn raw_sha256(path: &Path, format: &str) -> String {
 async fn finds_guests_and_their_root_disk() {
     let hv = hypervisor().await;
     let guest = ThrowawayGuest::start().await;
-    let found = hv.find_guest(guest.uuid).await.unwrap();
+    let found = hv.find_guest(guest.uuid, None).await.unwrap();
     assert_eq!(found.domain_name, guest.name);
     assert_eq!(found.power_state, PowerState::Running);
     assert_eq!(found.root_disk.source, DiskSource::File(guest.disk.clone()));
     assert_eq!((found.root_disk.format.as_str(), found.root_disk.target.as_str()), ("qcow2", "vda"));
     let missing = Uuid::new_v4();
-    assert!(matches!(hv.find_guest(missing).await, Err(HypervisorError::GuestNotFound(u)) if u == missing));
+    assert!(matches!(hv.find_guest(missing, None).await, Err(HypervisorError::GuestNotFound(u)) if u == missing));
 }
 
 #[tokio::test]
@@ -139,7 +139,7 @@ async fn live_copy_onto_a_delta_carries_the_disk_and_leaves_no_job() {
     assert_eq!(last.load(std::sync::atomic::Ordering::Relaxed), 100);
     assert_eq!(raw_sha256(&delta, "qcow2").await, expected, "the delta over the base holds the disk's contents");
     assert_eq!(hv.power_state(guest.uuid).await.unwrap(), PowerState::Running);
-    let found = hv.find_guest(guest.uuid).await.unwrap();
+    let found = hv.find_guest(guest.uuid, None).await.unwrap();
     assert_eq!(found.root_disk.source, DiskSource::File(guest.disk.clone()), "the guest stays on its own disk");
     let jobs = virsh(&["blockjob", &guest.name, "vda", "--info"]).await;
     assert!(jobs.contains("No current block job"), "{jobs}");

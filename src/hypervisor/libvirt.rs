@@ -87,15 +87,31 @@ fn libvirt_error(operation: &'static str, uuid: Uuid, e: Error) -> HypervisorErr
     HypervisorError::Libvirt { operation, uuid, code: code(&e), message: e.message().to_string() }
 }
 
-/// The root disk from a domain's XML: the first `<disk device='disk'>`, as Nova's root is
-/// the first disk.
-pub fn root_disk_from_xml(uuid: Uuid, xml: &str) -> Result<RootDisk, HypervisorError> {
+/// The root disk from a domain's XML: a `<disk device='disk'>` of `/domain/devices` — never
+/// an element of `<metadata>`, where Nova's `<nova:flavor>` holds a `<nova:disk>` — whose
+/// `<target dev>` is the instance's `root_device_name` when the cast carries one (`/dev/vda`
+/// names `vda`), else the first, as Nova's root is its first disk.
+pub fn root_disk_from_xml(uuid: Uuid, xml: &str, root_device: Option<&str>) -> Result<RootDisk, HypervisorError> {
     let no_disk = |reason: String| HypervisorError::NoRootDisk { uuid, reason };
     let doc = roxmltree::Document::parse(xml).map_err(|e| no_disk(format!("unreadable domain XML: {e}")))?;
-    let disk = doc
-        .descendants()
-        .find(|n| n.has_tag_name("disk") && n.attribute("device").unwrap_or("disk") == "disk")
-        .ok_or_else(|| no_disk("no <disk device='disk'>".into()))?;
+    let devices = doc
+        .root_element()
+        .children()
+        .find(|n| n.is_element() && n.tag_name().name() == "devices" && n.tag_name().namespace().is_none())
+        .ok_or_else(|| no_disk("no <devices>".into()))?;
+    let target_of = |disk: &roxmltree::Node| {
+        disk.children().find(|n| n.has_tag_name("target")).and_then(|t| t.attribute("dev")).map(str::to_string)
+    };
+    let mut disks = devices.children().filter(|n| {
+        n.is_element() && n.tag_name().name() == "disk" && n.attribute("device").unwrap_or("disk") == "disk"
+    });
+    let wanted = root_device.map(|d| d.trim_start_matches("/dev/"));
+    let disk = match wanted {
+        Some(dev) => disks.find(|d| target_of(d).as_deref() == Some(dev)).ok_or_else(|| {
+            no_disk(format!("no <disk device='disk'> with <target dev='{dev}'> (the instance's root_device_name)"))
+        })?,
+        None => disks.next().ok_or_else(|| no_disk("no <disk device='disk'> in <devices>".into()))?,
+    };
     let child = |tag: &str| disk.children().find(|n| n.has_tag_name(tag));
     let source = child("source").ok_or_else(|| no_disk("disk without <source>".into()))?;
     let target =
@@ -161,7 +177,7 @@ impl LibvirtHypervisor {
 
 #[async_trait]
 impl Hypervisor for LibvirtHypervisor {
-    async fn find_guest(&self, uuid: Uuid) -> Result<Guest, HypervisorError> {
+    async fn find_guest(&self, uuid: Uuid, root_device: Option<&str>) -> Result<Guest, HypervisorError> {
         let (name, state, xml) = self
             .blocking(move |inner| {
                 inner.with_connection(uuid, "find guest", |c| {
@@ -170,7 +186,12 @@ impl Hypervisor for LibvirtHypervisor {
                 })
             })
             .await?;
-        Ok(Guest { uuid, domain_name: name, power_state: state, root_disk: root_disk_from_xml(uuid, &xml)? })
+        Ok(Guest {
+            uuid,
+            domain_name: name,
+            power_state: state,
+            root_disk: root_disk_from_xml(uuid, &xml, root_device)?,
+        })
     }
 
     async fn power_state(&self, uuid: Uuid) -> Result<PowerState, HypervisorError> {
@@ -308,7 +329,7 @@ mod tests {
     use super::*;
 
     fn parse(xml: &str) -> Result<RootDisk, HypervisorError> {
-        root_disk_from_xml(Uuid::nil(), xml)
+        root_disk_from_xml(Uuid::nil(), xml, None)
     }
 
     #[test]
@@ -333,6 +354,27 @@ mod tests {
 
         let block = parse("<domain><devices><disk type='block'><source dev='/dev/vg/lv'/><target dev='sda'/></disk></devices></domain>").unwrap();
         assert_eq!(block.source, DiskSource::Block("/dev/vg/lv".into()));
+    }
+
+    /// What Nova's libvirt driver writes: `<nova:instance>` metadata before `<devices>`, its
+    /// flavor with a `<nova:disk>` element, and (here) a config drive after the root disk.
+    const NOVA_XML: &str = "<domain type='qemu'><name>instance-00000001</name>\
+        <metadata><nova:instance xmlns:nova='http://openstack.org/xmlns/libvirt/nova/1.1'>\
+        <nova:flavor name='tiny'><nova:memory>256</nova:memory><nova:disk>1</nova:disk><nova:swap>0</nova:swap></nova:flavor>\
+        <nova:root type='image' uuid='x'/></nova:instance></metadata>\
+        <devices><disk type='network' device='disk'><driver name='qemu' type='raw'/>\
+        <source protocol='rbd' name='vms/abc_disk'/><target dev='vda' bus='virtio'/></disk>\
+        <disk type='network' device='disk'><driver type='raw'/><source protocol='rbd' name='vms/abc_disk.config'/>\
+        <target dev='vdb' bus='virtio'/></disk></devices></domain>";
+
+    #[test]
+    fn nova_metadata_is_never_taken_for_the_root_disk() {
+        let root = parse(NOVA_XML).unwrap();
+        assert_eq!(root.source, DiskSource::Rbd { pool: "vms".into(), image: "abc_disk".into() });
+        let by_name = root_disk_from_xml(Uuid::nil(), NOVA_XML, Some("/dev/vdb")).unwrap();
+        assert_eq!(by_name.source, DiskSource::Rbd { pool: "vms".into(), image: "abc_disk.config".into() });
+        let err = root_disk_from_xml(Uuid::nil(), NOVA_XML, Some("/dev/sda")).unwrap_err().to_string();
+        assert!(err.contains("root_device_name"), "{err}");
     }
 
     #[test]

@@ -93,8 +93,9 @@ pub type Progress = std::sync::Arc<dyn Fn(u8) + Send + Sync>;
 
 #[async_trait]
 pub trait Hypervisor: Send + Sync {
-    /// The guest and its root disk, or `GuestNotFound`.
-    async fn find_guest(&self, uuid: Uuid) -> Result<Guest, HypervisorError>;
+    /// The guest and its root disk (the disk whose target is `root_device`, e.g. `/dev/vda`,
+    /// when given), or `GuestNotFound`.
+    async fn find_guest(&self, uuid: Uuid, root_device: Option<&str>) -> Result<Guest, HypervisorError>;
 
     async fn power_state(&self, uuid: Uuid) -> Result<PowerState, HypervisorError>;
 

@@ -25,7 +25,7 @@ use lapin::{Channel, Connection};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use super::deadletter::dead_letter;
 use super::dispatcher::{self, Route};
@@ -217,7 +217,10 @@ impl RouteOne {
         )
         .await;
         let settled = match copied {
-            Ok(Published::Routed) => delivery.acker.ack(BasicAckOptions::default()).await,
+            Ok(Published::Routed) => {
+                debug!(%routing_key, "passed on");
+                delivery.acker.ack(BasicAckOptions::default()).await
+            }
             Ok(Published::Unroutable) => {
                 if forward {
                     self.step_aside.notify_one();

@@ -115,7 +115,8 @@ impl SnapshotPipeline {
             b: &self.b,
             settings: &self.settings,
             req,
-            task_state: None,
+            // What nova-api set before it cast (`nova/compute/api.py` `snapshot`, `backup`).
+            task_state: Some(req.kind.task_states()[0]),
             recorded: false,
             suspended: false,
             rbd_disk: None,
@@ -203,7 +204,8 @@ impl Job<'_> {
         let (instance, image_id, ctx) = (req.instance.uuid, req.image_id, &req.context);
 
         // 1. The guest, by instance UUID; its power state saved in Nova, as nova-compute does.
-        let guest: Guest = self.step(Step::FindGuest, || b.hypervisor.find_guest(instance)).await?;
+        let root_device = req.instance.data.get("root_device_name").and_then(serde_json::Value::as_str);
+        let guest: Guest = self.step(Step::FindGuest, || b.hypervisor.find_guest(instance, root_device)).await?;
         self.step(Step::UpdateInstance, || b.nova.save_power_state(req, guest.power_state)).await?;
 
         // 2. The image nova-api created for the result. Active means an earlier delivery
@@ -220,10 +222,6 @@ impl Job<'_> {
             );
         }
         self.notify(SnapshotEvent::Start).await;
-        self.task_state = Some(match req.kind {
-            SnapshotKind::Snapshot => TaskState::ImageSnapshotPending,
-            SnapshotKind::Backup { .. } => TaskState::ImageBackup,
-        });
         if req.kind == SnapshotKind::Snapshot {
             self.set_task_state(Some(TaskState::ImageSnapshot)).await?;
         }
