@@ -2,6 +2,8 @@
 //! peers, and looks at Ceph and Glance that tests assert on.
 #![allow(dead_code)] // each test binary uses its own subset
 
+pub mod openstack;
+
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::{Duration, Instant};

@@ -1,0 +1,187 @@
+//! The cloud as its users and operators reach it: the `openstack` command line client (as the
+//! demo user, or as admin), Nova's servers and their task_state, novasnap beside the stack's
+//! nova-compute, and the stack's image checker.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use tokio::process::Command;
+
+use super::env;
+
+/// `openstack ARGS -f json` as the demo user (the OS_* variables `scripts/stack env` sets).
+pub async fn openstack(args: &[&str]) -> Value {
+    run_openstack(false, args).await
+}
+
+/// The same as the stack's admin.
+pub async fn openstack_admin(args: &[&str]) -> Value {
+    run_openstack(true, args).await
+}
+
+async fn run_openstack(admin: bool, args: &[&str]) -> Value {
+    let out = openstack_command(admin, args).args(["-f", "json"]).output().await.unwrap();
+    assert!(
+        out.status.success(),
+        "openstack {args:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
+}
+
+/// An `openstack` command with no output format, for the subcommands that print nothing.
+pub async fn openstack_plain(args: &[&str]) {
+    let out = openstack_command(false, args).output().await.unwrap();
+    assert!(out.status.success(), "openstack {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+fn openstack_command(admin: bool, args: &[&str]) -> Command {
+    let mut command = Command::new(env("OPENSTACK"));
+    if admin {
+        command.args([
+            "--os-username",
+            "admin",
+            "--os-project-name",
+            "admin",
+            "--os-password",
+            &env("OS_ADMIN_PASSWORD"),
+        ]);
+    }
+    command.args(args).env("PYTHONWARNINGS", "ignore");
+    command
+}
+
+/// A Keystone token of the demo user, or of the admin.
+pub async fn token(admin: bool) -> String {
+    let issued = run_openstack(admin, &["token", "issue"]).await;
+    issued["id"].as_str().unwrap().to_string()
+}
+
+/// Nova-built server N (1: disk cloned from its image, 2: a full copy), as the stack made it.
+pub struct Server {
+    pub id: String,
+    pub domain: String,
+    /// `rbd:vms/<id>_disk`
+    pub disk: String,
+    /// The Glance image it was booted from.
+    pub image: String,
+}
+
+pub fn server(n: u8) -> Server {
+    Server {
+        id: env(&format!("SERVER{n}_ID")),
+        domain: env(&format!("SERVER{n}_DOMAIN")),
+        disk: env(&format!("SERVER{n}_DISK")),
+        image: env(&format!("SERVER{n}_IMAGE")),
+    }
+}
+
+impl Server {
+    /// `openstack server show`, as the admin sees it (domain name, task_state, host).
+    pub async fn show(&self) -> Value {
+        openstack_admin(&["server", "show", &self.id]).await
+    }
+
+    pub async fn task_state(&self) -> Value {
+        self.show().await["OS-EXT-STS:task_state"].clone()
+    }
+
+    /// The instance action of request `request_id`, with its events.
+    pub async fn action(&self, request_id: &str) -> Value {
+        openstack_admin(&["server", "event", "show", &self.id, request_id]).await
+    }
+
+    /// The request id of the newest action named `action` (e.g. `createImage`).
+    pub async fn last_request(&self, action: &str) -> String {
+        let events = openstack(&["server", "event", "list", &self.id]).await;
+        let newest = events
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["Action"] == action)
+            .max_by(|a, b| a["Start Time"].as_str().cmp(&b["Start Time"].as_str()))
+            .unwrap_or_else(|| panic!("no {action} action on {}: {events:#}", self.id));
+        newest["Request ID"].as_str().unwrap().to_string()
+    }
+
+    /// Waits until Nova has no task on the server.
+    pub async fn wait_idle(&self, limit: Duration) {
+        let start = Instant::now();
+        loop {
+            let state = self.task_state().await;
+            if state.is_null() {
+                return;
+            }
+            assert!(start.elapsed() < limit, "server {} still in task_state {state} after {limit:?}", self.id);
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
+
+    /// `openstack server image create --wait`: Nova's snapshot, as a user asks for it. Returns
+    /// the image's id.
+    pub async fn image_create(&self, name: &str) -> String {
+        let image = openstack(&["server", "image", "create", "--wait", "--name", name, &self.id]).await;
+        image["id"].as_str().unwrap().to_string()
+    }
+}
+
+/// The image as its owner (the demo user) sees it in Glance.
+pub async fn image_show(id: &str) -> Value {
+    openstack_admin(&["image", "show", id]).await
+}
+
+/// Deletes an image as the admin; one already gone is fine.
+pub async fn image_delete(id: &str) {
+    let _ = openstack_command(true, &["image", "delete", id]).output().await;
+}
+
+/// What `scripts/check-image` says of an image: its last line, `key=value` pairs.
+#[derive(Debug)]
+pub struct Check {
+    pub status: i32,
+    pub fields: std::collections::BTreeMap<String, String>,
+    pub output: String,
+}
+
+impl Check {
+    pub fn unbroken(&self) -> bool {
+        self.fields.get("unbroken").map(String::as_str) == Some("yes")
+    }
+
+    pub fn clean(&self) -> bool {
+        self.fields.get("clean").map(String::as_str) == Some("yes")
+    }
+
+    pub fn last_record(&self) -> u64 {
+        self.fields.get("last_record").and_then(|n| n.parse().ok()).unwrap_or(0)
+    }
+}
+
+/// Runs the stack's checker on `spec` (a file, or `rbd:pool/image[@snap]`).
+pub async fn check_image(spec: &str, require_clean: bool) -> Check {
+    let mut command = Command::new(env("CHECK_IMAGE"));
+    if require_clean {
+        command.arg("--require-clean");
+    }
+    let out = command.arg(spec).output().await.unwrap();
+    let output = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let last = String::from_utf8_lossy(&out.stdout).lines().last().unwrap_or_default().to_string();
+    let fields =
+        last.split_whitespace().filter_map(|kv| kv.split_once('=')).map(|(k, v)| (k.into(), v.into())).collect();
+    Check { status: out.status.code().unwrap_or(-1), fields, output }
+}
+
+/// The log of one of the stack's services, `$NOVASNAP_STACK_STATE/logs/<name>.log`.
+pub fn stack_log(name: &str) -> String {
+    let path = PathBuf::from(env("NOVASNAP_STACK_STATE")).join("logs").join(format!("{name}.log"));
+    std::fs::read_to_string(path).unwrap_or_default()
+}
+
+/// Runs `scripts/stack ARGS` of this checkout.
+pub async fn stack(args: &[&str]) {
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/stack");
+    let out = Command::new(script).args(args).output().await.unwrap();
+    assert!(out.status.success(), "scripts/stack {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
