@@ -55,7 +55,12 @@ pub struct PipelineSettings {
     pub ceph_conf: Option<PathBuf>,
     pub retry: RetryPolicy,
     pub progress_interval: std::time::Duration,
+    /// The image property's value that says novasnap made the image ([`MADE_BY_PROPERTY`]).
+    pub made_by: String,
 }
+
+/// The image property naming the novasnap (version and host) that made the image.
+pub const MADE_BY_PROPERTY: &str = "novasnap_made_by";
 
 impl PipelineSettings {
     pub fn from_config(config: &crate::config::Config) -> Self {
@@ -70,6 +75,7 @@ impl PipelineSettings {
             ceph_conf: config.rbd.ceph_conf.clone(),
             retry: config.worker.retry.clone(),
             progress_interval: config.notifications.progress_interval,
+            made_by: format!("novasnap {} on {}", env!("CARGO_PKG_VERSION"), config.host),
         }
     }
 }
@@ -229,7 +235,9 @@ impl Job<'_> {
         // 3. What to make: backend, format, metadata; 4. live or cold.
         let plan = SnapshotPlan::new(&guest, &req.instance, &self.settings.plan);
         self.suspended = plan.suspended_already;
-        let metadata = plan::snapshot_metadata(&req.instance, &image, &plan.image_format);
+        let mut metadata = plan::snapshot_metadata(&req.instance, &image, &plan.image_format);
+        // Which snapshotter made it: novasnap, on which host (nova-compute's own carry none).
+        metadata.insert(MADE_BY_PROPERTY.into(), self.settings.made_by.clone().into());
         info!(%instance, image = %image_id, backend = ?plan.backend, format = %plan.image_format, live = plan.live,
               "beginning {} snapshot", if plan.live { "live" } else { "cold" });
         if plan.live {

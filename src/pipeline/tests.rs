@@ -483,6 +483,7 @@ impl World {
                 max_retries: 3,
             },
             progress_interval: Duration::from_millis(1),
+            made_by: "novasnap test".into(),
         };
         settings(&mut s);
         SnapshotPipeline::new(

@@ -93,6 +93,21 @@ fn clear_failed_tests_leftovers() {
 }
 
 impl TestConfig {
+    /// novasnap beside the stack's nova-compute: the nova-cpu.conf it runs from (`NOVA_CONF`),
+    /// unchanged but for a notification exchange of the test's own and `overrides`.
+    pub fn beside_nova(overrides: &[(&str, &str, &str)]) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let notification_exchange = unique("novasnap-test-notifications");
+        let mut text = std::fs::read_to_string(env("NOVA_CONF")).unwrap();
+        let ours = [("novasnap", "notification_exchange", notification_exchange.as_str())];
+        for (section, key, value) in ours.iter().chain(overrides) {
+            text = ini_set(&text, section, key, value);
+        }
+        let path = dir.path().join("nova-cpu.conf");
+        std::fs::write(&path, text).unwrap();
+        Self { host: env("NOVASNAP_HOST"), notification_exchange, path, _dir: dir }
+    }
+
     pub fn new(overrides: &[(&str, &str, &str)]) -> Self {
         clear_failed_tests_leftovers();
         let dir = tempfile::tempdir().unwrap();
@@ -138,6 +153,37 @@ impl TestConfig {
     }
 }
 
+/// `text` (an INI file) with `[section] key = value` set: replaced where the key is, added to
+/// the section (or a new one at the end) where it is not.
+fn ini_set(text: &str, section: &str, key: &str, value: &str) -> String {
+    let mut out = Vec::new();
+    let (mut in_section, mut done) = (false, false);
+    for line in text.lines() {
+        let trimmed = line.trim();
+        if trimmed.starts_with('[') {
+            if in_section && !done {
+                out.push(format!("{key} = {value}"));
+                done = true;
+            }
+            in_section = trimmed == format!("[{section}]");
+        } else if in_section && trimmed.split('=').next().map(str::trim) == Some(key) {
+            if !done {
+                out.push(format!("{key} = {value}"));
+                done = true;
+            }
+            continue;
+        }
+        out.push(line.to_string());
+    }
+    if !done {
+        if !in_section {
+            out.push(format!("[{section}]"));
+        }
+        out.push(format!("{key} = {value}"));
+    }
+    out.join("\n") + "\n"
+}
+
 pub fn snapshots_directory() -> PathBuf {
     PathBuf::from(env("NOVASNAP_STACK_STATE")).join("snapshots")
 }
@@ -166,18 +212,20 @@ impl WorkerProcess {
             .spawn()
             .unwrap();
         let mut worker = Self { child, log };
-        let queue = format!("compute.{}", config.host);
+        // novasnap's own consumer in front of compute.<host> (nova-compute's is there too).
+        let relay = format!("novasnap-relay-{}-", config.host);
         let start = Instant::now();
         loop {
             if let Ok(Some(status)) = worker.child.try_wait() {
                 panic!("worker exited with {status} before consuming:\n{}", worker.log_text());
             }
-            if consumers().await.lines().any(|l| l.trim() == queue) {
+            if consumers().await.lines().any(|l| l.trim().starts_with(&relay)) {
                 break;
             }
             assert!(
                 start.elapsed() < Duration::from_secs(60),
-                "worker not consuming {queue} within 60 s:\n{}",
+                "worker not in front of compute.{} within 60 s:\n{}",
+                config.host,
                 worker.log_text()
             );
             tokio::time::sleep(Duration::from_millis(200)).await;
@@ -218,8 +266,9 @@ impl Drop for WorkerProcess {
     }
 }
 
+/// The consumer tags on the broker, one a line.
 async fn consumers() -> String {
-    let out = Command::new("rabbitmqctl").args(["-q", "list_consumers", "queue_name"]).output().await.unwrap();
+    let out = Command::new("rabbitmqctl").args(["-q", "list_consumers", "consumer_tag"]).output().await.unwrap();
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
