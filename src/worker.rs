@@ -9,9 +9,13 @@ use async_trait::async_trait;
 use tracing::{info, warn, Instrument};
 
 use crate::messaging::{Handled, SnapshotHandler};
-use crate::pipeline::{Outcome, SnapshotPipeline};
+use crate::pipeline::{Failure, Outcome, SnapshotPipeline};
 use crate::request::SnapshotRequest;
 use crate::storage::WorkLedger;
+
+/// How long a cast waits before it goes back to the broker unfinished: keeps a fault that has
+/// not cleared from spinning the same cast through the broker.
+const HANDBACK_DELAY: Duration = Duration::from_secs(5);
 
 pub struct Worker {
     pipeline: SnapshotPipeline,
@@ -41,12 +45,11 @@ impl Worker {
             info!("duplicate cast: already carried to its end, ignoring");
             return Handled::Done;
         }
-        let _lease = match self.ledger.lock_instance(req.instance.uuid).await {
+        let lease = match self.ledger.lock_instance(req.instance.uuid).await {
             Ok(lease) => lease,
             Err(e) => {
                 warn!(error = %e, "cannot take the instance lease; handing the cast back");
-                // Keeps a broken ledger from spinning the same cast through the broker.
-                tokio::time::sleep(Duration::from_secs(5)).await;
+                tokio::time::sleep(HANDBACK_DELAY).await;
                 return Handled::Requeue;
             }
         };
@@ -59,7 +62,14 @@ impl Worker {
             Ok(Outcome::Completed { direct }) => info!(direct, "snapshot completed"),
             Ok(Outcome::AlreadyDone) => info!("snapshot was already completed"),
             // The pipeline has cleaned up and reported; retrying the cast cannot help.
-            Err(e) => warn!(error = %e, "snapshot ended in failure"),
+            Err(Failure { error, unsettled: None }) => warn!(%error, "snapshot ended in failure"),
+            Err(Failure { error, unsettled: Some(why) }) => {
+                tracing::error!(%error, unsettled = %why, "snapshot failed and its failure is not settled; handing the cast back so that a redelivery puts it right");
+                drop(lease);
+                // A redelivery at once would most likely meet the same fault.
+                tokio::time::sleep(HANDBACK_DELAY).await;
+                return Handled::Requeue;
+            }
         }
         if let Some(id) = unique_id {
             if let Err(e) = self.ledger.mark_done(id).await {

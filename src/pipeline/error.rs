@@ -110,6 +110,18 @@ impl SnapshotError {
     }
 }
 
+/// A request that failed: the error, and whether its failure is settled.
+#[derive(Debug, thiserror::Error)]
+#[error("{error}")]
+pub struct Failure {
+    #[source]
+    pub error: SnapshotError,
+    /// What the cleanup could not put right and only another delivery of the cast can (a
+    /// guest still in managed save, an image whose state Glance could not tell): the cast
+    /// must go back to the broker. None once the failure is cleaned up and reported.
+    pub unsettled: Option<String>,
+}
+
 impl Classify for SnapshotError {
     fn disposition(&self) -> Disposition {
         self.fault.disposition()

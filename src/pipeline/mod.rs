@@ -28,7 +28,7 @@ use crate::request::{SnapshotKind, SnapshotRequest};
 use crate::retry::RetryPolicy;
 use crate::storage::{BlockStorage, RbdImage};
 
-pub use error::{Fault, SnapshotError, Step};
+pub use error::{Failure, Fault, SnapshotError, Step};
 use plan::{PlanSettings, SnapshotPlan};
 
 /// The boundaries a snapshot talks to.
@@ -104,7 +104,7 @@ impl SnapshotPipeline {
         Self { b, settings }
     }
 
-    pub async fn run(&self, req: &SnapshotRequest) -> Result<Outcome, SnapshotError> {
+    pub async fn run(&self, req: &SnapshotRequest) -> Result<Outcome, Failure> {
         let mut job = Job {
             b: &self.b,
             settings: &self.settings,
@@ -116,9 +116,9 @@ impl SnapshotPipeline {
         };
         match job.snapshot().await {
             Ok(outcome) => Ok(outcome),
-            Err(e) => {
-                job.fail(&e).await;
-                Err(e)
+            Err(error) => {
+                let unsettled = job.fail(&error).await;
+                Err(Failure { error, unsettled })
             }
         }
     }
@@ -303,7 +303,7 @@ impl Job<'_> {
     /// Undoes what this request did, as Nova's compute manager and driver do on failure,
     /// but completely: artefacts removed, image deleted unless active, guest resumed,
     /// task_state reset, and the fault published.
-    async fn fail(&mut self, e: &SnapshotError) {
+    async fn fail(&mut self, e: &SnapshotError) -> Option<String> {
         let (b, req) = (self.b, self.req);
         if e.is_vanished() {
             info!(instance = %self.instance(), image = %self.image(), error = %e, "instance or image vanished during snapshot; ending quietly");
@@ -341,6 +341,7 @@ impl Job<'_> {
         if !e.is_vanished() {
             self.notify(SnapshotEvent::Error { exception: e.exception_name().into(), message: e.to_string() }).await;
         }
+        None
     }
 }
 

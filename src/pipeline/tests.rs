@@ -23,36 +23,88 @@ use crate::storage::{BlockStorage, CloneParent, RbdImage, SnapshotInfo, StorageE
 
 const FSID: &str = "0a1b2c3d-0000-4000-8000-000000000001";
 
+/// Faults a fake returns from the named method, in order, before it behaves normally again:
+/// every method of every fake can be made to fail, where the pipeline's bugs would be. A
+/// `None` in the queue lets one call through, so a fault can be placed at the n-th call.
+struct Faults<E>(Mutex<BTreeMap<&'static str, VecDeque<Option<E>>>>);
+
+impl<E> Default for Faults<E> {
+    fn default() -> Self {
+        Self(Mutex::default())
+    }
+}
+
+impl<E> Faults<E> {
+    fn inject(&self, op: &'static str, times: usize, fault: impl Fn() -> E) {
+        let mut faults = self.0.lock().unwrap();
+        faults.entry(op).or_default().extend((0..times).map(|_| Some(fault())));
+    }
+    /// The next `times` calls of `op` behave normally, before any fault injected after this.
+    fn pass(&self, op: &'static str, times: usize) {
+        self.0.lock().unwrap().entry(op).or_default().extend((0..times).map(|_| None));
+    }
+    fn check(&self, op: &'static str) -> Result<(), E> {
+        self.0.lock().unwrap().get_mut(op).and_then(VecDeque::pop_front).flatten().map_or(Ok(()), Err)
+    }
+}
+
+/// What the fakes did, in order, across all of them: `<boundary> <method> <target>`.
+type Timeline = Arc<Mutex<Vec<String>>>;
+
 #[derive(Default)]
 struct FakeHypervisor {
     guests: Mutex<BTreeMap<Uuid, Guest>>,
     calls: Mutex<Vec<String>>,
+    faults: Faults<HypervisorError>,
+    timeline: Timeline,
+}
+
+impl FakeHypervisor {
+    fn record(&self, call: String) {
+        self.timeline.lock().unwrap().push(format!("hypervisor {call}"));
+        self.calls.lock().unwrap().push(call);
+    }
+    /// `times` transient libvirt errors (an operation timeout) from `op`.
+    fn inject(&self, op: &'static str, times: usize) {
+        self.faults.inject(op, times, || HypervisorError::Libvirt {
+            operation: "injected",
+            uuid: Uuid::nil(),
+            code: 68,
+            message: "operation timed out".into(),
+        });
+    }
 }
 
 #[async_trait]
 impl Hypervisor for FakeHypervisor {
     async fn find_guest(&self, uuid: Uuid) -> Result<Guest, HypervisorError> {
+        self.faults.check("find_guest")?;
         self.guests.lock().unwrap().get(&uuid).cloned().ok_or(HypervisorError::GuestNotFound(uuid))
     }
     async fn power_state(&self, uuid: Uuid) -> Result<PowerState, HypervisorError> {
+        self.faults.check("power_state")?;
         Ok(self.find_guest(uuid).await?.power_state)
     }
     async fn abort_block_job(&self, _uuid: Uuid, disk: &str) -> Result<(), HypervisorError> {
-        self.calls.lock().unwrap().push(format!("abort {disk}"));
+        self.faults.check("abort_block_job")?;
+        self.record(format!("abort {disk}"));
         Ok(())
     }
     async fn suspend(&self, uuid: Uuid) -> Result<(), HypervisorError> {
-        self.calls.lock().unwrap().push("suspend".into());
+        self.faults.check("suspend")?;
+        self.record("suspend".into());
         self.guests.lock().unwrap().get_mut(&uuid).unwrap().power_state = PowerState::Suspended;
         Ok(())
     }
     async fn resume(&self, uuid: Uuid, paused: bool) -> Result<(), HypervisorError> {
-        self.calls.lock().unwrap().push(format!("resume paused={paused}"));
+        self.faults.check("resume")?;
+        self.record(format!("resume paused={paused}"));
         self.guests.lock().unwrap().get_mut(&uuid).unwrap().power_state =
             if paused { PowerState::Paused } else { PowerState::Running };
         Ok(())
     }
     async fn live_copy(&self, _: Uuid, _: &str, _: &std::path::Path, _: Progress) -> Result<(), HypervisorError> {
+        self.faults.check("live_copy")?;
         unreachable!("file-backed guests are covered by the integration tests")
     }
 }
@@ -68,27 +120,25 @@ struct FakeRbd {
 #[derive(Default)]
 struct FakeStorage {
     images: Mutex<BTreeMap<RbdImage, FakeRbd>>,
-    /// Faults to return, in order, from the named operation.
-    faults: Mutex<BTreeMap<&'static str, VecDeque<StorageError>>>,
+    faults: Faults<StorageError>,
+    timeline: Timeline,
 }
 
 impl FakeStorage {
-    fn fault(&self, op: &'static str) -> Result<(), StorageError> {
-        match self.faults.lock().unwrap().get_mut(op).and_then(VecDeque::pop_front) {
-            Some(e) => Err(e),
-            None => Ok(()),
-        }
-    }
+    /// `times` faults with `errno` from `op`.
     fn inject(&self, op: &'static str, errno: i32, times: usize) {
-        let mut faults = self.faults.lock().unwrap();
-        for _ in 0..times {
-            faults.entry(op).or_default().push_back(StorageError::Rbd {
-                operation: op,
-                target: "fake".into(),
-                errno,
-                message: "injected".into(),
-            });
-        }
+        self.faults.inject(op, times, || StorageError::Rbd {
+            operation: "injected",
+            target: "fake".into(),
+            errno,
+            message: "injected".into(),
+        });
+    }
+    /// Checks for an injected fault, then records a change.
+    fn change(&self, op: &'static str, target: impl std::fmt::Display) -> Result<(), StorageError> {
+        self.faults.check(op)?;
+        self.timeline.lock().unwrap().push(format!("storage {op} {target}"));
+        Ok(())
     }
     fn get(&self, image: &RbdImage) -> Option<FakeRbd> {
         self.images.lock().unwrap().get(image).cloned()
@@ -101,21 +151,27 @@ impl FakeStorage {
 #[async_trait]
 impl BlockStorage for FakeStorage {
     async fn fsid(&self) -> Result<String, StorageError> {
+        self.faults.check("fsid")?;
         Ok(FSID.into())
     }
     async fn exists(&self, image: &RbdImage) -> Result<bool, StorageError> {
+        self.faults.check("exists")?;
         Ok(self.get(image).is_some())
     }
     async fn size(&self, image: &RbdImage) -> Result<u64, StorageError> {
+        self.faults.check("size")?;
         Ok(self.get(image).ok_or_else(|| Self::missing(image))?.data.len() as u64)
     }
     async fn parent(&self, image: &RbdImage) -> Result<Option<CloneParent>, StorageError> {
+        self.faults.check("parent")?;
         Ok(self.get(image).ok_or_else(|| Self::missing(image))?.parent)
     }
     async fn list_images(&self, pool: &str) -> Result<Vec<String>, StorageError> {
+        self.faults.check("list_images")?;
         Ok(self.images.lock().unwrap().keys().filter(|i| i.pool == pool).map(|i| i.name.clone()).collect())
     }
     async fn list_snapshots(&self, image: &RbdImage) -> Result<Vec<SnapshotInfo>, StorageError> {
+        self.faults.check("list_snapshots")?;
         let rbd = self.get(image).ok_or_else(|| Self::missing(image))?;
         Ok(rbd
             .snaps
@@ -124,7 +180,7 @@ impl BlockStorage for FakeStorage {
             .collect())
     }
     async fn create_snapshot(&self, image: &RbdImage, snap: &str) -> Result<(), StorageError> {
-        self.fault("create_snapshot")?;
+        self.change("create_snapshot", format!("{image}@{snap}"))?;
         let mut images = self.images.lock().unwrap();
         let rbd = images.get_mut(image).ok_or_else(|| Self::missing(image))?;
         let data = rbd.data.clone();
@@ -132,12 +188,14 @@ impl BlockStorage for FakeStorage {
         Ok(())
     }
     async fn protect_snapshot(&self, image: &RbdImage, snap: &str) -> Result<(), StorageError> {
+        self.change("protect_snapshot", format!("{image}@{snap}"))?;
         let mut images = self.images.lock().unwrap();
         let rbd = images.get_mut(image).ok_or_else(|| Self::missing(image))?;
         rbd.snaps.get_mut(snap).ok_or_else(|| Self::missing(image))?.0 = true;
         Ok(())
     }
     async fn remove_snapshot(&self, image: &RbdImage, snap: &str) -> Result<(), StorageError> {
+        self.change("remove_snapshot", format!("{image}@{snap}"))?;
         let mut images = self.images.lock().unwrap();
         let children =
             images.values().any(|i| i.parent.as_ref().is_some_and(|p| &p.image == image && p.snapshot == snap));
@@ -155,7 +213,7 @@ impl BlockStorage for FakeStorage {
         Ok(())
     }
     async fn clone_image(&self, parent: &RbdImage, snap: &str, child: &RbdImage) -> Result<(), StorageError> {
-        self.fault("clone_image")?;
+        self.change("clone_image", child)?;
         let mut images = self.images.lock().unwrap();
         let data = images.get(parent).and_then(|p| p.snaps.get(snap)).ok_or_else(|| Self::missing(parent))?.1.clone();
         images.entry(child.clone()).or_insert(FakeRbd {
@@ -167,28 +225,35 @@ impl BlockStorage for FakeStorage {
         Ok(())
     }
     async fn flatten(&self, image: &RbdImage, progress: Progress) -> Result<(), StorageError> {
-        self.fault("flatten")?;
+        self.change("flatten", image)?;
         progress(50);
         progress(100);
         self.images.lock().unwrap().get_mut(image).ok_or_else(|| Self::missing(image))?.parent = None;
         Ok(())
     }
     async fn set_metadata(&self, image: &RbdImage, key: &str, value: &str) -> Result<(), StorageError> {
+        self.change("set_metadata", image)?;
         let mut images = self.images.lock().unwrap();
         images.get_mut(image).ok_or_else(|| Self::missing(image))?.metadata.insert(key.into(), value.into());
         Ok(())
     }
     async fn metadata(&self, image: &RbdImage, key: &str) -> Result<Option<String>, StorageError> {
+        self.faults.check("metadata")?;
         Ok(self.get(image).ok_or_else(|| Self::missing(image))?.metadata.get(key).cloned())
     }
     async fn release(&self, _image: &RbdImage) -> Result<(), StorageError> {
+        self.faults.check("release")?;
         Ok(()) // an in-memory image has no handles
     }
     async fn remove_image(&self, image: &RbdImage) -> Result<(), StorageError> {
+        self.change("remove_image", image)?;
         self.images.lock().unwrap().remove(image);
         Ok(())
     }
     fn read(&self, image: &RbdImage, snap: Option<&str>) -> BoxStream<'static, Result<Bytes, StorageError>> {
+        if let Err(e) = self.faults.check("read") {
+            return futures::stream::once(async { Err(e) }).boxed();
+        }
         let rbd = self.get(image).unwrap();
         let data = match snap {
             Some(s) => rbd.snaps[s].1.clone(),
@@ -206,26 +271,42 @@ struct FakeImages {
     /// Plays Glance's failing location import: run (and dropped) at the next add_location,
     /// which then fails as the import task does.
     failing_import: Mutex<Option<Box<dyn FnOnce() + Send>>>,
+    faults: Faults<ImageError>,
 }
 
 impl FakeImages {
     fn image(&self, id: Uuid) -> Option<Image> {
         self.images.lock().unwrap().get(&id).cloned()
     }
+    /// `times` answers of 503 (Glance down) from `op`.
+    fn inject(&self, op: &'static str, times: usize) {
+        self.faults.inject(op, times, || ImageError::Http {
+            operation: "injected",
+            target: "fake".into(),
+            status: 503,
+            body: "the image service is unavailable".into(),
+        });
+    }
+    fn set_status(&self, id: Uuid, status: ImageStatus) {
+        self.images.lock().unwrap().get_mut(&id).unwrap().status = status;
+    }
 }
 
 #[async_trait]
 impl ImageService for FakeImages {
     async fn get(&self, _: &RequestContext, id: Uuid) -> Result<Image, ImageError> {
+        self.faults.check("get")?;
         self.image(id).ok_or(ImageError::NotFound(id))
     }
     async fn update(&self, _: &RequestContext, id: Uuid, props: &ImageProperties) -> Result<Image, ImageError> {
+        self.faults.check("update")?;
         let mut images = self.images.lock().unwrap();
         let image = images.get_mut(&id).ok_or(ImageError::NotFound(id))?;
         image.properties.extend(props.clone());
         Ok(image.clone())
     }
     async fn add_location(&self, _: &RequestContext, id: Uuid, url: &str) -> Result<(), ImageError> {
+        self.faults.check("add_location")?;
         if self.refuse_locations {
             return Err(ImageError::LocationsRefused { id, reason: "403 Forbidden".into() });
         }
@@ -246,6 +327,7 @@ impl ImageService for FakeImages {
         data: BoxStream<'static, Result<Bytes, std::io::Error>>,
         _size: Option<u64>,
     ) -> Result<(), ImageError> {
+        self.faults.check("upload")?;
         let chunks: Vec<Bytes> =
             data.try_collect().await.map_err(|e| ImageError::Source { id, message: e.to_string() })?;
         self.uploads.lock().unwrap().insert(id, chunks.concat());
@@ -253,10 +335,12 @@ impl ImageService for FakeImages {
         Ok(())
     }
     async fn delete(&self, _: &RequestContext, id: Uuid) -> Result<(), ImageError> {
+        self.faults.check("delete")?;
         self.images.lock().unwrap().remove(&id);
         Ok(())
     }
     async fn list(&self, _: &RequestContext, filters: &[(&str, &str)]) -> Result<Vec<Image>, ImageError> {
+        self.faults.check("list")?;
         let mut found: Vec<Image> = self
             .images
             .lock()
@@ -284,6 +368,7 @@ impl Notifier for RecordingNotifier {
 }
 
 struct World {
+    timeline: Timeline,
     hv: Arc<FakeHypervisor>,
     storage: Arc<FakeStorage>,
     images: Arc<FakeImages>,
@@ -303,7 +388,8 @@ impl World {
         let base_id = Uuid::new_v4();
         let disk = RbdImage::new("vms", format!("{instance}_disk"));
         let base = RbdImage::new("images", base_id.to_string());
-        let storage = FakeStorage::default();
+        let timeline = Timeline::default();
+        let storage = FakeStorage { timeline: timeline.clone(), ..Default::default() };
         storage.images.lock().unwrap().insert(
             base.clone(),
             FakeRbd {
@@ -322,7 +408,7 @@ impl World {
                 metadata: BTreeMap::new(),
             },
         );
-        let hv = FakeHypervisor::default();
+        let hv = FakeHypervisor { timeline: timeline.clone(), ..Default::default() };
         hv.guests.lock().unwrap().insert(
             instance,
             Guest {
@@ -362,6 +448,7 @@ impl World {
             unique_id: None,
         };
         Self {
+            timeline,
             hv: Arc::new(hv),
             storage: Arc::new(storage),
             images: Arc::new(images),
@@ -410,6 +497,34 @@ impl World {
             .filter(|e| !matches!(e, SnapshotEvent::Progress { .. }))
             .cloned()
             .collect()
+    }
+
+    fn reclaimer(&self, snapshots_directory: &std::path::Path) -> crate::reclaim::Reclaimer {
+        crate::reclaim::Reclaimer {
+            storage: Some(self.storage.clone()),
+            images: self.images.clone(),
+            disk_pool: "vms".into(),
+            glance_pools: vec!["images".into()],
+            snapshots_directory: snapshots_directory.to_owned(),
+        }
+    }
+
+    /// What a worker killed mid-flatten leaves: a protected disk snapshot and a tagged clone.
+    async fn leave_unflattened_copy(&self) {
+        let snap = direct::disk_snapshot_name(self.req.image_id);
+        self.storage.create_snapshot(&self.disk, &snap).await.unwrap();
+        self.storage.protect_snapshot(&self.disk, &snap).await.unwrap();
+        self.storage.clone_image(&self.disk, &snap, &self.copy()).await.unwrap();
+        self.storage.set_metadata(&self.copy(), OWNER_METADATA_KEY, &self.req.image_id.to_string()).await.unwrap();
+    }
+
+    /// The request as a `backup_instance` cast with `rotation`, the image marked as a backup.
+    fn backup(&self, rotation: u32) -> SnapshotRequest {
+        let instance = self.req.instance.uuid.to_string();
+        let props = [("instance_uuid", instance.as_str()), ("image_type", "backup"), ("backup_type", "daily")];
+        self.images.images.lock().unwrap().get_mut(&self.req.image_id).unwrap().properties =
+            props.into_iter().map(|(k, v)| (k.to_string(), json!(v))).collect();
+        SnapshotRequest { kind: SnapshotKind::Backup { backup_type: "daily".into(), rotation }, ..self.req.clone() }
     }
 
     fn disk_snapshots(&self) -> Vec<String> {
@@ -522,7 +637,7 @@ async fn transient_faults_are_retried_and_the_snapshot_completes() {
 async fn a_permanent_failure_cleans_up_everything_and_reports_it() {
     let w = World::clone_backed(FakeImages::default());
     w.storage.inject("flatten", libc::EIO, 1);
-    let err = w.pipeline(|_| {}).run(&w.req).await.unwrap_err();
+    let err = w.pipeline(|_| {}).run(&w.req).await.unwrap_err().error;
     assert_eq!(err.step, Step::Flatten);
     assert!(
         err.to_string().contains(&w.req.instance.uuid.to_string())
@@ -541,7 +656,7 @@ async fn a_permanent_failure_cleans_up_everything_and_reports_it() {
 async fn retries_are_bounded_then_the_failure_is_clean() {
     let w = World::clone_backed(FakeImages::default());
     w.storage.inject("clone_image", libc::EBUSY, 10);
-    let err = w.pipeline(|_| {}).run(&w.req).await.unwrap_err();
+    let err = w.pipeline(|_| {}).run(&w.req).await.unwrap_err().error;
     assert_eq!(err.step, Step::Clone);
     assert!(w.disk_snapshots().is_empty());
     assert!(w.images.image(w.req.image_id).is_none());
@@ -588,7 +703,7 @@ async fn a_guest_left_suspended_by_a_crashed_try_is_resumed() {
 async fn a_vanished_guest_ends_quietly_and_deletes_the_queued_image() {
     let w = World::clone_backed(FakeImages::default());
     w.hv.guests.lock().unwrap().clear();
-    let err = w.pipeline(|_| {}).run(&w.req).await.unwrap_err();
+    let err = w.pipeline(|_| {}).run(&w.req).await.unwrap_err().error;
     assert!(err.is_vanished());
     assert!(w.images.image(w.req.image_id).is_none());
     assert!(w.events().is_empty(), "no error storm: {:?}", w.events());
@@ -634,21 +749,11 @@ async fn backup_rotation_keeps_the_newest() {
 #[tokio::test]
 async fn reclamation_keeps_resumable_work_and_removes_dead_work() {
     let w = World::clone_backed(FakeImages::default());
-    // What a worker killed mid-flatten leaves: protected disk snapshot + tagged clone.
+    w.leave_unflattened_copy().await;
     let snap = direct::disk_snapshot_name(w.req.image_id);
-    w.storage.create_snapshot(&w.disk, &snap).await.unwrap();
-    w.storage.protect_snapshot(&w.disk, &snap).await.unwrap();
-    w.storage.clone_image(&w.disk, &snap, &w.copy()).await.unwrap();
-    w.storage.set_metadata(&w.copy(), OWNER_METADATA_KEY, &w.req.image_id.to_string()).await.unwrap();
     let temp = tempfile::tempdir().unwrap();
     std::fs::create_dir(temp.path().join(&snap)).unwrap();
-    let reclaimer = crate::reclaim::Reclaimer {
-        storage: Some(w.storage.clone()),
-        images: w.images.clone(),
-        disk_pool: "vms".into(),
-        glance_pools: vec!["images".into()],
-        snapshots_directory: temp.path().to_owned(),
-    };
+    let reclaimer = w.reclaimer(temp.path());
     use crate::reclaim::{Action, Artefact};
     let kinds = |f: &[crate::reclaim::Finding]| {
         f.iter().map(|f| (matches!(f.artefact, Artefact::Copy(_)), f.action)).collect::<Vec<_>>()
