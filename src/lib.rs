@@ -14,6 +14,7 @@
 
 pub mod app;
 pub mod config;
+pub mod disposal;
 pub mod error;
 mod ffi;
 pub mod hypervisor;

@@ -3,12 +3,11 @@
 //! Only artefacts novasnap names or marks as its own are considered: disk snapshots named
 //! `novasnap-<image id>` in the instance pool, copies in Glance's pools carrying the
 //! `novasnap.image_id` metadata, and `novasnap-<image id>` directories under
-//! `snapshots_directory`. Each belongs to one Glance image, which decides its fate:
-//! - image `queued` or `saving`: its cast is still in the broker (novasnap acknowledges
-//!   only at the end), so a redelivery resumes the work and will need the artefact: kept;
-//! - image `active`: the work finished; a disk snapshot or temp directory is a leftover:
-//!   removed (an active image's copy is the image itself: kept);
-//! - image gone, killed or in any other state: the work is over; everything removed.
+//! `snapshots_directory`. Each belongs to one Glance image, whose state decides, as
+//! [`crate::disposal`] says once for all removals: while the image is `queued` or `saving`
+//! its cast is still in the broker (novasnap acknowledges only at the end) and a redelivery
+//! will need the artefact; an image with data keeps its copy; an image Glance cannot tell
+//! about keeps everything; only an image whose work is over loses its copy.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -16,7 +15,8 @@ use std::sync::Arc;
 use tracing::{info, warn};
 use uuid::Uuid;
 
-use crate::image::{ImageError, ImageService, ImageStatus};
+use crate::disposal::{OwnerImage, Remover};
+use crate::image::{ImageError, ImageService};
 use crate::pipeline::direct::{DISK_SNAPSHOT_PREFIX, OWNER_METADATA_KEY};
 use crate::request::RequestContext;
 use crate::storage::{BlockStorage, RbdImage, StorageError};
@@ -40,7 +40,8 @@ pub enum ReclaimError {
 pub struct Finding {
     pub artefact: Artefact,
     pub image_id: Uuid,
-    /// The owning image's state, as found (`gone` when Glance does not know it).
+    /// The owning image's state, as found (`gone` when Glance does not know it, `unknown`
+    /// when Glance did not answer).
     pub image_state: String,
     pub action: Action,
 }
@@ -54,9 +55,16 @@ pub enum Artefact {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Action {
-    /// The owning request can still resume: left alone.
+    /// The owning image may still need it, or Glance cannot tell: left alone.
     Keep,
     Remove,
+}
+
+impl Finding {
+    fn new(artefact: Artefact, remove: bool, owner: OwnerImage) -> Self {
+        let action = if remove { Action::Remove } else { Action::Keep };
+        Self { artefact, image_id: owner.id, image_state: owner.state, action }
+    }
 }
 
 impl std::fmt::Display for Finding {
@@ -89,15 +97,16 @@ impl Reclaimer {
     pub async fn run(&self, dry_run: bool) -> Result<Vec<Finding>, ReclaimError> {
         let mut findings = Vec::new();
         let ctx = RequestContext::default();
+        let images = self.images.as_ref();
+        let scratch =
+            |artefact, owner: OwnerImage| Finding::new(artefact, owner.scratch_disposable(Remover::Reclaimer), owner);
         if let Some(storage) = &self.storage {
             for disk in storage.list_images(&self.disk_pool).await? {
                 let disk = RbdImage::new(self.disk_pool.clone(), disk);
                 for snap in storage.list_snapshots(&disk).await? {
                     let Some(image_id) = owner_of_name(&snap.name) else { continue };
-                    let state = self.image_state(&ctx, image_id).await?;
-                    let action = if state.resumable() { Action::Keep } else { Action::Remove };
-                    let artefact = Artefact::DiskSnapshot { disk: disk.clone(), snapshot: snap.name };
-                    findings.push(Finding { artefact, image_id, image_state: state.name(), action });
+                    let owner = OwnerImage::look(images, &ctx, image_id).await;
+                    findings.push(scratch(Artefact::DiskSnapshot { disk: disk.clone(), snapshot: snap.name }, owner));
                 }
             }
             for pool in &self.glance_pools {
@@ -110,21 +119,14 @@ impl Reclaimer {
                         Err(e) => return Err(e.into()),
                     };
                     let Some(image_id) = owner.and_then(|o| Uuid::parse_str(&o).ok()) else { continue };
-                    let state = self.image_state(&ctx, image_id).await?;
-                    let action = if state.resumable() || state.is_active() { Action::Keep } else { Action::Remove };
-                    findings.push(Finding {
-                        artefact: Artefact::Copy(copy),
-                        image_id,
-                        image_state: state.name(),
-                        action,
-                    });
+                    let owner = OwnerImage::look(images, &ctx, image_id).await;
+                    let remove = owner.copy_disposable(&copy, Remover::Reclaimer);
+                    findings.push(Finding::new(Artefact::Copy(copy), remove, owner));
                 }
             }
         }
         for (dir, image_id) in temp_dirs(&self.snapshots_directory).await? {
-            let state = self.image_state(&ctx, image_id).await?;
-            let action = if state.resumable() { Action::Keep } else { Action::Remove };
-            findings.push(Finding { artefact: Artefact::TempDir(dir), image_id, image_state: state.name(), action });
+            findings.push(scratch(Artefact::TempDir(dir), OwnerImage::look(images, &ctx, image_id).await));
         }
         // Copies before disk snapshots: a copy not yet flattened keeps its parent
         // snapshot busy.
@@ -140,14 +142,6 @@ impl Reclaimer {
         Ok(findings)
     }
 
-    async fn image_state(&self, ctx: &RequestContext, id: Uuid) -> Result<OwnerState, ImageError> {
-        match self.images.get(ctx, id).await {
-            Ok(image) => Ok(OwnerState::Exists(image.status)),
-            Err(ImageError::NotFound(_)) => Ok(OwnerState::Gone),
-            Err(e) => Err(e),
-        }
-    }
-
     async fn remove(&self, artefact: &Artefact) -> Result<(), ReclaimError> {
         let storage = self.storage.as_deref();
         match (artefact, storage) {
@@ -161,29 +155,6 @@ impl Reclaimer {
                 Err(source) => Err(ReclaimError::Io { path: dir.clone(), source }),
             },
             (_, None) => Ok(()),
-        }
-    }
-}
-
-enum OwnerState {
-    Exists(ImageStatus),
-    Gone,
-}
-
-impl OwnerState {
-    /// A request for this image may still be delivered again and resume.
-    fn resumable(&self) -> bool {
-        matches!(self, Self::Exists(ImageStatus::Queued | ImageStatus::Saving))
-    }
-
-    fn is_active(&self) -> bool {
-        matches!(self, Self::Exists(ImageStatus::Active))
-    }
-
-    fn name(&self) -> String {
-        match self {
-            Self::Exists(status) => format!("{status:?}").to_lowercase(),
-            Self::Gone => "gone".into(),
         }
     }
 }

@@ -12,7 +12,7 @@ use super::plan::SnapshotPlan;
 use super::progress::ProgressReporter;
 use super::{crash, Fault, Job, SnapshotError, Step};
 use crate::hypervisor::{DiskSource, Guest};
-use crate::image::{ImageError, ImageProperties};
+use crate::image::{parse_rbd_url, ImageError, ImageProperties};
 use crate::messaging::TaskState;
 use crate::storage::{BlockStorage, RbdImage, StorageError};
 
@@ -83,7 +83,7 @@ impl DirectSnapshot<'_, '_> {
                     true
                 }
                 Err(e) if is_refused(&e.fault) => {
-                    cleanup_rbd(storage, &disk, &copy, image_id).await;
+                    cleanup_rbd(storage, &disk, Some(&copy), image_id).await;
                     return Ok(Direct::Unavailable(format!("Ceph refused the clone into {image_pool}: {}", e.fault)));
                 }
                 Err(e) => return Err(e),
@@ -133,13 +133,14 @@ impl DirectSnapshot<'_, '_> {
             images.add_location(ctx, image_id, &location).await.map_err(Fault::from)
         };
         match job.step(Step::RegisterLocation, register).await {
-            Ok(()) => {}
+            // The copy is the image's data now: Glance's, never novasnap's to remove.
+            Ok(()) => job.rbd_copy = None,
             Err(SnapshotError { fault: Fault::Image(ImageError::LocationsRefused { reason, .. }), .. }) => {
-                cleanup_rbd(storage, &disk, &copy, image_id).await;
+                cleanup_rbd(storage, &disk, Some(&copy), image_id).await;
                 return Ok(Direct::Unavailable(format!("Glance refuses image locations: {reason}")));
             }
             Err(SnapshotError { fault: Fault::CopyLost(reason), .. }) => {
-                cleanup_rbd(storage, &disk, &copy, image_id).await;
+                cleanup_rbd(storage, &disk, Some(&copy), image_id).await;
                 return Ok(Direct::CopyLost(reason));
             }
             Err(e) => return Err(e),
@@ -174,28 +175,19 @@ async fn image_pool(
     Ok(base_image.locations.iter().find_map(|url| parse_rbd_url(url).filter(|l| l.0 == fsid).map(|l| l.1)))
 }
 
-/// `rbd://fsid/pool/image/snap` → (fsid, pool, image, snap).
-pub fn parse_rbd_url(url: &str) -> Option<(String, String, String, String)> {
-    let parts: Vec<&str> = url.strip_prefix("rbd://")?.split('/').collect();
-    match parts.as_slice() {
-        [fsid, pool, image, snap] if parts.iter().all(|p| !p.is_empty()) => {
-            let decode = |s: &str| percent_encoding::percent_decode_str(s).decode_utf8_lossy().into_owned();
-            Some((decode(fsid), decode(pool), decode(image), decode(snap)))
-        }
-        _ => None,
-    }
-}
-
 /// Ceph said no for good (permissions, read-only pool): the standard path may still work.
 fn is_refused(fault: &Fault) -> bool {
     matches!(fault, Fault::Storage(StorageError::Rbd { errno, .. }) if matches!(*errno, libc::EPERM | libc::EACCES | libc::EROFS | libc::EDQUOT))
 }
 
-/// Removes the disk snapshot and the copy in Glance's pool that a request made. Errors are
+/// Removes the disk snapshot and, if given, the copy in Glance's pool that a request made
+/// (the copy first: a clone not yet flattened keeps its parent snapshot busy). Errors are
 /// logged: reclamation finds what is left.
-pub(crate) async fn cleanup_rbd(storage: &dyn BlockStorage, disk: &RbdImage, copy: &RbdImage, image_id: Uuid) {
-    if let Err(e) = storage.remove_image(copy).await {
-        warn!(%copy, error = %e, "could not remove the partial copy in Glance's pool");
+pub(crate) async fn cleanup_rbd(storage: &dyn BlockStorage, disk: &RbdImage, copy: Option<&RbdImage>, image_id: Uuid) {
+    if let Some(copy) = copy {
+        if let Err(e) = storage.remove_image(copy).await {
+            warn!(%copy, error = %e, "could not remove the partial copy in Glance's pool");
+        }
     }
     if let Err(e) = storage.remove_snapshot(disk, &disk_snapshot_name(image_id)).await {
         warn!(%disk, error = %e, "could not remove the disk snapshot");
@@ -205,15 +197,6 @@ pub(crate) async fn cleanup_rbd(storage: &dyn BlockStorage, disk: &RbdImage, cop
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn rbd_urls_parse() {
-        let (fsid, pool, image, snap) = parse_rbd_url("rbd://f-1/images/abc/snap").unwrap();
-        assert_eq!((fsid.as_str(), pool.as_str(), image.as_str(), snap.as_str()), ("f-1", "images", "abc", "snap"));
-        assert!(parse_rbd_url("rbd://f/images/abc").is_none());
-        assert!(parse_rbd_url("rbd://f//abc/snap").is_none());
-        assert!(parse_rbd_url("http://x/y/z/w").is_none());
-    }
 
     #[test]
     fn disk_snapshot_names_are_derived_from_the_image() {

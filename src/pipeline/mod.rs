@@ -20,6 +20,7 @@ use std::sync::Arc;
 use tracing::{info, warn};
 use uuid::Uuid;
 
+use crate::disposal::{Fate, OwnerImage, Remover};
 use crate::error::Classify;
 use crate::hypervisor::{DiskSource, Guest, Hypervisor, PowerState};
 use crate::image::{ImageService, ImageStatus};
@@ -301,8 +302,10 @@ impl Job<'_> {
     }
 
     /// Undoes what this request did, as Nova's compute manager and driver do on failure,
-    /// but completely: artefacts removed, image deleted unless active, guest resumed,
-    /// task_state reset, and the fault published.
+    /// but completely: artefacts removed, the image deleted, guest resumed, task_state reset,
+    /// and the fault published. Only what [`crate::disposal`] finds disposable is removed: an
+    /// image Glance shows in use, or cannot tell about, is kept with its copy. Returns what
+    /// is left unsettled, for another delivery of the cast to put right.
     async fn fail(&mut self, e: &SnapshotError) -> Option<String> {
         let (b, req) = (self.b, self.req);
         if e.is_vanished() {
@@ -310,23 +313,28 @@ impl Job<'_> {
         } else {
             tracing::error!(instance = %self.instance(), image = %self.image(), step = %e.step, error = %e, "snapshot failed");
         }
-        let image_active =
-            matches!(b.images.get(&req.context, self.image()).await, Ok(image) if image.status == ImageStatus::Active);
+        let mut unsettled = Vec::new();
+        let owner = OwnerImage::look(b.images.as_ref(), &req.context, self.image()).await;
+        if owner.fate == Fate::Unknown {
+            unsettled.push(format!("Glance could not tell the state of image {}: it is kept", self.image()));
+        }
         if let (Some(storage), Some(disk)) = (&b.storage, &self.rbd_disk) {
-            match (&self.rbd_copy, image_active) {
-                (Some(copy), false) => direct::cleanup_rbd(storage.as_ref(), disk, copy, self.image()).await,
-                _ => {
-                    if let Err(err) = storage.remove_snapshot(disk, &direct::disk_snapshot_name(self.image())).await {
-                        warn!(%disk, error = %err, "could not remove the disk snapshot");
-                    }
+            let copy = self.rbd_copy.as_ref().filter(|copy| {
+                let disposable = owner.copy_disposable(copy, Remover::FailingRequest);
+                if !disposable {
+                    info!(%copy, image = %self.image(), image_state = %owner.state, "the copy in Glance's pool is kept");
                 }
-            }
+                disposable
+            });
+            direct::cleanup_rbd(storage.as_ref(), disk, copy, self.image()).await;
         }
         standard::cleanup(self.settings, self.image()).await;
-        if !image_active {
+        if owner.image_disposable(Remover::FailingRequest) {
             if let Err(err) = b.images.delete(&req.context, self.image()).await {
                 warn!(image = %self.image(), error = %err, "could not delete the failed snapshot's image");
             }
+        } else {
+            info!(image = %self.image(), image_state = %owner.state, "the image is kept");
         }
         if self.suspended {
             let paused = req.instance.vm_state.as_deref() == Some("paused");
@@ -341,7 +349,7 @@ impl Job<'_> {
         if !e.is_vanished() {
             self.notify(SnapshotEvent::Error { exception: e.exception_name().into(), message: e.to_string() }).await;
         }
-        None
+        (!unsettled.is_empty()).then(|| unsettled.join("; "))
     }
 }
 

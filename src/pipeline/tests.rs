@@ -794,3 +794,87 @@ async fn a_redelivery_after_the_image_went_active_finishes_the_tail() {
     assert!(w.disk_snapshots().is_empty(), "the dead worker's disk snapshot is removed");
     assert_eq!(w.events(), vec![ts(Some(TaskState::ImageUploading), None), SnapshotEvent::End]);
 }
+
+// Class 1 of issue 12: only what is provably novasnap's and disposable is ever removed.
+
+/// A backup whose rotation failed while Glance was down: the snapshot itself was done and
+/// registered, so neither the image nor its RBD copy may go, and Glance's silence is no
+/// licence to guess. The cast goes back to the broker.
+#[tokio::test]
+async fn a_rotation_failing_with_glance_down_keeps_the_active_image_and_its_copy() {
+    let w = World::clone_backed(FakeImages::default());
+    let req = w.backup(1);
+    w.images.inject("list", 4); // the first try and three retries
+    w.images.faults.pass("get", 1); // the image at the start
+    w.images.inject("get", 10);
+    w.images.inject("delete", 10);
+    let failure = w.pipeline(|_| {}).run(&req).await.unwrap_err();
+    assert_eq!(failure.error.step, Step::RotateBackups);
+    let image = w.images.image(req.image_id).expect("the image is kept");
+    assert_eq!(image.status, ImageStatus::Active);
+    assert!(w.storage.get(&w.copy()).is_some(), "the copy behind the active image is kept");
+    assert!(failure.unsettled.is_some(), "handed back: Glance could not say what the image is");
+}
+
+/// Glance unreachable during cleanup: its queued image may well be this request's own, but
+/// unknown is never a reason to delete.
+#[tokio::test]
+async fn a_failure_glance_cannot_describe_deletes_nothing_and_is_handed_back() {
+    let w = World::clone_backed(FakeImages::default());
+    w.storage.inject("flatten", libc::EIO, 1);
+    w.images.faults.pass("get", 1);
+    w.images.inject("get", 1);
+    let failure = w.pipeline(|_| {}).run(&w.req).await.unwrap_err();
+    assert_eq!(failure.error.step, Step::Flatten);
+    assert!(w.images.image(w.req.image_id).is_some(), "the image is not deleted");
+    assert!(w.storage.get(&w.copy()).is_some(), "the copy is not removed");
+    assert!(failure.unsettled.as_deref().is_some_and(|u| u.contains("could not tell")), "{failure:?}");
+}
+
+/// A cast for an image that is no longer queued fails, and leaves the image as it is:
+/// `deactivated` and `importing` images hold, or are receiving, data.
+#[tokio::test]
+async fn an_image_with_data_is_never_deleted_by_a_failure() {
+    for status in [ImageStatus::Deactivated, ImageStatus::Importing, ImageStatus::Other("new".into())] {
+        let w = World::clone_backed(FakeImages::default());
+        w.images.set_status(w.req.image_id, status.clone());
+        let failure = w.pipeline(|_| {}).run(&w.req).await.unwrap_err();
+        assert_eq!((failure.error.step, failure.unsettled), (Step::GetImage, None));
+        assert_eq!(w.images.image(w.req.image_id).map(|i| i.status), Some(status));
+    }
+}
+
+/// Reclamation removes a copy only when its image's work is over: a `deactivated` or
+/// `importing` image's copy is its data, and a Glance that does not answer removes nothing.
+#[tokio::test]
+async fn reclamation_keeps_the_copies_of_images_with_data_and_of_images_glance_cannot_describe() {
+    for status in [Some(ImageStatus::Deactivated), Some(ImageStatus::Importing), None] {
+        let w = World::clone_backed(FakeImages::default());
+        w.leave_unflattened_copy().await;
+        match &status {
+            Some(status) => w.images.set_status(w.req.image_id, status.clone()),
+            None => w.images.inject("get", 10),
+        }
+        let temp = tempfile::tempdir().unwrap();
+        let found = w.reclaimer(temp.path()).run(false).await.unwrap();
+        let copy = found.iter().find(|f| matches!(f.artefact, crate::reclaim::Artefact::Copy(_))).unwrap();
+        assert_eq!(copy.action, crate::reclaim::Action::Keep, "{status:?}: {found:?}");
+        assert!(w.storage.get(&w.copy()).is_some(), "{status:?}: the copy is kept");
+        if status.is_none() {
+            assert_eq!(w.disk_snapshots().len(), 1, "Glance silent: the disk snapshot is kept too");
+        }
+    }
+}
+
+/// A copy the image carries as its location is Glance's, even once the image is on its
+/// way out (`pending_delete`: Glance's scrubber will remove it).
+#[tokio::test]
+async fn reclamation_never_removes_a_copy_registered_with_glance() {
+    let w = World::clone_backed(FakeImages::default());
+    w.pipeline(|_| {}).run(&w.req).await.unwrap();
+    w.images.set_status(w.req.image_id, ImageStatus::PendingDelete);
+    w.storage.set_metadata(&w.copy(), OWNER_METADATA_KEY, &w.req.image_id.to_string()).await.unwrap();
+    let temp = tempfile::tempdir().unwrap();
+    w.reclaimer(temp.path()).run(false).await.unwrap();
+    assert!(w.storage.get(&w.copy()).is_some(), "the registered copy is kept");
+}
