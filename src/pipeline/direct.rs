@@ -70,13 +70,14 @@ impl DirectSnapshot<'_, '_> {
         // An earlier try may have got as far as the clone, or past the flatten.
         let copy_exists = job.step(Step::Clone, || storage.exists(&copy)).await?;
         let needs_flatten = if copy_exists {
+            // The point in time exists already: a guest an earlier try left suspended runs
+            // again before the rest of the work.
+            job.resume_if_suspended().await?;
             job.step(Step::Clone, || storage.parent(&copy)).await?.is_some()
         } else {
-            job.step(Step::DiskSnapshot, || storage.create_snapshot(&disk, &snap)).await?;
+            job.disk_snapshot(storage, &disk, &snap, plan).await?;
             job.step(Step::DiskSnapshot, || storage.protect_snapshot(&disk, &snap)).await?;
             crash::point("after-disk-snapshot");
-            // The snapshot holds the disk's state: a suspended guest may run again.
-            job.resume_if_suspended(plan).await?;
             match job.step(Step::Clone, || storage.clone_image(&disk, &snap, &copy)).await {
                 Ok(()) => {
                     crash::point("after-clone");

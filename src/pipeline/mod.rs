@@ -92,8 +92,9 @@ pub(crate) struct Job<'a> {
     pub settings: &'a PipelineSettings,
     pub req: &'a SnapshotRequest,
     pub task_state: Option<TaskState>,
-    /// The guest is in managed save because of this request and must be resumed.
-    pub suspended: bool,
+    /// The guest is in managed save because of this request (or an earlier try of it) and
+    /// must be brought back to this state: running, or paused.
+    pub suspended: Option<PowerState>,
     /// The RBD instance disk that may carry this request's snapshot.
     pub rbd_disk: Option<crate::storage::RbdImage>,
     /// The copy in Glance's pool this request may have made.
@@ -111,7 +112,7 @@ impl SnapshotPipeline {
             settings: &self.settings,
             req,
             task_state: None,
-            suspended: false,
+            suspended: None,
             rbd_disk: None,
             rbd_copy: None,
         };
@@ -172,8 +173,11 @@ impl Job<'_> {
         let (b, req) = (self.b, self.req);
         let (instance, image_id, ctx) = (req.instance.uuid, req.image_id, &req.context);
 
-        // 1. The guest, by instance UUID.
+        // 1. The guest, by instance UUID. Once found, one left in managed save by an earlier
+        //    try is this request's to resume, whatever happens next.
         let guest: Guest = self.step(Step::FindGuest, || b.hypervisor.find_guest(instance)).await?;
+        let plan = SnapshotPlan::new(&guest, &req.instance, &self.settings.plan);
+        self.adopt_suspension(&plan);
 
         // 2. The image nova-api created for the result. Active means an earlier delivery
         //    of this cast already finished it.
@@ -197,17 +201,15 @@ impl Job<'_> {
             self.set_task_state(Some(TaskState::ImageSnapshot)).await;
         }
 
-        // 3. What to make: backend, format, metadata; 4. live or cold.
-        let plan = SnapshotPlan::new(&guest, &req.instance, &self.settings.plan);
-        self.suspended = plan.suspended_already;
+        // 3. What to make: backend, format, metadata; 4. live or cold. A cold snapshot
+        //    suspends the guest only for the step that makes its point in time, if one is
+        //    needed (a redelivery may find it made), and resumes it right after.
         let metadata = plan::snapshot_metadata(&req.instance, &image, &plan.image_format);
         info!(%instance, image = %image_id, backend = ?plan.backend, format = %plan.image_format, live = plan.live,
               "beginning {} snapshot", if plan.live { "live" } else { "cold" });
         if plan.live {
             let disk = guest.root_disk.target.as_str();
             self.step(Step::AbortBlockJob, || b.hypervisor.abort_block_job(instance, disk)).await?;
-        } else {
-            self.suspend_if_needed(&plan).await?;
         }
 
         // 5. Nova's task_state sequence.
@@ -220,7 +222,6 @@ impl Job<'_> {
         let mut outcome = self.direct_snapshot(&guest, &plan, &metadata).await?;
         if let direct::Direct::CopyLost(reason) = &outcome {
             warn!(%instance, image = %image_id, %reason, "making the direct snapshot again");
-            self.suspend_if_needed(&plan).await?; // cold: the new disk snapshot as the first
             outcome = self.direct_snapshot(&guest, &plan, &metadata).await?;
         }
         let direct = match outcome {
@@ -233,8 +234,8 @@ impl Job<'_> {
             }
         };
 
-        // 8. The guest back as it was, task_state none, the end.
-        self.resume_if_suspended(&plan).await?;
+        // 8. The guest back as it was (if no step has brought it back), task_state none, the end.
+        self.resume_if_suspended().await?;
         self.set_task_state(None).await;
         self.notify(SnapshotEvent::End).await;
         info!(%instance, image = %image_id, direct, "snapshot image upload complete");
@@ -255,9 +256,7 @@ impl Job<'_> {
             self.step(Step::RemoveDiskSnapshot, || storage.remove_snapshot(&disk, &snap)).await?;
         }
         standard::cleanup(self.settings, req.image_id).await;
-        let plan = SnapshotPlan::new(guest, &req.instance, &self.settings.plan);
-        self.suspended = plan.suspended_already;
-        self.resume_if_suspended(&plan).await?;
+        self.resume_if_suspended().await?;
         self.task_state = Some(TaskState::ImageUploading);
         self.set_task_state(None).await;
         self.notify(SnapshotEvent::End).await;
@@ -282,23 +281,50 @@ impl Job<'_> {
         direct::DirectSnapshot { job: self, storage: storage.as_ref(), guest, plan }.run(metadata).await
     }
 
-    async fn suspend_if_needed(&mut self, plan: &SnapshotPlan) -> Result<(), SnapshotError> {
-        if plan.resume_after && !self.suspended {
+    /// Takes over a managed save an earlier try of this request left.
+    fn adopt_suspension(&mut self, plan: &SnapshotPlan) {
+        if plan.suspended_already {
+            self.suspended = Some(plan.original_state);
+        }
+    }
+
+    /// Suspends the guest for a cold snapshot's point in time (unless it is already).
+    pub(crate) async fn suspend_if_needed(&mut self, plan: &SnapshotPlan) -> Result<(), SnapshotError> {
+        if plan.resume_after && self.suspended.is_none() {
             let (hv, instance) = (&self.b.hypervisor, self.instance());
             self.step(Step::Suspend, || hv.suspend(instance)).await?;
-            self.suspended = true;
+            self.suspended = Some(plan.original_state);
         }
         Ok(())
     }
 
-    pub(crate) async fn resume_if_suspended(&mut self, plan: &SnapshotPlan) -> Result<(), SnapshotError> {
-        if self.suspended {
+    /// Brings a guest this request suspended back, under the retry policy.
+    pub(crate) async fn resume_if_suspended(&mut self) -> Result<(), SnapshotError> {
+        if let Some(state) = self.suspended {
             let (hv, instance) = (&self.b.hypervisor, self.instance());
-            let paused = plan.original_state == PowerState::Paused;
+            let paused = state == PowerState::Paused;
             self.step(Step::Resume, || hv.resume(instance, paused)).await?;
-            self.suspended = false;
+            self.suspended = None;
         }
         Ok(())
+    }
+
+    /// The disk's point in time: snapshot `snap` of `disk`, taken with the guest in managed
+    /// save for a cold snapshot unless an earlier try of this request took it already. The
+    /// guest runs again as soon as the snapshot exists.
+    pub(crate) async fn disk_snapshot(
+        &mut self,
+        storage: &dyn BlockStorage,
+        disk: &RbdImage,
+        snap: &str,
+        plan: &SnapshotPlan,
+    ) -> Result<(), SnapshotError> {
+        let existing = self.step(Step::DiskSnapshot, || storage.list_snapshots(disk)).await?;
+        if !existing.iter().any(|s| s.name == snap) {
+            self.suspend_if_needed(plan).await?;
+            self.step(Step::DiskSnapshot, || storage.create_snapshot(disk, snap)).await?;
+        }
+        self.resume_if_suspended().await
     }
 
     /// Undoes what this request did, as Nova's compute manager and driver do on failure,
@@ -336,12 +362,9 @@ impl Job<'_> {
         } else {
             info!(image = %self.image(), image_state = %owner.state, "the image is kept");
         }
-        if self.suspended {
-            let paused = req.instance.vm_state.as_deref() == Some("paused");
-            if let Err(err) = b.hypervisor.resume(self.instance(), paused).await {
-                warn!(instance = %self.instance(), error = %err, "could not resume the guest after a failed snapshot");
-            }
-            self.suspended = false;
+        if let Err(err) = self.resume_if_suspended().await {
+            tracing::error!(instance = %self.instance(), error = %err, "the guest is still in managed save after a failed snapshot");
+            unsettled.push(format!("guest {} could not be resumed from managed save: {}", self.instance(), err.fault));
         }
         if self.task_state.is_some() {
             self.set_task_state(None).await;

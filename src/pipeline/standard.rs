@@ -61,9 +61,7 @@ impl StandardSnapshot<'_, '_> {
         };
         let snap = disk_snapshot_name(job.req.image_id);
         job.rbd_disk = Some(disk.clone());
-        job.step(Step::DiskSnapshot, || storage.create_snapshot(&disk, &snap)).await?;
-        // The snapshot holds the disk's state: a suspended guest may run again.
-        job.resume_if_suspended(self.plan).await?;
+        job.disk_snapshot(storage.as_ref(), &disk, &snap, self.plan).await?;
         job.set_task_state(Some(TaskState::ImageUploading)).await;
 
         if self.plan.image_format == "raw" {
@@ -117,12 +115,14 @@ impl StandardSnapshot<'_, '_> {
             copied?;
             job.step(Step::Extract, || files::convert(&delta, "qcow2", &out, &plan.image_format)).await?;
         } else {
+            // Cold: the disk itself is the point in time while the guest is down.
+            job.suspend_if_needed(plan).await?;
             job.step(Step::Extract, || files::convert(disk_path, &plan.source_format, &out, &plan.image_format))
                 .await?;
         }
         info!(instance = %job.req.instance.uuid, image = %job.req.image_id, "snapshot extracted, beginning image upload");
         // As Nova does: the guest need not wait for the upload.
-        job.resume_if_suspended(plan).await?;
+        job.resume_if_suspended().await?;
         job.set_task_state(Some(TaskState::ImageUploading)).await;
         job.upload_file(&out).await?;
         crash::point("after-upload");

@@ -878,3 +878,75 @@ async fn reclamation_never_removes_a_copy_registered_with_glance() {
     w.reclaimer(temp.path()).run(false).await.unwrap();
     assert!(w.storage.get(&w.copy()).is_some(), "the registered copy is kept");
 }
+
+// Class 5 of issue 12: a guest is never left off or frozen.
+
+fn cold(s: &mut PipelineSettings) {
+    s.plan.disable_live_snapshot = true;
+}
+
+fn power_state(w: &World) -> PowerState {
+    w.hv.guests.lock().unwrap()[&w.req.instance.uuid].power_state
+}
+
+/// A cold snapshot that fails while the guest is in managed save, and one libvirt timeout
+/// on the resume: the resume is retried like every other step, and the guest runs again.
+#[tokio::test]
+async fn a_failed_cold_snapshot_resumes_the_guest_through_a_transient_libvirt_fault() {
+    let w = World::clone_backed(FakeImages::default());
+    w.storage.inject("create_snapshot", libc::EIO, 1);
+    w.hv.inject("resume", 1);
+    let failure = w.pipeline(cold).run(&w.req).await.unwrap_err();
+    assert_eq!(failure.error.step, Step::DiskSnapshot);
+    assert_eq!(power_state(&w), PowerState::Running, "the guest runs again");
+    assert_eq!(failure.unsettled, None);
+}
+
+/// A guest that cannot be resumed at all is not acknowledged away: the cast goes back to the
+/// broker, whose redelivery finds the guest in managed save and resumes it.
+#[tokio::test(start_paused = true)]
+async fn a_guest_that_cannot_be_resumed_hands_the_cast_back() {
+    let w = World::clone_backed(FakeImages::default());
+    w.storage.inject("create_snapshot", libc::EIO, 1);
+    w.hv.inject("resume", 100);
+    let ledger = tempfile::tempdir().unwrap();
+    let worker = crate::worker::Worker::new(
+        w.pipeline(cold),
+        Arc::new(crate::storage::ledger::FileLedger::open(ledger.path()).unwrap()),
+    );
+    use crate::messaging::{Handled, SnapshotHandler};
+    assert_eq!(worker.handle(w.req.clone()).await, Handled::Requeue);
+    assert_eq!(power_state(&w), PowerState::Suspended);
+
+    // The redelivery, with libvirt well again: the guest left in managed save is resumed.
+    w.hv.faults.0.lock().unwrap().clear();
+    assert_eq!(worker.handle(w.req.clone()).await, Handled::Done);
+    assert_eq!(power_state(&w), PowerState::Running);
+}
+
+/// A redelivered cold snapshot whose copy exists (its worker died after the flatten) needs
+/// no new point in time: the guest is never suspended.
+#[tokio::test]
+async fn a_redelivered_cold_snapshot_whose_copy_exists_leaves_the_guest_running() {
+    let w = World::clone_backed(FakeImages::default());
+    w.leave_unflattened_copy().await;
+    w.storage.images.lock().unwrap().get_mut(&w.copy()).unwrap().parent = None;
+    w.pipeline(cold).run(&w.req).await.unwrap();
+    assert!(!w.hv.calls.lock().unwrap().contains(&"suspend".to_string()), "{:?}", w.hv.calls.lock().unwrap());
+    assert_eq!(w.images.image(w.req.image_id).unwrap().status, ImageStatus::Active);
+}
+
+/// A worker died mid-flatten of a cold snapshot with the guest still suspended: the
+/// redelivery resumes the guest at once, not after the flatten it still has to do.
+#[tokio::test]
+async fn a_guest_left_suspended_mid_flatten_runs_again_before_the_flatten() {
+    let w = World::clone_backed(FakeImages::default());
+    w.leave_unflattened_copy().await;
+    w.hv.guests.lock().unwrap().get_mut(&w.req.instance.uuid).unwrap().power_state = PowerState::Suspended;
+    w.timeline.lock().unwrap().clear();
+    w.pipeline(cold).run(&w.req).await.unwrap();
+    let timeline = w.timeline.lock().unwrap().clone();
+    let at = |what: &str| timeline.iter().position(|t| t.starts_with(what)).unwrap_or(usize::MAX);
+    assert!(at("hypervisor resume") < at("storage flatten"), "{timeline:?}");
+    assert!(!timeline.iter().any(|t| t == "hypervisor suspend"), "{timeline:?}");
+}
