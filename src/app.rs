@@ -71,7 +71,7 @@ pub async fn serve(path: &Path) -> anyhow::Result<()> {
 
     let boundaries = Boundaries { hypervisor, storage, images, notifier };
     let pipeline = SnapshotPipeline::new(boundaries, PipelineSettings::from_config(&config));
-    let worker = Arc::new(Worker::new(pipeline, ledger));
+    let worker = Arc::new(Worker::new(pipeline, ledger, config.worker.snapshot_timeout));
     consumer::serve(&config, worker, shutdown).await.context("consuming casts")?;
     info!("novasnap stopped");
     Ok(())

@@ -160,6 +160,10 @@ pub struct WorkerConfig {
     /// `[novasnap] instance_lease`: seconds an instance lease lasts unless renewed, i.e.
     /// how long a dead replica's snapshot blocks the next one of that instance.
     pub instance_lease: Duration,
+    /// `[novasnap] snapshot_timeout`: how long one cast may take, from the worker taking it
+    /// (the wait for the instance lease included) to its end; past it, the snapshot fails
+    /// cleanly. Kept under RabbitMQ's `consumer_timeout` (see the README).
+    pub snapshot_timeout: Duration,
     /// `[novasnap] shutdown_grace`: on SIGTERM, how long in-flight snapshots may run on
     /// before their casts are handed back to the broker.
     pub shutdown_grace: Duration,
@@ -268,6 +272,12 @@ impl Config {
         if max_concurrent_snapshots == 0 {
             return Err(r.invalid("novasnap", "max_concurrent_snapshots", "0", "must be at least 1".into()));
         }
+        let instance_lease = r.seconds("novasnap", "instance_lease", 30)?;
+        if instance_lease < Duration::from_secs(1) {
+            // RADOS takes a lock of 0 s as one that never expires.
+            let value = instance_lease.as_secs_f64().to_string();
+            return Err(r.invalid("novasnap", "instance_lease", &value, "must be at least 1 second".into()));
+        }
         let worker = WorkerConfig {
             max_concurrent_snapshots,
             direct_snapshot: r.parse("novasnap", "direct_snapshot", true)?,
@@ -278,7 +288,8 @@ impl Config {
             },
             reclaim_interval: r.seconds("novasnap", "reclaim_interval", 300)?,
             state_directory: PathBuf::from(r.string("novasnap", "state_directory", "/var/lib/novasnap")?),
-            instance_lease: r.seconds("novasnap", "instance_lease", 30)?,
+            instance_lease,
+            snapshot_timeout: r.seconds("novasnap", "snapshot_timeout", 1500)?,
             shutdown_grace: r.seconds("novasnap", "shutdown_grace", 120)?,
         };
 
@@ -437,6 +448,18 @@ mod tests {
         assert!(err.contains("[workarounds] disable_libvirt_livesnapshot"), "{err}");
         let err = load("[DEFAULT]\ntransport_url = kafka://x\n").unwrap_err().to_string();
         assert!(err.contains("transport_url"), "{err}");
+    }
+
+    #[test]
+    fn an_instance_lease_under_a_second_is_refused() {
+        // RADOS would take it as a lock that never expires: a dead replica's lease would
+        // block the instance's snapshots for good.
+        let err = load("[novasnap]\ninstance_lease = 0.5\n").unwrap_err().to_string();
+        assert!(err.contains("[novasnap] instance_lease") && err.contains("at least 1 second"), "{err}");
+        assert_eq!(
+            load("[novasnap]\ninstance_lease = 1.5\n").unwrap().worker.instance_lease,
+            Duration::from_millis(1500)
+        );
     }
 
     #[test]

@@ -19,6 +19,7 @@ pub mod error;
 mod ffi;
 pub mod hypervisor;
 pub mod image;
+pub mod inflight;
 pub mod messaging;
 pub mod pipeline;
 pub mod reclaim;

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use tokio::time::Instant;
 use tracing::{info, warn, Instrument};
 
 use crate::messaging::{Handled, SnapshotHandler};
@@ -20,11 +21,13 @@ const HANDBACK_DELAY: Duration = Duration::from_secs(5);
 pub struct Worker {
     pipeline: SnapshotPipeline,
     ledger: Arc<dyn WorkLedger>,
+    /// How long a cast may take from here to its end (`[novasnap] snapshot_timeout`).
+    snapshot_timeout: Duration,
 }
 
 impl Worker {
-    pub fn new(pipeline: SnapshotPipeline, ledger: Arc<dyn WorkLedger>) -> Self {
-        Self { pipeline, ledger }
+    pub fn new(pipeline: SnapshotPipeline, ledger: Arc<dyn WorkLedger>, snapshot_timeout: Duration) -> Self {
+        Self { pipeline, ledger, snapshot_timeout }
     }
 
     async fn already_done(&self, unique_id: Option<&str>) -> bool {
@@ -45,8 +48,13 @@ impl Worker {
             info!("duplicate cast: already carried to its end, ignoring");
             return Handled::Done;
         }
-        let lease = match self.ledger.lock_instance(req.instance.uuid).await {
-            Ok(lease) => lease,
+        let deadline = Instant::now() + self.snapshot_timeout;
+        let lease = match self.ledger.lock_instance(req.instance.uuid, deadline).await {
+            Ok(Some(lease)) => lease,
+            Ok(None) => {
+                warn!(timeout = ?self.snapshot_timeout, "instance lease still held elsewhere at the snapshot's deadline; handing the cast back");
+                return Handled::Requeue;
+            }
             Err(e) => {
                 warn!(error = %e, "cannot take the instance lease; handing the cast back");
                 tokio::time::sleep(HANDBACK_DELAY).await;
@@ -58,7 +66,18 @@ impl Worker {
             info!("duplicate cast: finished by another delivery while waiting, ignoring");
             return Handled::Done;
         }
-        match self.pipeline.run(&req).await {
+        // Long blocking calls (a flatten, a block copy) stop at the deadline too.
+        let in_flight = lease.in_flight().clone();
+        let stop_at_deadline = tokio::spawn({
+            let in_flight = in_flight.clone();
+            async move {
+                tokio::time::sleep_until(deadline).await;
+                in_flight.stop();
+            }
+        });
+        let outcome = in_flight.scope(self.pipeline.run(&req, &lease, deadline)).await;
+        stop_at_deadline.abort();
+        match outcome {
             Ok(Outcome::Completed { direct }) => info!(direct, "snapshot completed"),
             Ok(Outcome::AlreadyDone) => info!("snapshot was already completed"),
             // The pipeline has cleaned up and reported; retrying the cast cannot help.

@@ -169,17 +169,57 @@ async fn the_ledger_is_shared_by_replicas_and_leases_exclude() {
     assert!(b.is_done(&id).await.unwrap(), "what one replica finished, another sees");
 
     let instance = uuid::Uuid::new_v4();
-    let held = a.lock_instance(instance).await.unwrap();
+    let far = tokio::time::Instant::now() + Duration::from_secs(600);
+    let held = a.lock_instance(instance, far).await.unwrap().unwrap();
     let b = Arc::new(b);
     let waiter = {
         let b = b.clone();
-        tokio::spawn(async move { b.lock_instance(instance).await.map(drop) })
+        tokio::spawn(async move { b.lock_instance(instance, far).await.map(|l| l.is_some()) })
     };
     // Longer than the lease: the holder renews it, so the other replica keeps waiting.
     tokio::time::sleep(Duration::from_secs(5)).await;
     assert!(!waiter.is_finished(), "a renewed lease keeps excluding");
+    assert!(!held.lost().is_cancelled());
     drop(held);
-    tokio::time::timeout(Duration::from_secs(10), waiter).await.expect("released lease is taken").unwrap().unwrap();
+    let taken = tokio::time::timeout(Duration::from_secs(10), waiter).await.expect("released lease is taken");
+    assert!(taken.unwrap().unwrap());
     let _ = Command::new("rados").args(["-p", "vms", "rm", &format!("novasnap.done.{id}")]).status().await;
     let _ = Command::new("rados").args(["-p", "vms", "rm", &format!("novasnap.instance.{instance}")]).status().await;
+}
+
+/// The lock of `object` as `rados lock info` shows it: (locker, cookie).
+async fn rados_locker(object: &str) -> (String, String) {
+    let args = ["-p", "vms", "lock", "info", object, "snapshot", "--format", "json"];
+    let out = Command::new("rados").args(args).output().await.unwrap();
+    let info: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let locker = &info["lockers"][0];
+    (locker["name"].as_str().unwrap().to_string(), locker["cookie"].as_str().unwrap().to_string())
+}
+
+/// Another replica takes the lease over (here: the lock broken, as `rados lock break` or a
+/// lapse lets another holder in): the first holder finds out at its next renewal, its
+/// `lost` signal fires, and it can confirm no change any more.
+#[tokio::test]
+async fn a_lease_taken_over_by_another_holder_is_found_lost() {
+    let lease = Duration::from_secs(3);
+    let a = RadosLedger::new(connect().await, "vms", lease, "test-a");
+    let b = RadosLedger::new(connect().await, "vms", lease, "test-b");
+    let instance = uuid::Uuid::new_v4();
+    let object = format!("novasnap.instance.{instance}");
+    let far = tokio::time::Instant::now() + Duration::from_secs(60);
+    let held = a.lock_instance(instance, far).await.unwrap().unwrap();
+    held.confirm().await.expect("held");
+    let (locker, cookie) = rados_locker(&object).await;
+    let args = ["-p", "vms", "lock", "break", &object, "snapshot", &locker, "--lock-cookie", &cookie];
+    assert!(Command::new("rados").args(args).status().await.unwrap().success());
+    let other = b.lock_instance(instance, far).await.unwrap().expect("the other holder takes it");
+    // At the next renewal (every third of the lease), or once the lease would have lapsed.
+    let found = tokio::time::timeout(lease + Duration::from_secs(1), held.lost().cancelled()).await;
+    found.expect("the loss is found within the lease");
+    let err = held.confirm().await.unwrap_err();
+    assert!(err.to_string().contains("lease is lost"), "{err}");
+    other.confirm().await.expect("the new holder's lease is sound");
+    drop((held, other));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let _ = Command::new("rados").args(["-p", "vms", "rm", &object]).status().await;
 }

@@ -568,18 +568,23 @@ impl Image {
         self.with_c(snap, |s| unsafe { rbd_snap_unprotect(self.handle, s) }).map(drop)
     }
 
-    /// Flattens, calling `progress(done, total)` as librbd reports.
-    pub fn flatten(&self, progress: &mut dyn FnMut(u64, u64)) -> Result<(), Errno> {
+    /// Flattens, calling `progress(done, total)` as librbd reports; `progress` returning
+    /// false stops the flatten (librbd starts no more object copies and fails ECANCELED).
+    pub fn flatten(&self, progress: &mut dyn FnMut(u64, u64) -> bool) -> Result<(), Errno> {
         extern "C" fn trampoline(offset: u64, total: u64, data: *mut c_void) -> c_int {
             // SAFETY: `data` is the `&mut &mut dyn FnMut` passed below, alive for the
             // whole rbd_flatten_with_progress call, which invokes us on its own thread
             // only while it runs.
-            let progress = unsafe { &mut *(data as *mut &mut dyn FnMut(u64, u64)) };
-            progress(offset, total);
-            0
+            let progress = unsafe { &mut *(data as *mut &mut dyn FnMut(u64, u64) -> bool) };
+            // A negative return makes librbd's object throttle stop starting copies.
+            if progress(offset, total) {
+                0
+            } else {
+                -libc::ECANCELED
+            }
         }
         let mut progress = progress;
-        let data = &mut progress as *mut &mut dyn FnMut(u64, u64) as *mut c_void;
+        let data = &mut progress as *mut &mut dyn FnMut(u64, u64) -> bool as *mut c_void;
         // SAFETY: open handle; `data` outlives the call (see trampoline).
         self.check(unsafe { rbd_flatten_with_progress(self.handle, trampoline, data) }).map(drop)
     }

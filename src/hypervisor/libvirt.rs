@@ -153,7 +153,7 @@ impl LibvirtHypervisor {
         f: impl FnOnce(&Inner) -> Result<T, HypervisorError> + Send + 'static,
     ) -> Result<T, HypervisorError> {
         let inner = self.inner.clone();
-        tokio::task::spawn_blocking(move || f(&inner))
+        crate::inflight::spawn_blocking(move || f(&inner))
             .await
             .map_err(|e| HypervisorError::Connection(format!("blocking task failed: {e}")))?
     }
@@ -241,6 +241,7 @@ impl Hypervisor for LibvirtHypervisor {
 
     async fn live_copy(&self, uuid: Uuid, disk: &str, dest: &Path, progress: Progress) -> Result<(), HypervisorError> {
         let (disk, dest) = (disk.to_string(), dest.to_string_lossy().into_owned());
+        let stop = crate::inflight::stop_signal().unwrap_or_default();
         self.blocking(move |inner| {
             // A job left by an earlier try would make the copy fail: clear it first.
             inner.with_connection(uuid, "abort block job", |c| {
@@ -270,11 +271,13 @@ impl Hypervisor for LibvirtHypervisor {
                         })
                     }
                 }
-                if start.elapsed() > inner.copy_timeout {
+                // Past its own bound, or its request stopped (deadline, lease lost).
+                if start.elapsed() > inner.copy_timeout || stop.is_cancelled() {
                     let _ = inner.with_connection(uuid, "abort block job", |c| {
                         ffi::block_job_abort(&inner.domain(c, uuid)?, &disk)
                     });
-                    return Err(HypervisorError::BlockJobTimeout { uuid, disk, seconds: inner.copy_timeout.as_secs() });
+                    let seconds = start.elapsed().as_secs();
+                    return Err(HypervisorError::BlockJobTimeout { uuid, disk, seconds });
                 }
                 std::thread::sleep(JOB_POLL);
             }

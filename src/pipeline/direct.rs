@@ -14,7 +14,7 @@ use super::{crash, Fault, Job, SnapshotError, Step};
 use crate::hypervisor::{DiskSource, Guest};
 use crate::image::{parse_rbd_url, ImageError, ImageProperties};
 use crate::messaging::TaskState;
-use crate::storage::{BlockStorage, RbdImage, StorageError};
+use crate::storage::{BlockStorage, CloneParent, RbdImage, StorageError};
 
 /// The snapshot novasnap keeps on the instance disk while it copies it. Deterministic, so a
 /// retry finds it and reclamation recognises it as novasnap's.
@@ -65,26 +65,41 @@ impl DirectSnapshot<'_, '_> {
         let copy = RbdImage::new(image_pool.clone(), image_id.to_string());
         let snap = disk_snapshot_name(image_id);
         job.rbd_disk = Some(disk.clone());
-        job.rbd_copy = Some(copy.clone());
 
-        // An earlier try may have got as far as the clone, or past the flatten.
+        // An earlier try may have got as far as the clone, or past the flatten: an image of
+        // that name is used, and ever removed, only once proven to be that copy.
         let copy_exists = job.step(Step::Clone, || storage.exists(&copy)).await?;
         let needs_flatten = if copy_exists {
+            let parent = job.step(Step::Clone, || storage.parent(&copy)).await?;
+            let owner = job.step(Step::Clone, || storage.metadata(&copy, OWNER_METADATA_KEY)).await?;
+            let ours = CloneParent { image: disk.clone(), snapshot: snap.clone() };
+            if owner.as_deref() != Some(image_id.to_string().as_str()) && parent.as_ref() != Some(&ours) {
+                return Err(job.fail_at(
+                    Step::Clone,
+                    Fault::NotOurs(format!(
+                        "{copy} exists but is not novasnap's copy for this image \
+                         ({OWNER_METADATA_KEY} {owner:?}, parent {parent:?}): it is left alone"
+                    )),
+                ));
+            }
+            job.rbd_copy = Some(copy.clone());
             // The point in time exists already: a guest an earlier try left suspended runs
             // again before the rest of the work.
             job.resume_if_suspended().await?;
-            job.step(Step::Clone, || storage.parent(&copy)).await?.is_some()
+            parent.is_some()
         } else {
             job.disk_snapshot(storage, &disk, &snap, plan).await?;
             job.step(Step::DiskSnapshot, || storage.protect_snapshot(&disk, &snap)).await?;
             crash::point("after-disk-snapshot");
             match job.step(Step::Clone, || storage.clone_image(&disk, &snap, &copy)).await {
                 Ok(()) => {
+                    job.rbd_copy = Some(copy.clone());
                     crash::point("after-clone");
                     true
                 }
+                // librbd removes a clone it could not finish: there is no copy to remove.
                 Err(e) if is_refused(&e.fault) => {
-                    cleanup_rbd(storage, &disk, Some(&copy), image_id).await;
+                    job.remove_rbd_artefacts(storage, &disk, None).await;
                     return Ok(Direct::Unavailable(format!("Ceph refused the clone into {image_pool}: {}", e.fault)));
                 }
                 Err(e) => return Err(e),
@@ -137,11 +152,11 @@ impl DirectSnapshot<'_, '_> {
             // The copy is the image's data now: Glance's, never novasnap's to remove.
             Ok(()) => job.rbd_copy = None,
             Err(SnapshotError { fault: Fault::Image(ImageError::LocationsRefused { reason, .. }), .. }) => {
-                cleanup_rbd(storage, &disk, Some(&copy), image_id).await;
+                job.remove_rbd_artefacts(storage, &disk, Some(&copy)).await;
                 return Ok(Direct::Unavailable(format!("Glance refuses image locations: {reason}")));
             }
             Err(SnapshotError { fault: Fault::CopyLost(reason), .. }) => {
-                cleanup_rbd(storage, &disk, Some(&copy), image_id).await;
+                job.remove_rbd_artefacts(storage, &disk, Some(&copy)).await;
                 return Ok(Direct::CopyLost(reason));
             }
             Err(e) => return Err(e),
@@ -181,17 +196,20 @@ fn is_refused(fault: &Fault) -> bool {
     matches!(fault, Fault::Storage(StorageError::Rbd { errno, .. }) if matches!(*errno, libc::EPERM | libc::EACCES | libc::EROFS | libc::EDQUOT))
 }
 
-/// Removes the disk snapshot and, if given, the copy in Glance's pool that a request made
-/// (the copy first: a clone not yet flattened keeps its parent snapshot busy). Errors are
-/// logged: reclamation finds what is left.
-pub(crate) async fn cleanup_rbd(storage: &dyn BlockStorage, disk: &RbdImage, copy: Option<&RbdImage>, image_id: Uuid) {
-    if let Some(copy) = copy {
-        if let Err(e) = storage.remove_image(copy).await {
-            warn!(%copy, error = %e, "could not remove the partial copy in Glance's pool");
+impl Job<'_> {
+    /// Removes the disk snapshot and, if given, the copy in Glance's pool that this request
+    /// made (the copy first: a clone not yet flattened keeps its parent snapshot busy).
+    pub(crate) async fn remove_rbd_artefacts(
+        &self,
+        storage: &dyn BlockStorage,
+        disk: &RbdImage,
+        copy: Option<&RbdImage>,
+    ) {
+        if let Some(copy) = copy {
+            self.tidy("remove the partial copy in Glance's pool", copy, storage.remove_image(copy)).await;
         }
-    }
-    if let Err(e) = storage.remove_snapshot(disk, &disk_snapshot_name(image_id)).await {
-        warn!(%disk, error = %e, "could not remove the disk snapshot");
+        let snap = disk_snapshot_name(self.req.image_id);
+        self.tidy("remove the disk snapshot", disk, storage.remove_snapshot(disk, &snap)).await;
     }
 }
 

@@ -64,6 +64,11 @@ pub enum Fault {
     /// The direct path's copy in Glance's pool vanished before it was registered.
     #[error("{0}")]
     CopyLost(String),
+    /// `<pool>/<image id>` exists, and nothing proves it the copy novasnap made for the image.
+    #[error("{0}")]
+    NotOurs(String),
+    #[error("the snapshot did not end within its deadline ({0:?}, [novasnap] snapshot_timeout)")]
+    DeadlineExceeded(std::time::Duration),
 }
 
 impl Classify for Fault {
@@ -72,7 +77,9 @@ impl Classify for Fault {
             Self::Hypervisor(e) => e.disposition(),
             Self::Storage(e) => e.disposition(),
             Self::Image(e) => e.disposition(),
-            Self::Unsupported(_) | Self::CopyLost(_) => Disposition::Permanent,
+            Self::Unsupported(_) | Self::CopyLost(_) | Self::NotOurs(_) | Self::DeadlineExceeded(_) => {
+                Disposition::Permanent
+            }
         }
     }
 }
@@ -94,10 +101,16 @@ impl SnapshotError {
             Fault::Hypervisor(HypervisorError::GuestNotFound(_)) => "InstanceNotFound",
             Fault::Image(ImageError::NotFound(_)) => "ImageNotFound",
             Fault::Hypervisor(_) => "HypervisorError",
-            Fault::Storage(_) | Fault::CopyLost(_) => "StorageError",
+            Fault::Storage(_) | Fault::CopyLost(_) | Fault::NotOurs(_) => "StorageError",
+            Fault::DeadlineExceeded(_) => "SnapshotTimeout",
             Fault::Image(_) => "ImageError",
             Fault::Unsupported(_) => "ImageUnacceptable",
         }
+    }
+
+    /// The instance lease was lost: another replica may be at work on the instance.
+    pub fn is_lease_lost(&self) -> bool {
+        matches!(self.fault, Fault::Storage(StorageError::LeaseLost(_)))
     }
 
     /// The instance or the image vanished under us: the request ends quietly, as Nova ends

@@ -21,13 +21,13 @@ use tracing::{info, warn};
 use uuid::Uuid;
 
 use crate::disposal::{Fate, OwnerImage, Remover};
-use crate::error::Classify;
 use crate::hypervisor::{DiskSource, Guest, Hypervisor, PowerState};
 use crate::image::{ImageService, ImageStatus};
 use crate::messaging::{Notifier, SnapshotEvent, TaskState};
 use crate::request::{SnapshotKind, SnapshotRequest};
 use crate::retry::RetryPolicy;
-use crate::storage::{BlockStorage, RbdImage};
+use crate::storage::{BlockStorage, InstanceLease, RbdImage, StorageError};
+use tokio::time::Instant;
 
 pub use error::{Failure, Fault, SnapshotError, Step};
 use plan::{PlanSettings, SnapshotPlan};
@@ -53,6 +53,9 @@ pub struct PipelineSettings {
     pub ceph_conf: Option<PathBuf>,
     pub retry: RetryPolicy,
     pub progress_interval: std::time::Duration,
+    /// How long a cast may take, from the worker taking it to its end (`[novasnap]
+    /// snapshot_timeout`): the deadline bounds every step and retry.
+    pub snapshot_timeout: std::time::Duration,
 }
 
 impl PipelineSettings {
@@ -68,6 +71,7 @@ impl PipelineSettings {
             ceph_conf: config.rbd.ceph_conf.clone(),
             retry: config.worker.retry.clone(),
             progress_interval: config.notifications.progress_interval,
+            snapshot_timeout: config.worker.snapshot_timeout,
         }
     }
 }
@@ -99,6 +103,10 @@ pub(crate) struct Job<'a> {
     pub rbd_disk: Option<crate::storage::RbdImage>,
     /// The copy in Glance's pool this request may have made.
     pub rbd_copy: Option<crate::storage::RbdImage>,
+    /// The fence around every change: the instance lease this request holds.
+    pub lease: &'a InstanceLease,
+    /// When the snapshot must end, failed if not done.
+    pub deadline: Instant,
 }
 
 impl SnapshotPipeline {
@@ -106,8 +114,16 @@ impl SnapshotPipeline {
         Self { b, settings }
     }
 
-    pub async fn run(&self, req: &SnapshotRequest) -> Result<Outcome, Failure> {
+    /// Runs the snapshot behind `lease`, until `deadline` at the latest.
+    pub async fn run(
+        &self,
+        req: &SnapshotRequest,
+        lease: &InstanceLease,
+        deadline: Instant,
+    ) -> Result<Outcome, Failure> {
         let mut job = Job {
+            lease,
+            deadline,
             b: &self.b,
             settings: &self.settings,
             req,
@@ -135,19 +151,62 @@ impl Job<'_> {
         self.req.image_id
     }
 
-    /// Runs one boundary call under the retry policy and names the step if it fails.
+    /// Runs one boundary call under the retry policy and names the step if it fails. Every
+    /// attempt is fenced: the instance lease is confirmed before it, and the step ends as
+    /// soon as the lease is lost or the snapshot's deadline passes, between attempts or
+    /// during one.
     pub async fn step<T, E, F, Fut>(&self, step: Step, op: F) -> Result<T, SnapshotError>
     where
-        E: Into<Fault> + Classify + std::fmt::Display,
+        E: Into<Fault>,
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<T, E>>,
     {
-        let started = std::time::Instant::now();
-        let result = self.settings.retry.run(&step.to_string(), op).await;
+        self.fenced(step, Some(self.deadline), op).await
+    }
+
+    async fn fenced<T, E, F, Fut>(&self, step: Step, deadline: Option<Instant>, op: F) -> Result<T, SnapshotError>
+    where
+        E: Into<Fault>,
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+    {
+        let started = Instant::now();
+        let (lease, op, name) = (self.lease, std::sync::Mutex::new(op), step.to_string());
+        let attempts = self.settings.retry.run(&name, || async {
+            lease.confirm().await?;
+            let attempt = (op.lock().expect("step operation"))();
+            attempt.await.map_err(Into::into)
+        });
+        let past_deadline = async {
+            match deadline {
+                Some(deadline) => tokio::time::sleep_until(deadline).await,
+                None => std::future::pending().await,
+            }
+        };
+        let result = tokio::select! {
+            result = attempts => result,
+            _ = lease.lost().cancelled() => Err(StorageError::LeaseLost("found lost during the step".into()).into()),
+            _ = past_deadline => Err(Fault::DeadlineExceeded(self.settings.snapshot_timeout)),
+        };
         // Per-step timings: `make bench` sums these into its time breakdown.
         let elapsed_ms = started.elapsed().as_millis() as u64;
         tracing::debug!(step = %step, elapsed_ms, ok = result.is_ok(), "step finished");
-        result.map_err(|e| SnapshotError { step, instance: self.instance(), image: self.image(), fault: e.into() })
+        result.map_err(|fault| self.fail_at(step, fault))
+    }
+
+    /// One change of a cleanup, tried once behind the lease's fence; a failure is logged,
+    /// and reclamation finds what is left.
+    pub(crate) async fn tidy<E: std::fmt::Display>(
+        &self,
+        what: &str,
+        target: &(dyn std::fmt::Display + Sync),
+        change: impl Future<Output = Result<(), E>>,
+    ) {
+        if let Err(e) = self.lease.confirm().await {
+            warn!(%target, error = %e, "not done: {what}: the instance lease is not confirmed");
+        } else if let Err(e) = change.await {
+            warn!(%target, error = %e, "could not {what}");
+        }
     }
 
     pub fn fail_at(&self, step: Step, fault: impl Into<Fault>) -> SnapshotError {
@@ -255,7 +314,7 @@ impl Job<'_> {
             let (disk, snap) = (RbdImage::new(pool.clone(), image.clone()), direct::disk_snapshot_name(req.image_id));
             self.step(Step::RemoveDiskSnapshot, || storage.remove_snapshot(&disk, &snap)).await?;
         }
-        standard::cleanup(self.settings, req.image_id).await;
+        self.remove_temp_files().await;
         self.resume_if_suspended().await?;
         self.task_state = Some(TaskState::ImageUploading);
         self.set_task_state(None).await;
@@ -300,10 +359,14 @@ impl Job<'_> {
 
     /// Brings a guest this request suspended back, under the retry policy.
     pub(crate) async fn resume_if_suspended(&mut self) -> Result<(), SnapshotError> {
+        self.resume(Some(self.deadline)).await
+    }
+
+    async fn resume(&mut self, deadline: Option<Instant>) -> Result<(), SnapshotError> {
         if let Some(state) = self.suspended {
             let (hv, instance) = (&self.b.hypervisor, self.instance());
             let paused = state == PowerState::Paused;
-            self.step(Step::Resume, || hv.resume(instance, paused)).await?;
+            self.fenced(Step::Resume, deadline, || hv.resume(instance, paused)).await?;
             self.suspended = None;
         }
         Ok(())
@@ -330,10 +393,15 @@ impl Job<'_> {
     /// Undoes what this request did, as Nova's compute manager and driver do on failure,
     /// but completely: artefacts removed, the image deleted, guest resumed, task_state reset,
     /// and the fault published. Only what [`crate::disposal`] finds disposable is removed: an
-    /// image Glance shows in use, or cannot tell about, is kept with its copy. Returns what
-    /// is left unsettled, for another delivery of the cast to put right.
+    /// image Glance shows in use, or cannot tell about, is kept with its copy; and nothing at
+    /// all once the lease is lost, since another replica may be at work. Returns what is left
+    /// unsettled, for another delivery of the cast to put right.
     async fn fail(&mut self, e: &SnapshotError) -> Option<String> {
         let (b, req) = (self.b, self.req);
+        if e.is_lease_lost() {
+            tracing::error!(instance = %self.instance(), image = %self.image(), step = %e.step, error = %e, "snapshot stopped: its instance lease was lost; nothing more is changed");
+            return Some(format!("the instance lease was lost at step '{}'", e.step));
+        }
         if e.is_vanished() {
             info!(instance = %self.instance(), image = %self.image(), error = %e, "instance or image vanished during snapshot; ending quietly");
         } else {
@@ -352,17 +420,16 @@ impl Job<'_> {
                 }
                 disposable
             });
-            direct::cleanup_rbd(storage.as_ref(), disk, copy, self.image()).await;
+            self.remove_rbd_artefacts(storage.as_ref(), disk, copy).await;
         }
-        standard::cleanup(self.settings, self.image()).await;
+        self.remove_temp_files().await;
         if owner.image_disposable(Remover::FailingRequest) {
-            if let Err(err) = b.images.delete(&req.context, self.image()).await {
-                warn!(image = %self.image(), error = %err, "could not delete the failed snapshot's image");
-            }
+            let image = self.image();
+            self.tidy("delete the failed snapshot's image", &image, b.images.delete(&req.context, image)).await;
         } else {
             info!(image = %self.image(), image_state = %owner.state, "the image is kept");
         }
-        if let Err(err) = self.resume_if_suspended().await {
+        if let Err(err) = self.resume(None).await {
             tracing::error!(instance = %self.instance(), error = %err, "the guest is still in managed save after a failed snapshot");
             unsettled.push(format!("guest {} could not be resumed from managed save: {}", self.instance(), err.fault));
         }

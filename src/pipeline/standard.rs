@@ -87,7 +87,7 @@ impl StandardSnapshot<'_, '_> {
         }
         crash::point("after-upload");
         job.step(Step::RemoveDiskSnapshot, || storage.remove_snapshot(&disk, &snap)).await?;
-        cleanup(job.settings, job.req.image_id).await;
+        job.remove_temp_files().await;
         Ok(())
     }
 
@@ -126,7 +126,7 @@ impl StandardSnapshot<'_, '_> {
         job.set_task_state(Some(TaskState::ImageUploading)).await;
         job.upload_file(&out).await?;
         crash::point("after-upload");
-        cleanup(job.settings, job.req.image_id).await;
+        job.remove_temp_files().await;
         Ok(())
     }
 }
@@ -196,12 +196,20 @@ fn counted(
     .boxed()
 }
 
-/// Removes a request's temporary directory; a missing one is fine.
-pub(crate) async fn cleanup(settings: &PipelineSettings, image_id: Uuid) {
-    let dir = temp_dir(settings, image_id);
-    match tokio::fs::remove_dir_all(&dir).await {
-        Ok(()) => info!(dir = %dir.display(), "temporary files removed"),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => tracing::warn!(dir = %dir.display(), error = %e, "could not remove temporary files"),
+impl Job<'_> {
+    /// Removes this request's temporary directory; a missing one is fine.
+    pub(crate) async fn remove_temp_files(&self) {
+        let dir = temp_dir(self.settings, self.req.image_id);
+        let remove = async {
+            match tokio::fs::remove_dir_all(&dir).await {
+                Ok(()) => {
+                    info!(dir = %dir.display(), "temporary files removed");
+                    Ok(())
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                Err(e) => Err(e),
+            }
+        };
+        self.tidy("remove temporary files", &dir.display(), remove).await;
     }
 }

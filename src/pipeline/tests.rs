@@ -19,7 +19,7 @@ use crate::hypervisor::{DiskSource, Guest, HypervisorError, PowerState, Progress
 use crate::image::{Image, ImageError, ImageProperties, ImageService, ImageStatus};
 use crate::messaging::{MessagingError, Notifier, SnapshotEvent, TaskState};
 use crate::request::{Instance, RequestContext, SnapshotKind, SnapshotRequest};
-use crate::storage::{BlockStorage, CloneParent, RbdImage, SnapshotInfo, StorageError};
+use crate::storage::{BlockStorage, CloneParent, InstanceLease, RbdImage, SnapshotInfo, StorageError};
 
 const FSID: &str = "0a1b2c3d-0000-4000-8000-000000000001";
 
@@ -369,6 +369,8 @@ impl Notifier for RecordingNotifier {
 
 struct World {
     timeline: Timeline,
+    lease: InstanceLease,
+    lease_holder: Arc<FakeLease>,
     hv: Arc<FakeHypervisor>,
     storage: Arc<FakeStorage>,
     images: Arc<FakeImages>,
@@ -376,6 +378,47 @@ struct World {
     req: SnapshotRequest,
     disk: RbdImage,
     base: RbdImage,
+}
+
+/// The pipeline as the worker runs it: behind the world's lease, with a deadline.
+struct Runner<'w> {
+    pipeline: SnapshotPipeline,
+    lease: &'w InstanceLease,
+    timeout: Duration,
+}
+
+impl Runner<'_> {
+    async fn run(&self, req: &SnapshotRequest) -> Result<Outcome, Failure> {
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        self.lease.in_flight().scope(self.pipeline.run(req, self.lease, deadline)).await
+    }
+}
+
+/// An instance lease that can be made lost, as another replica taking it over would: at the
+/// first confirmation once the timeline shows a given change.
+#[derive(Default)]
+struct FakeLease {
+    lost: tokio_util::sync::CancellationToken,
+    /// The change (a timeline entry's start) after which the lease is lost.
+    lost_after: Mutex<Option<&'static str>>,
+    timeline: Timeline,
+}
+
+#[async_trait]
+impl crate::storage::LeaseHolder for FakeLease {
+    async fn confirm(&self) -> Result<(), StorageError> {
+        let mut timeline = self.timeline.lock().unwrap();
+        let after = *self.lost_after.lock().unwrap();
+        if self.lost.is_cancelled() || after.is_some_and(|after| timeline.iter().any(|t| t.starts_with(after))) {
+            if !self.lost.is_cancelled() {
+                timeline.push("lease lost".into());
+                self.lost.cancel();
+            }
+            return Err(StorageError::LeaseLost("taken over".into()));
+        }
+        Ok(())
+    }
+    async fn release(&self) {}
 }
 
 const DISK_DATA: &[u8] = b"instance disk contents";
@@ -447,8 +490,11 @@ impl World {
             kind: SnapshotKind::Snapshot,
             unique_id: None,
         };
+        let lease_holder = Arc::new(FakeLease { timeline: timeline.clone(), ..Default::default() });
         Self {
             timeline,
+            lease: InstanceLease::new(lease_holder.clone(), lease_holder.lost.clone()),
+            lease_holder,
             hv: Arc::new(hv),
             storage: Arc::new(storage),
             images: Arc::new(images),
@@ -459,7 +505,7 @@ impl World {
         }
     }
 
-    fn pipeline(&self, settings: impl FnOnce(&mut PipelineSettings)) -> SnapshotPipeline {
+    fn pipeline(&self, settings: impl FnOnce(&mut PipelineSettings)) -> Runner<'_> {
         let mut s = PipelineSettings {
             plan: PlanSettings::default(),
             direct_snapshot: true,
@@ -471,17 +517,17 @@ impl World {
                 max_retries: 3,
             },
             progress_interval: Duration::from_millis(1),
+            snapshot_timeout: Duration::from_secs(3600),
         };
         settings(&mut s);
-        SnapshotPipeline::new(
-            Boundaries {
-                hypervisor: self.hv.clone(),
-                storage: Some(self.storage.clone()),
-                images: self.images.clone(),
-                notifier: self.notifier.clone(),
-            },
-            s,
-        )
+        let timeout = s.snapshot_timeout;
+        let boundaries = Boundaries {
+            hypervisor: self.hv.clone(),
+            storage: Some(self.storage.clone()),
+            images: self.images.clone(),
+            notifier: self.notifier.clone(),
+        };
+        Runner { pipeline: SnapshotPipeline::new(boundaries, s), lease: &self.lease, timeout }
     }
 
     fn copy(&self) -> RbdImage {
@@ -516,6 +562,12 @@ impl World {
         self.storage.protect_snapshot(&self.disk, &snap).await.unwrap();
         self.storage.clone_image(&self.disk, &snap, &self.copy()).await.unwrap();
         self.storage.set_metadata(&self.copy(), OWNER_METADATA_KEY, &self.req.image_id.to_string()).await.unwrap();
+    }
+
+    /// What a worker killed right after the flatten leaves: the same, the copy flattened.
+    async fn leave_flattened_copy(&self) {
+        self.leave_unflattened_copy().await;
+        self.storage.images.lock().unwrap().get_mut(&self.copy()).unwrap().parent = None;
     }
 
     /// The request as a `backup_instance` cast with `rotation`, the image marked as a backup.
@@ -605,11 +657,7 @@ async fn glance_refusing_locations_falls_back_to_uploading_the_bytes() {
 async fn a_redelivery_after_a_crash_past_the_flatten_finishes_the_same_snapshot() {
     let w = World::clone_backed(FakeImages::default());
     // What a worker killed right after the flatten leaves: disk snapshot + flat copy.
-    let snap = direct::disk_snapshot_name(w.req.image_id);
-    w.storage.create_snapshot(&w.disk, &snap).await.unwrap();
-    w.storage.protect_snapshot(&w.disk, &snap).await.unwrap();
-    w.storage.clone_image(&w.disk, &snap, &w.copy()).await.unwrap();
-    w.storage.images.lock().unwrap().get_mut(&w.copy()).unwrap().parent = None;
+    w.leave_flattened_copy().await;
     // Data written after the crash must not reach the image: it was snapshotted before.
     w.storage.images.lock().unwrap().get_mut(&w.disk).unwrap().data = b"later".to_vec();
 
@@ -911,8 +959,9 @@ async fn a_guest_that_cannot_be_resumed_hands_the_cast_back() {
     w.hv.inject("resume", 100);
     let ledger = tempfile::tempdir().unwrap();
     let worker = crate::worker::Worker::new(
-        w.pipeline(cold),
+        w.pipeline(cold).pipeline,
         Arc::new(crate::storage::ledger::FileLedger::open(ledger.path()).unwrap()),
+        Duration::from_secs(3600),
     );
     use crate::messaging::{Handled, SnapshotHandler};
     assert_eq!(worker.handle(w.req.clone()).await, Handled::Requeue);
@@ -929,8 +978,7 @@ async fn a_guest_that_cannot_be_resumed_hands_the_cast_back() {
 #[tokio::test]
 async fn a_redelivered_cold_snapshot_whose_copy_exists_leaves_the_guest_running() {
     let w = World::clone_backed(FakeImages::default());
-    w.leave_unflattened_copy().await;
-    w.storage.images.lock().unwrap().get_mut(&w.copy()).unwrap().parent = None;
+    w.leave_flattened_copy().await;
     w.pipeline(cold).run(&w.req).await.unwrap();
     assert!(!w.hv.calls.lock().unwrap().contains(&"suspend".to_string()), "{:?}", w.hv.calls.lock().unwrap());
     assert_eq!(w.images.image(w.req.image_id).unwrap().status, ImageStatus::Active);
@@ -949,4 +997,41 @@ async fn a_guest_left_suspended_mid_flatten_runs_again_before_the_flatten() {
     let at = |what: &str| timeline.iter().position(|t| t.starts_with(what)).unwrap_or(usize::MAX);
     assert!(at("hypervisor resume") < at("storage flatten"), "{timeline:?}");
     assert!(!timeline.iter().any(|t| t == "hypervisor suspend"), "{timeline:?}");
+}
+
+// Class 3 of issue 12: a lease that is lost stops the work.
+
+/// The lease is lost mid-snapshot (another replica took it over after this one stalled):
+/// the work stops at once and changes nothing more, not even to clean up, since what it
+/// made may now be the other replica's work; the cast goes back to the broker.
+#[tokio::test]
+async fn a_lost_lease_stops_the_work_and_nothing_more_is_changed() {
+    let w = World::clone_backed(FakeImages::default());
+    *w.lease_holder.lost_after.lock().unwrap() = Some("storage clone_image");
+    let failure = w.pipeline(|_| {}).run(&w.req).await.unwrap_err();
+    assert!(failure.error.is_lease_lost(), "{failure:?}");
+    assert!(failure.unsettled.as_deref().is_some_and(|u| u.contains("lease was lost")), "{failure:?}");
+    let timeline = w.timeline.lock().unwrap().clone();
+    let lost = timeline.iter().position(|t| t == "lease lost").expect("lost");
+    assert!(timeline[..lost].iter().any(|t| t.starts_with("storage clone_image")), "{timeline:?}");
+    assert_eq!(&timeline[lost + 1..], &[] as &[String], "nothing changed after the loss");
+    assert!(w.storage.get(&w.copy()).is_some_and(|c| c.parent.is_some()), "the copy is left as it was");
+    assert_eq!(w.disk_snapshots().len(), 1);
+    assert_eq!(w.images.image(w.req.image_id).unwrap().status, ImageStatus::Queued, "the image is not deleted");
+    assert!(!w.events().iter().any(|e| matches!(e, SnapshotEvent::Error { .. })), "{:?}", w.events());
+}
+
+/// `<pool>/<image id>` exists but is not this request's copy (Glance's own upload, an
+/// operator's image): it is neither used as the snapshot nor removed.
+#[tokio::test]
+async fn an_existing_image_not_proven_ours_is_neither_used_nor_removed() {
+    let w = World::clone_backed(FakeImages::default());
+    let foreign = FakeRbd { data: b"someone else's".to_vec(), ..Default::default() };
+    w.storage.images.lock().unwrap().insert(w.copy(), foreign);
+    let failure = w.pipeline(|_| {}).run(&w.req).await.unwrap_err();
+    assert!(matches!(failure.error.fault, Fault::NotOurs(_)), "{failure:?}");
+    let left = w.storage.get(&w.copy()).expect("not removed");
+    assert_eq!(left.data, b"someone else's");
+    assert!(left.snaps.is_empty() && left.metadata.is_empty(), "not touched: {:?}", left.snaps);
+    assert!(w.images.image(w.req.image_id).is_none_or(|i| i.locations.is_empty()), "not registered");
 }

@@ -9,16 +9,19 @@
 //!   dead holder's lock lapses by itself.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 use uuid::Uuid;
 
 use super::rbd::CephRbd;
-use super::{InstanceLease, StorageError, WorkLedger};
+use super::{InstanceLease, LeaseHolder, StorageError, WorkLedger};
 use crate::ffi::rbd::Pool;
+use crate::inflight;
 
 const LOCK_NAME: &str = "snapshot";
 /// librados `LIBRADOS_LOCK_FLAG_MAY_RENEW`: take the lock, or extend it if we hold it.
@@ -64,6 +67,12 @@ impl RadosLedger {
     }
 }
 
+/// A lease as RADOS takes it: whole seconds and microseconds. Zero would be a lock that
+/// never expires, which the config rules out (`instance_lease` is at least a second).
+fn lock_duration(lease: Duration) -> libc::timeval {
+    libc::timeval { tv_sec: lease.as_secs() as libc::time_t, tv_usec: lease.subsec_micros() as libc::suseconds_t }
+}
+
 /// Takes (flags 0) or renews (MAY_RENEW) the lock; Ok(false) when another holder has it.
 fn try_lock(
     pool: &Pool,
@@ -73,13 +82,106 @@ fn try_lock(
     lease: Duration,
     flags: u8,
 ) -> Result<bool, StorageError> {
-    let mut duration = libc::timeval { tv_sec: lease.as_secs() as libc::time_t, tv_usec: 0 };
+    let mut duration = lock_duration(lease);
     match pool.0.rados_object_lock_exclusive(object, LOCK_NAME, cookie, holder, &mut duration, flags) {
         Ok(()) => Ok(true),
         Err(ceph::error::RadosError::ApiError(errno)) if matches!(errno as i32, libc::EBUSY | libc::EEXIST) => {
             Ok(false)
         }
         Err(e) => Err(rados_error("lock", object, e)),
+    }
+}
+
+/// One instance lease in RADOS: the lock `snapshot` on `novasnap.instance.<uuid>` under this
+/// lease's own cookie, renewed every third of its duration.
+struct RadosLease {
+    pool: Arc<Pool>,
+    instance: Uuid,
+    object: String,
+    cookie: String,
+    holder: String,
+    lease: Duration,
+    /// When the last successful renewal was asked for: the lock holds until at least a lease
+    /// after that, and may have lapsed (and been taken by another) once a lease has passed.
+    renewed: Mutex<Instant>,
+    lost: CancellationToken,
+    renewal: Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+impl RadosLease {
+    fn lapses_at(&self) -> Instant {
+        *self.renewed.lock().expect("lease lock") + self.lease
+    }
+
+    fn mark_lost(&self, why: &str) -> StorageError {
+        if !self.lost.is_cancelled() {
+            tracing::error!(instance = %self.instance, why, "instance lease lost: stopping the work on it");
+            self.lost.cancel();
+        }
+        StorageError::LeaseLost(why.to_string())
+    }
+
+    /// Renews the lock by its cookie. A lock that may have lapsed since the last renewal is
+    /// lost even if RADOS would grant it again: another holder may have had it meanwhile.
+    async fn renew(&self) -> Result<(), StorageError> {
+        let asked = Instant::now();
+        if self.lost.is_cancelled() {
+            return Err(StorageError::LeaseLost("found lost earlier".into()));
+        }
+        if asked >= self.lapses_at() {
+            return Err(self.mark_lost("not renewed within its duration"));
+        }
+        let (pool, o, c, h, lease) =
+            (self.pool.clone(), self.object.clone(), self.cookie.clone(), self.holder.clone(), self.lease);
+        let renewed = tokio::time::timeout_at(
+            self.lapses_at(),
+            inflight::spawn_blocking(move || try_lock(&pool, &o, &c, &h, lease, LOCK_FLAG_MAY_RENEW)),
+        )
+        .await;
+        match renewed {
+            Ok(Ok(Ok(true))) => {
+                *self.renewed.lock().expect("lease lock") = asked;
+                Ok(())
+            }
+            Ok(Ok(Ok(false))) => Err(self.mark_lost("held by another holder")),
+            Ok(Ok(Err(e))) => Err(e),
+            Ok(Err(e)) => Err(StorageError::Connect(format!("blocking task failed: {e}"))),
+            Err(_) => Err(self.mark_lost("renewal did not return within its duration")),
+        }
+    }
+
+    /// Renews until released or lost.
+    async fn keep(self: Arc<Self>) {
+        loop {
+            tokio::time::sleep(self.lease / 3).await;
+            match self.renew().await {
+                Ok(()) => {}
+                Err(StorageError::LeaseLost(_)) => return,
+                Err(e) => warn!(instance = %self.instance, error = %e, "instance lease not renewed; retrying"),
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl LeaseHolder for RadosLease {
+    async fn confirm(&self) -> Result<(), StorageError> {
+        self.renew().await
+    }
+
+    async fn release(&self) {
+        if let Some(renewal) = self.renewal.lock().expect("lease lock").take() {
+            renewal.abort();
+        }
+        if self.lost.is_cancelled() {
+            return; // not ours to unlock any more
+        }
+        let (pool, object, cookie) = (self.pool.clone(), self.object.clone(), self.cookie.clone());
+        let unlocked =
+            tokio::task::spawn_blocking(move || pool.0.rados_object_unlock(&object, LOCK_NAME, &cookie)).await;
+        if let Ok(Err(e)) = unlocked {
+            warn!(object = %self.object, error = %e, "instance lease not released; it lapses by itself");
+        }
     }
 }
 
@@ -109,46 +211,36 @@ impl WorkLedger for RadosLedger {
         .await
     }
 
-    async fn lock_instance(&self, instance: Uuid) -> Result<InstanceLease, StorageError> {
+    async fn lock_instance(&self, instance: Uuid, until: Instant) -> Result<Option<InstanceLease>, StorageError> {
         let object = format!("novasnap.instance.{instance}");
         let cookie = Uuid::new_v4().simple().to_string();
         let (lease, holder) = (self.lease, self.holder.clone());
-        loop {
+        let asked = loop {
             let (o, c, h) = (object.clone(), cookie.clone(), holder.clone());
+            let asked = Instant::now();
             if self.on_pool(move |pool| try_lock(pool, &o, &c, &h, lease, 0)).await? {
-                break;
+                break asked;
+            }
+            if asked + LEASE_POLL >= until {
+                return Ok(None);
             }
             debug!(%instance, "instance lease held elsewhere; waiting");
             tokio::time::sleep(LEASE_POLL).await;
-        }
-        let pool = self.ceph.pool(&self.pool).await?;
-        let renewal = {
-            let (pool, object, cookie) = (pool.clone(), object.clone(), cookie.clone());
-            tokio::spawn(async move {
-                loop {
-                    tokio::time::sleep(lease / 3).await;
-                    let (pool, o, c, h) = (pool.clone(), object.clone(), cookie.clone(), holder.clone());
-                    match tokio::task::spawn_blocking(move || try_lock(&pool, &o, &c, &h, lease, LOCK_FLAG_MAY_RENEW))
-                        .await
-                    {
-                        Ok(Ok(true)) => {}
-                        Ok(Ok(false)) => warn!(%instance, "instance lease lost to another holder"),
-                        Ok(Err(e)) => warn!(%instance, error = %e, "instance lease not renewed; retrying"),
-                        Err(e) => warn!(%instance, error = %e, "instance lease renewal task failed"),
-                    }
-                }
-            })
         };
-        Ok(InstanceLease::new(move || {
-            renewal.abort();
-            // Released in the background: Drop cannot wait, and an unreleased lease only
-            // delays the next snapshot of this instance until it lapses.
-            std::thread::spawn(move || {
-                if let Err(e) = pool.0.rados_object_unlock(&object, LOCK_NAME, &cookie) {
-                    warn!(object, error = %e, "instance lease not released; it lapses by itself");
-                }
-            });
-        }))
+        let lost = CancellationToken::new();
+        let held = Arc::new(RadosLease {
+            pool: self.ceph.pool(&self.pool).await?,
+            instance,
+            object,
+            cookie,
+            holder,
+            lease,
+            renewed: Mutex::new(asked),
+            lost: lost.clone(),
+            renewal: Mutex::new(None),
+        });
+        *held.renewal.lock().expect("lease lock") = Some(tokio::spawn(held.clone().keep()));
+        Ok(Some(InstanceLease::new(held, lost)))
     }
 }
 
@@ -183,11 +275,11 @@ impl WorkLedger for FileLedger {
             .map_err(|source| StorageError::Io { path: path.display().to_string(), source })
     }
 
-    async fn lock_instance(&self, instance: Uuid) -> Result<InstanceLease, StorageError> {
+    async fn lock_instance(&self, instance: Uuid, until: Instant) -> Result<Option<InstanceLease>, StorageError> {
         let path = self.dir.join("instances").join(instance.to_string());
         let io = |source| StorageError::Io { path: path.display().to_string(), source };
-        let file =
-            Arc::new(std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&path).map_err(io)?);
+        let file = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&path).map_err(io)?;
+        let file = Arc::new(file);
         loop {
             let f = file.clone();
             let locked = tokio::task::spawn_blocking(move || f.try_lock())
@@ -195,13 +287,28 @@ impl WorkLedger for FileLedger {
                 .map_err(|e| StorageError::Connect(format!("blocking task failed: {e}")))?;
             match locked {
                 Ok(()) => break,
-                Err(std::fs::TryLockError::WouldBlock) => tokio::time::sleep(LEASE_POLL).await,
+                Err(std::fs::TryLockError::WouldBlock) if Instant::now() + LEASE_POLL < until => {
+                    tokio::time::sleep(LEASE_POLL).await
+                }
+                Err(std::fs::TryLockError::WouldBlock) => return Ok(None),
                 Err(std::fs::TryLockError::Error(e)) => return Err(io(e)),
             }
         }
-        Ok(InstanceLease::new(move || {
-            let _ = file.unlock();
-        }))
+        Ok(Some(InstanceLease::new(Arc::new(FileLease(file)), CancellationToken::new())))
+    }
+}
+
+/// A `flock` on the instance's file: never lost while the file is open.
+struct FileLease(Arc<std::fs::File>);
+
+#[async_trait]
+impl LeaseHolder for FileLease {
+    async fn confirm(&self) -> Result<(), StorageError> {
+        Ok(())
+    }
+
+    async fn release(&self) {
+        let _ = self.0.unlock();
     }
 }
 
@@ -226,11 +333,55 @@ mod tests {
         assert!(b.is_done("abc123").await.unwrap(), "seen by another ledger on the same directory");
 
         let instance = Uuid::new_v4();
-        let lease = a.lock_instance(instance).await.unwrap();
-        let waiting = tokio::spawn(async move { b.lock_instance(instance).await.map(drop) });
+        let far = Instant::now() + Duration::from_secs(3600);
+        let lease = a.lock_instance(instance, far).await.unwrap().unwrap();
+        let b = Arc::new(b);
+        let waiting = tokio::spawn({
+            let b = b.clone();
+            async move { b.lock_instance(instance, far).await.map(|l| l.is_some()) }
+        });
         tokio::time::sleep(Duration::from_millis(1200)).await;
         assert!(!waiting.is_finished(), "the second holder waits");
         drop(lease);
-        tokio::time::timeout(Duration::from_secs(5), waiting).await.unwrap().unwrap().unwrap();
+        assert!(tokio::time::timeout(Duration::from_secs(5), waiting).await.unwrap().unwrap().unwrap());
+    }
+
+    /// The wait for a held lease has a bound: past it, the caller hears so.
+    #[tokio::test]
+    async fn the_wait_for_a_held_lease_gives_up_at_its_bound() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (FileLedger::open(dir.path()).unwrap(), FileLedger::open(dir.path()).unwrap());
+        let instance = Uuid::new_v4();
+        let _held = a.lock_instance(instance, Instant::now()).await.unwrap().unwrap();
+        let started = Instant::now();
+        let until = started + Duration::from_secs(2);
+        assert!(b.lock_instance(instance, until).await.unwrap().is_none());
+        assert!(started.elapsed() < Duration::from_secs(3), "{:?}", started.elapsed());
+    }
+
+    /// A lease whose work was dropped while one of its blocking calls still runs (a step
+    /// cancelled, a shutdown) is released only once that call has returned.
+    #[tokio::test]
+    async fn a_lease_is_held_until_its_blocking_calls_have_returned() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (FileLedger::open(dir.path()).unwrap(), FileLedger::open(dir.path()).unwrap());
+        let instance = Uuid::new_v4();
+        let far = Instant::now() + Duration::from_secs(60);
+        let lease = a.lock_instance(instance, far).await.unwrap().unwrap();
+        let returned = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = returned.clone();
+        let work = lease.in_flight().scope(async move {
+            inflight::spawn_blocking(move || {
+                std::thread::sleep(Duration::from_millis(1500));
+                flag.store(true, std::sync::atomic::Ordering::SeqCst);
+            })
+            .await
+        });
+        // The work is given up on at once, and its lease dropped.
+        assert!(tokio::time::timeout(Duration::from_millis(50), work).await.is_err());
+        drop(lease);
+        let taken = b.lock_instance(instance, far).await.unwrap().unwrap();
+        assert!(returned.load(std::sync::atomic::Ordering::SeqCst), "taken while a call made under it still ran");
+        drop(taken);
     }
 }

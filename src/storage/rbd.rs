@@ -13,6 +13,7 @@ use super::{BlockStorage, CloneParent, RbdImage, SnapshotInfo, StorageError};
 use crate::config::RbdConfig;
 use crate::ffi::rbd::{self as ffi, Errno};
 use crate::hypervisor::Progress;
+use crate::inflight;
 
 /// librbd's layering feature bit: a clone needs it.
 const FEATURE_LAYERING: u64 = 1;
@@ -146,7 +147,8 @@ impl Inner {
     /// detach the parent. A rebuild does not help, as the map may mark more than exists.
     /// So the map is off while flattening, recorded in the image's metadata so that a retry
     /// after any crash turns it back on, and rebuilt from the objects once all exist.
-    fn flatten(&self, image: &RbdImage, progress: &mut dyn FnMut(u64, u64)) -> Result<(), StorageError> {
+    /// `progress` returns false to stop the flatten (ECANCELED).
+    fn flatten(&self, image: &RbdImage, progress: &mut dyn FnMut(u64, u64) -> bool) -> Result<(), StorageError> {
         let look = self.open_read_only(image, None)?;
         let has_parent = self.parent(&look, image)?.is_some();
         let features = look.features().map_err(rbd_error("get features", image))?;
@@ -197,14 +199,14 @@ impl CephRbd {
         Ok(Self { inner: Arc::new(Inner { closer, pools: Mutex::default(), cluster }) })
     }
 
-    /// Runs `f` on the blocking pool with the connection.
+    /// Runs `f` on the blocking pool with the connection, counted in flight by the request.
     async fn blocking<T, F>(&self, f: F) -> Result<T, StorageError>
     where
         T: Send + 'static,
         F: FnOnce(&Inner) -> Result<T, StorageError> + Send + 'static,
     {
         let inner = self.inner.clone();
-        tokio::task::spawn_blocking(move || f(&inner))
+        inflight::spawn_blocking(move || f(&inner))
             .await
             .map_err(|e| StorageError::Connect(format!("blocking task failed: {e}")))?
     }
@@ -326,8 +328,12 @@ impl BlockStorage for CephRbd {
 
     async fn flatten(&self, image: &RbdImage, progress: Progress) -> Result<(), StorageError> {
         let image = image.clone();
+        let stop = inflight::stop_signal().unwrap_or_default();
         self.blocking(move |inner| {
-            let mut report = |done: u64, total: u64| progress((done.saturating_mul(100) / total.max(1)).min(100) as u8);
+            let mut report = |done: u64, total: u64| {
+                progress((done.saturating_mul(100) / total.max(1)).min(100) as u8);
+                !stop.is_cancelled()
+            };
             inner.flatten(&image, &mut report)?;
             progress(100);
             Ok(())
@@ -384,7 +390,7 @@ impl BlockStorage for CephRbd {
         let (image, snap) = (image.clone(), snap.map(String::from));
         let (tx, rx) = tokio::sync::mpsc::channel(READ_AHEAD);
         let inner = self.inner.clone();
-        tokio::task::spawn_blocking(move || {
+        inflight::spawn_blocking(move || {
             let read = || -> Result<(), StorageError> {
                 let handle = inner.open_read_only(&image, snap.as_deref())?;
                 let size = handle.size().map_err(rbd_error("get size", &image))?;
