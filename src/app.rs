@@ -48,12 +48,17 @@ pub async fn serve(path: &Path) -> anyhow::Result<()> {
     info!(host = %config.host, config = %path.display(), "novasnap starting");
     let ceph = connect_storage(&config).await?;
     let ledger: Arc<dyn WorkLedger> = match &ceph {
-        Some(ceph) => Arc::new(RadosLedger::new(
-            ceph.as_ref().clone(),
-            &config.rbd.state_pool,
-            config.worker.instance_lease,
-            &format!("novasnap on {} (pid {})", config.host, std::process::id()),
-        )),
+        Some(ceph) => Arc::new(
+            RadosLedger::open(
+                ceph,
+                &config.rbd.state_pool,
+                config.worker.instance_lease,
+                &format!("novasnap on {} (pid {})", config.host, std::process::id()),
+                config.worker.done_horizon,
+            )
+            .await
+            .context("opening the work ledger in the state pool")?,
+        ),
         None => Arc::new(FileLedger::open(&config.worker.state_directory).context("opening the local work ledger")?),
     };
     let storage = ceph.map(|c| c as Arc<dyn BlockStorage>);

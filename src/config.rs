@@ -134,6 +134,14 @@ pub struct RbdConfig {
     /// `[novasnap] glance_pools`: the pools Glance stores images in, where reclamation
     /// looks for copies novasnap made (only those it marked as its own).
     pub glance_pools: Vec<String>,
+    /// `[novasnap] rados_osd_op_timeout`: bound on one librados/librbd operation on an OSD
+    /// (a dead or full OSD answers with ETIMEDOUT instead of never), set on the connection
+    /// whatever ceph.conf says.
+    pub osd_op_timeout: Duration,
+    /// `[novasnap] rados_mon_op_timeout`: the same for calls to the monitors.
+    pub mon_op_timeout: Duration,
+    /// `[novasnap] client_mount_timeout`: bound on connecting to the cluster.
+    pub mount_timeout: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -160,6 +168,11 @@ pub struct WorkerConfig {
     /// `[novasnap] instance_lease`: seconds an instance lease lasts unless renewed, i.e.
     /// how long a dead replica's snapshot blocks the next one of that instance.
     pub instance_lease: Duration,
+    /// `[novasnap] done_horizon`: how long a finished cast's `_unique_id` is remembered. It
+    /// must exceed the longest a copy of a cast can wait to be delivered (queued behind
+    /// others, or held unacknowledged up to RabbitMQ's `consumer_timeout`) after the first
+    /// one finished; a copy coming later finds its image active and only repeats the end.
+    pub done_horizon: Duration,
     /// `[novasnap] snapshot_timeout`: how long one cast may take, from the worker taking it
     /// (the wait for the instance lease included) to its end; past it, the snapshot fails
     /// cleanly. Kept under RabbitMQ's `consumer_timeout` (see the README).
@@ -260,6 +273,9 @@ impl Config {
             pool,
             ceph_conf: Some(PathBuf::from(ceph_conf)).filter(|p| !p.as_os_str().is_empty()),
             user: Some(rbd_user).filter(|u| !u.is_empty()),
+            osd_op_timeout: r.positive_seconds("novasnap", "rados_osd_op_timeout", 30)?,
+            mon_op_timeout: r.positive_seconds("novasnap", "rados_mon_op_timeout", 30)?,
+            mount_timeout: r.positive_seconds("novasnap", "client_mount_timeout", 30)?,
         };
 
         let api_servers = r.list("glance", "api_servers", &["http://127.0.0.1:9292"])?;
@@ -289,7 +305,8 @@ impl Config {
             reclaim_interval: r.seconds("novasnap", "reclaim_interval", 300)?,
             state_directory: PathBuf::from(r.string("novasnap", "state_directory", "/var/lib/novasnap")?),
             instance_lease,
-            snapshot_timeout: r.seconds("novasnap", "snapshot_timeout", 1500)?,
+            snapshot_timeout: r.positive_seconds("novasnap", "snapshot_timeout", 1500)?,
+            done_horizon: r.positive_seconds("novasnap", "done_horizon", 7 * 24 * 3600)?,
             shutdown_grace: r.seconds("novasnap", "shutdown_grace", 120)?,
         };
 
@@ -346,6 +363,15 @@ impl Reader<'_> {
             ));
         }
         Ok(Duration::from_secs_f64(secs))
+    }
+
+    /// Seconds that must not be 0: librados takes 0 as "no bound at all".
+    fn positive_seconds(&self, section: &str, key: &str, default: u64) -> Result<Duration, ConfigError> {
+        let value = self.seconds(section, key, default)?;
+        if value.is_zero() {
+            return Err(self.invalid(section, key, "0", "must be more than 0 (0 means no bound)".into()));
+        }
+        Ok(value)
     }
 }
 

@@ -1,5 +1,5 @@
 //! librbd's C API (the `ceph` crate covers librados but not librbd) as a small safe
-//! wrapper, plus the `Send` promise for the librados handle.
+//! wrapper, on the pools of [`super::rados`].
 //!
 //! Invariants that hold throughout:
 //! - every pointer passed to librbd is either a handle this module opened and has not yet
@@ -14,30 +14,11 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use ceph::ceph::{IoCtx, Rados};
 use ceph::rados::rados_ioctx_t;
 
-/// `errno` from a failed librbd call (positive).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Errno(pub i32);
-
-impl std::fmt::Display for Errno {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}", std::io::Error::from_raw_os_error(self.0))
-    }
-}
-
-fn check(ret: c_int) -> Result<c_int, Errno> {
-    if ret < 0 {
-        Err(Errno(-ret))
-    } else {
-        Ok(ret)
-    }
-}
-
-fn cstr(s: &str) -> Result<CString, Errno> {
-    CString::new(s).map_err(|_| Errno(libc::EINVAL))
-}
+pub use super::rados::Pool;
+pub use super::Errno;
+use super::{check, cstr};
 
 type RbdImageT = *mut c_void;
 type ProgressFn = extern "C" fn(offset: u64, total: u64, data: *mut c_void) -> c_int;
@@ -97,22 +78,8 @@ extern "C" {
     fn rbd_metadata_remove(image: RbdImageT, key: *const c_char) -> c_int;
 }
 
-/// The cluster connection, shared by every worker thread.
-pub struct Cluster(pub Rados);
-
-// SAFETY: a `rados_t` is documented thread-safe once connected (librados serialises
-// internally); the `ceph` crate only omits `Send` because it holds a raw pointer. The
-// handle is shut down once, by `Rados`'s `Drop`, when the last owner goes.
-unsafe impl Send for Cluster {}
-
-/// A pool (librados I/O context) in which images are opened, created and removed.
-pub struct Pool(pub IoCtx);
-
+/// The librbd calls made in a pool.
 impl Pool {
-    fn io(&self) -> rados_ioctx_t {
-        *self.0.inner()
-    }
-
     /// Opens `name` read-only, at `snap` if given, to look at it. A read-only handle
     /// registers no watch on the image header; it is closed, like a writable one, by
     /// `closer` once the image has gone quiet (see [`DeferredClose`]), never reused.

@@ -1035,3 +1035,35 @@ async fn an_existing_image_not_proven_ours_is_neither_used_nor_removed() {
     assert!(left.snaps.is_empty() && left.metadata.is_empty(), "not touched: {:?}", left.snaps);
     assert!(w.images.image(w.req.image_id).is_none_or(|i| i.locations.is_empty()), "not registered");
 }
+
+// Class 2 of issue 12: every wait has a bound, and a snapshot has a deadline.
+
+/// Retries are bounded by count, not time: a fault that keeps coming back, with long
+/// backoffs, would hold the snapshot for minutes (a block copy, for hours). The deadline
+/// ends it, and it ends cleanly: artefacts removed, image deleted, guest running, reported.
+#[tokio::test(start_paused = true)]
+async fn a_snapshot_past_its_deadline_ends_cleanly() {
+    let w = World::clone_backed(FakeImages::default());
+    w.storage.inject("clone_image", libc::EBUSY, 100);
+    let started = tokio::time::Instant::now();
+    let failure = w
+        .pipeline(|s| {
+            cold(s);
+            s.snapshot_timeout = Duration::from_secs(60);
+            s.retry = RetryPolicy {
+                initial_delay: Duration::from_secs(10),
+                max_delay: Duration::from_secs(30),
+                max_retries: 8,
+            };
+        })
+        .run(&w.req)
+        .await
+        .unwrap_err();
+    assert!(started.elapsed() <= Duration::from_secs(61), "ended at the deadline: {:?}", started.elapsed());
+    assert!(matches!(failure.error.fault, Fault::DeadlineExceeded(_)), "{failure:?}");
+    assert_eq!((failure.error.step, failure.unsettled), (Step::Clone, None));
+    assert_eq!(power_state(&w), PowerState::Running);
+    assert!(w.disk_snapshots().is_empty() && w.images.image(w.req.image_id).is_none());
+    let events = w.events();
+    assert!(matches!(events.last(), Some(SnapshotEvent::Error { exception, .. }) if exception == "SnapshotTimeout"));
+}

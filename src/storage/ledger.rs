@@ -2,8 +2,11 @@
 //! what one replica knows outlives it and is seen by the others; in a local directory
 //! where there is no Ceph (one host, file-backed disks only).
 //!
-//! Layout in the state pool:
-//! - `novasnap.done.<unique_id>`: an empty object per cast carried to its end;
+//! Layout in the state pool, in the RADOS namespace `novasnap` (apart from the pool's RBD
+//! images, which live in the default namespace):
+//! - `novasnap.done.<0-f>`: sixteen objects whose omap maps each `_unique_id` carried to its
+//!   end to when (Unix seconds); entries older than `[novasnap] done_horizon` are pruned, so
+//!   the ledger holds what the broker may still deliver again, not every cast ever;
 //! - `novasnap.instance.<uuid>`: holds the exclusive RADOS lock `snapshot` while a replica
 //!   snapshots that instance; the lock has a duration, renewed while the work runs, so a
 //!   dead holder's lock lapses by itself.
@@ -20,7 +23,8 @@ use uuid::Uuid;
 
 use super::rbd::CephRbd;
 use super::{InstanceLease, LeaseHolder, StorageError, WorkLedger};
-use crate::ffi::rbd::Pool;
+use crate::ffi::rados::Pool;
+use crate::ffi::Errno;
 use crate::inflight;
 
 const LOCK_NAME: &str = "snapshot";
@@ -34,25 +38,56 @@ fn valid_unique_id(id: &str) -> bool {
     !id.is_empty() && id.len() <= 64 && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
 }
 
-fn rados_error(operation: &'static str, target: &str, e: ceph::error::RadosError) -> StorageError {
-    let errno = match &e {
-        ceph::error::RadosError::ApiError(errno) => *errno as i32,
-        _ => libc::EIO,
-    };
-    StorageError::Rbd { operation, target: target.to_string(), errno, message: e.to_string() }
+fn rados_error(operation: &'static str, target: &str, e: Errno) -> StorageError {
+    StorageError::Rbd { operation, target: target.to_string(), errno: e.0, message: e.to_string() }
+}
+
+/// The RADOS namespace of novasnap's objects in the state pool.
+pub const NAMESPACE: &str = "novasnap";
+/// How many objects the done-markers are spread over (each omap stays small).
+const DONE_SHARDS: u32 = 16;
+/// How often one replica prunes one shard of done-markers, at most.
+const PRUNE_EVERY: Duration = Duration::from_secs(3600);
+/// Entries read per omap listing while pruning.
+const PRUNE_PAGE: u64 = 1000;
+
+/// The done-marker object holding `unique_id` (public for tests and operators' tools).
+pub fn done_object(unique_id: &str) -> String {
+    let shard = unique_id.bytes().fold(0u32, |h, b| h.wrapping_mul(31).wrapping_add(u32::from(b))) % DONE_SHARDS;
+    format!("novasnap.done.{shard:x}")
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
 pub struct RadosLedger {
-    ceph: CephRbd,
-    pool: String,
+    /// The state pool, in [`NAMESPACE`].
+    pool: Arc<Pool>,
     lease: Duration,
     /// Identifies this replica in lock descriptions (`rados lock info` shows it).
     holder: String,
+    /// How long a done-marker is kept: longer than any cast can wait to be delivered again.
+    horizon: Duration,
+    /// When this replica last pruned each shard.
+    pruned: Mutex<std::collections::HashMap<String, Instant>>,
 }
 
 impl RadosLedger {
-    pub fn new(ceph: CephRbd, pool: &str, lease: Duration, holder: &str) -> Self {
-        Self { ceph, pool: pool.to_string(), lease, holder: holder.to_string() }
+    pub async fn open(
+        ceph: &CephRbd,
+        pool: &str,
+        lease: Duration,
+        holder: &str,
+        horizon: Duration,
+    ) -> Result<Self, StorageError> {
+        Ok(Self {
+            pool: ceph.namespace(pool, NAMESPACE).await?,
+            lease,
+            holder: holder.to_string(),
+            horizon,
+            pruned: Mutex::default(),
+        })
     }
 
     async fn on_pool<T, F>(&self, f: F) -> Result<T, StorageError>
@@ -60,17 +95,41 @@ impl RadosLedger {
         T: Send + 'static,
         F: FnOnce(&Pool) -> Result<T, StorageError> + Send + 'static,
     {
-        let pool = self.ceph.pool(&self.pool).await?;
+        let pool = self.pool.clone();
         tokio::task::spawn_blocking(move || f(&pool))
             .await
             .map_err(|e| StorageError::Connect(format!("blocking task failed: {e}")))?
     }
-}
 
-/// A lease as RADOS takes it: whole seconds and microseconds. Zero would be a lock that
-/// never expires, which the config rules out (`instance_lease` is at least a second).
-fn lock_duration(lease: Duration) -> libc::timeval {
-    libc::timeval { tv_sec: lease.as_secs() as libc::time_t, tv_usec: lease.subsec_micros() as libc::suseconds_t }
+    /// Removes the done-markers of `object` older than the horizon, once per
+    /// [`PRUNE_EVERY`] per replica.
+    async fn prune(&self, object: String) -> Result<(), StorageError> {
+        {
+            let mut pruned = self.pruned.lock().expect("prune times");
+            if pruned.get(&object).is_some_and(|at| at.elapsed() < PRUNE_EVERY) {
+                return Ok(());
+            }
+            pruned.insert(object.clone(), Instant::now());
+        }
+        let oldest = unix_now().saturating_sub(self.horizon.as_secs());
+        let expired = move |at: &[u8]| {
+            std::str::from_utf8(at).ok().and_then(|t| t.parse::<u64>().ok()).is_none_or(|t| t < oldest)
+        };
+        self.on_pool(move |pool| {
+            let mut after = String::new();
+            loop {
+                let page = pool.omap_list(&object, &after, PRUNE_PAGE).map_err(|e| rados_error("list", &object, e))?;
+                let Some(last) = page.keys().next_back().cloned() else { return Ok(()) };
+                let old: Vec<&str> = page.iter().filter(|(_, at)| expired(at)).map(|(key, _)| key.as_str()).collect();
+                if !old.is_empty() {
+                    pool.omap_remove(&object, &old).map_err(|e| rados_error("prune", &object, e))?;
+                    debug!(object, pruned = old.len(), "done-markers past the horizon removed");
+                }
+                after = last;
+            }
+        })
+        .await
+    }
 }
 
 /// Takes (flags 0) or renews (MAY_RENEW) the lock; Ok(false) when another holder has it.
@@ -82,12 +141,9 @@ fn try_lock(
     lease: Duration,
     flags: u8,
 ) -> Result<bool, StorageError> {
-    let mut duration = lock_duration(lease);
-    match pool.0.rados_object_lock_exclusive(object, LOCK_NAME, cookie, holder, &mut duration, flags) {
+    match pool.lock_exclusive(object, LOCK_NAME, cookie, holder, lease, flags) {
         Ok(()) => Ok(true),
-        Err(ceph::error::RadosError::ApiError(errno)) if matches!(errno as i32, libc::EBUSY | libc::EEXIST) => {
-            Ok(false)
-        }
+        Err(Errno(libc::EBUSY | libc::EEXIST)) => Ok(false),
         Err(e) => Err(rados_error("lock", object, e)),
     }
 }
@@ -177,8 +233,7 @@ impl LeaseHolder for RadosLease {
             return; // not ours to unlock any more
         }
         let (pool, object, cookie) = (self.pool.clone(), self.object.clone(), self.cookie.clone());
-        let unlocked =
-            tokio::task::spawn_blocking(move || pool.0.rados_object_unlock(&object, LOCK_NAME, &cookie)).await;
+        let unlocked = tokio::task::spawn_blocking(move || pool.unlock(&object, LOCK_NAME, &cookie)).await;
         if let Ok(Err(e)) = unlocked {
             warn!(object = %self.object, error = %e, "instance lease not released; it lapses by itself");
         }
@@ -191,11 +246,10 @@ impl WorkLedger for RadosLedger {
         if !valid_unique_id(unique_id) {
             return Ok(false);
         }
-        let object = format!("novasnap.done.{unique_id}");
-        self.on_pool(move |pool| match pool.0.rados_object_stat(&object) {
-            Ok(_) => Ok(true),
-            Err(ceph::error::RadosError::ApiError(errno)) if errno as i32 == libc::ENOENT => Ok(false),
-            Err(e) => Err(rados_error("stat", &object, e)),
+        let (object, id) = (done_object(unique_id), unique_id.to_string());
+        self.on_pool(move |pool| {
+            let found = pool.omap_get(&object, &[&id]).map_err(|e| rados_error("read", &object, e))?;
+            Ok(found.contains_key(&id))
         })
         .await
     }
@@ -204,11 +258,15 @@ impl WorkLedger for RadosLedger {
         if !valid_unique_id(unique_id) {
             return Ok(());
         }
-        let object = format!("novasnap.done.{unique_id}");
-        self.on_pool(move |pool| {
-            pool.0.rados_object_write_full(&object, b"").map_err(|e| rados_error("write", &object, e))
-        })
-        .await
+        let (object, id) = (done_object(unique_id), unique_id.to_string());
+        let at = unix_now().to_string();
+        let o = object.clone();
+        self.on_pool(move |pool| pool.omap_set(&o, &[(&id, at.as_bytes())]).map_err(|e| rados_error("write", &o, e)))
+            .await?;
+        if let Err(e) = self.prune(object).await {
+            warn!(error = %e, "old done-markers not pruned; trying again later");
+        }
+        Ok(())
     }
 
     async fn lock_instance(&self, instance: Uuid, until: Instant) -> Result<Option<InstanceLease>, StorageError> {
@@ -229,7 +287,7 @@ impl WorkLedger for RadosLedger {
         };
         let lost = CancellationToken::new();
         let held = Arc::new(RadosLease {
-            pool: self.ceph.pool(&self.pool).await?,
+            pool: self.pool.clone(),
             instance,
             object,
             cookie,

@@ -11,6 +11,7 @@ use tracing::debug;
 
 use super::{BlockStorage, CloneParent, RbdImage, SnapshotInfo, StorageError};
 use crate::config::RbdConfig;
+use crate::ffi::rados::Cluster;
 use crate::ffi::rbd::{self as ffi, Errno};
 use crate::hypervisor::Progress;
 use crate::inflight;
@@ -34,11 +35,11 @@ pub struct CephRbd {
 }
 
 struct Inner {
-    // Fields drop in declaration order: handles are closed, then the I/O contexts they were
-    // opened in destroyed, while the cluster connection they all point into is still up.
+    // Handles are closed (the closer dropped) before the I/O contexts they were opened in
+    // are destroyed; each context keeps the cluster connection up while it lives.
     closer: ffi::DeferredClose,
     pools: Mutex<HashMap<String, Arc<ffi::Pool>>>,
-    cluster: ffi::Cluster,
+    cluster: Arc<Cluster>,
 }
 
 /// The error for `operation` on `target` failing with `errno`.
@@ -52,13 +53,11 @@ fn rbd_error(operation: &'static str, target: impl std::fmt::Display) -> impl Fn
     }
 }
 
-fn rados_error(operation: &'static str, target: impl std::fmt::Display, e: ceph::error::RadosError) -> StorageError {
-    match e {
-        ceph::error::RadosError::ApiError(errno) => rbd_error(operation, target)(Errno(errno as i32)),
-        other => {
-            StorageError::Rbd { operation, target: target.to_string(), errno: libc::EIO, message: other.to_string() }
-        }
-    }
+fn open_pool(cluster: &Arc<Cluster>, name: &str, namespace: Option<&str>) -> Result<ffi::Pool, StorageError> {
+    cluster.pool(name, namespace).map_err(|e| match e {
+        Errno(libc::ENOENT) => StorageError::NotFound(format!("pool {name}")),
+        e => rbd_error("open pool", name)(e),
+    })
 }
 
 impl Inner {
@@ -67,13 +66,7 @@ impl Inner {
         if let Some(pool) = pools.get(name) {
             return Ok(pool.clone());
         }
-        let ioctx = self.cluster.0.get_rados_ioctx(name).map_err(|e| match e {
-            ceph::error::RadosError::ApiError(errno) if errno as i32 == libc::ENOENT => {
-                StorageError::NotFound(format!("pool {name}"))
-            }
-            e => rados_error("open pool", name, e),
-        })?;
-        let pool = Arc::new(ffi::Pool(ioctx));
+        let pool = Arc::new(open_pool(&self.cluster, name, None)?);
         pools.insert(name.to_string(), pool.clone());
         Ok(pool)
     }
@@ -183,14 +176,23 @@ impl Inner {
 
 impl CephRbd {
     /// Connects as `[libvirt] rbd_user` (default `admin`) with `images_rbd_ceph_conf`
-    /// (default `/etc/ceph/ceph.conf`).
+    /// (default `/etc/ceph/ceph.conf`), with novasnap's own bounds on every librados call
+    /// (`[novasnap] rados_osd_op_timeout`, `rados_mon_op_timeout`, `client_mount_timeout`),
+    /// whatever that file says: without them an unresponsive OSD or monitor is waited for
+    /// for ever.
     pub async fn connect(config: &RbdConfig) -> Result<Self, StorageError> {
         let user = config.user.clone().unwrap_or_else(|| "admin".into());
         let conf = config.ceph_conf.clone().unwrap_or_else(|| "/etc/ceph/ceph.conf".into());
+        let seconds = |d: std::time::Duration| format!("{}", d.as_secs_f64());
+        let options = [
+            ("rados_osd_op_timeout", seconds(config.osd_op_timeout)),
+            ("rados_mon_op_timeout", seconds(config.mon_op_timeout)),
+            ("client_mount_timeout", seconds(config.mount_timeout)),
+        ];
         let cluster = tokio::task::spawn_blocking(move || {
-            ceph::ceph::connect_to_ceph(&user, &conf.to_string_lossy())
-                .map(ffi::Cluster)
-                .map_err(|e| StorageError::Connect(format!("as client.{user} with {}: {e}", conf.display())))
+            Cluster::connect(&user, &conf, &options).map_err(|(step, e)| {
+                StorageError::Connect(format!("as client.{user} with {} ({step}): {e}", conf.display()))
+            })
         })
         .await
         .map_err(|e| StorageError::Connect(e.to_string()))??;
@@ -211,20 +213,24 @@ impl CephRbd {
             .map_err(|e| StorageError::Connect(format!("blocking task failed: {e}")))?
     }
 
-    /// The I/O context of `pool`, for the work ledger's RADOS objects.
-    pub(crate) async fn pool(&self, pool: &str) -> Result<Arc<ffi::Pool>, StorageError> {
-        let pool = pool.to_string();
-        self.blocking(move |inner| inner.pool(&pool)).await
+    /// A fresh I/O context on `pool` in RADOS namespace `namespace`, for the work ledger's
+    /// objects, kept apart from the images in the pool.
+    pub(crate) async fn namespace(&self, pool: &str, namespace: &str) -> Result<Arc<ffi::Pool>, StorageError> {
+        let (pool, namespace) = (pool.to_string(), namespace.to_string());
+        self.blocking(move |inner| Ok(Arc::new(open_pool(&inner.cluster, &pool, Some(&namespace))?))).await
+    }
+
+    /// A librados option as the connection uses it (to check the bounds set at connect).
+    pub async fn option(&self, name: &str) -> Result<String, StorageError> {
+        let name = name.to_string();
+        self.blocking(move |inner| inner.cluster.conf(&name).map_err(rbd_error("get option", &name))).await
     }
 }
 
 #[async_trait]
 impl BlockStorage for CephRbd {
     async fn fsid(&self) -> Result<String, StorageError> {
-        self.blocking(|inner| {
-            inner.cluster.0.rados_fsid().map(|f| f.to_string()).map_err(|e| rados_error("get fsid", "cluster", e))
-        })
-        .await
+        self.blocking(|inner| inner.cluster.fsid().map_err(rbd_error("get fsid", "cluster"))).await
     }
 
     async fn exists(&self, image: &RbdImage) -> Result<bool, StorageError> {
