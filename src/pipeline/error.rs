@@ -67,6 +67,10 @@ pub enum Fault {
     /// `<pool>/<image id>` exists, and nothing proves it the copy novasnap made for the image.
     #[error("{0}")]
     NotOurs(String),
+    /// libvirt here does not know the guest, and Nova places the instance on another host:
+    /// not proof that the instance is gone.
+    #[error("{0}")]
+    NotOnThisHost(String),
     #[error("the snapshot did not end within its deadline ({0:?}, [novasnap] snapshot_timeout)")]
     DeadlineExceeded(std::time::Duration),
 }
@@ -77,9 +81,11 @@ impl Classify for Fault {
             Self::Hypervisor(e) => e.disposition(),
             Self::Storage(e) => e.disposition(),
             Self::Image(e) => e.disposition(),
-            Self::Unsupported(_) | Self::CopyLost(_) | Self::NotOurs(_) | Self::DeadlineExceeded(_) => {
-                Disposition::Permanent
-            }
+            Self::Unsupported(_)
+            | Self::CopyLost(_)
+            | Self::NotOurs(_)
+            | Self::NotOnThisHost(_)
+            | Self::DeadlineExceeded(_) => Disposition::Permanent,
         }
     }
 }
@@ -98,7 +104,7 @@ impl SnapshotError {
     /// Nova-style exception name for the error notification's fault.
     pub fn exception_name(&self) -> &'static str {
         match &self.fault {
-            Fault::Hypervisor(HypervisorError::GuestNotFound(_)) => "InstanceNotFound",
+            Fault::Hypervisor(HypervisorError::GuestNotFound(_)) | Fault::NotOnThisHost(_) => "InstanceNotFound",
             Fault::Image(ImageError::NotFound(_)) => "ImageNotFound",
             Fault::Hypervisor(_) => "HypervisorError",
             Fault::Storage(_) | Fault::CopyLost(_) | Fault::NotOurs(_) => "StorageError",
@@ -113,13 +119,16 @@ impl SnapshotError {
         matches!(self.fault, Fault::Storage(StorageError::LeaseLost(_)))
     }
 
-    /// The instance or the image vanished under us: the request ends quietly, as Nova ends
-    /// it (no error state), after cleanup.
+    /// The image vanished under us (deleted meanwhile): the request ends quietly, as Nova
+    /// ends it, after cleanup. A guest that vanished is reported: an operator must hear of
+    /// a snapshot that could not be taken.
     pub fn is_vanished(&self) -> bool {
-        matches!(
-            self.fault,
-            Fault::Hypervisor(HypervisorError::GuestNotFound(_)) | Fault::Image(ImageError::NotFound(_))
-        )
+        matches!(self.fault, Fault::Image(ImageError::NotFound(_)))
+    }
+
+    /// Nothing proves that the image's instance is gone: the image is left for it.
+    pub fn keeps_image(&self) -> bool {
+        matches!(self.fault, Fault::NotOnThisHost(_))
     }
 }
 

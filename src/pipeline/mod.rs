@@ -21,7 +21,7 @@ use tracing::{info, warn};
 use uuid::Uuid;
 
 use crate::disposal::{Fate, OwnerImage, Remover};
-use crate::hypervisor::{DiskSource, Guest, Hypervisor, PowerState};
+use crate::hypervisor::{DiskSource, Guest, Hypervisor, HypervisorError, PowerState};
 use crate::image::{ImageService, ImageStatus};
 use crate::messaging::{Notifier, SnapshotEvent, TaskState};
 use crate::request::{SnapshotKind, SnapshotRequest};
@@ -53,6 +53,8 @@ pub struct PipelineSettings {
     pub ceph_conf: Option<PathBuf>,
     pub retry: RetryPolicy,
     pub progress_interval: std::time::Duration,
+    /// `[DEFAULT] host`: the compute host this worker stands for.
+    pub host: String,
     /// How long a cast may take, from the worker taking it to its end (`[novasnap]
     /// snapshot_timeout`): the deadline bounds every step and retry.
     pub snapshot_timeout: std::time::Duration,
@@ -72,6 +74,7 @@ impl PipelineSettings {
             retry: config.worker.retry.clone(),
             progress_interval: config.notifications.progress_interval,
             snapshot_timeout: config.worker.snapshot_timeout,
+            host: config.host.clone(),
         }
     }
 }
@@ -233,8 +236,23 @@ impl Job<'_> {
         let (instance, image_id, ctx) = (req.instance.uuid, req.image_id, &req.context);
 
         // 1. The guest, by instance UUID. Once found, one left in managed save by an earlier
-        //    try is this request's to resume, whatever happens next.
-        let guest: Guest = self.step(Step::FindGuest, || b.hypervisor.find_guest(instance)).await?;
+        //    try is this request's to resume, whatever happens next. A guest libvirt does not
+        //    know proves the instance gone only if Nova places it on this very host.
+        let guest = match self.step(Step::FindGuest, || b.hypervisor.find_guest(instance)).await {
+            Err(e) if matches!(e.fault, Fault::Hypervisor(HypervisorError::GuestNotFound(_))) => {
+                let (placed, here) = (req.instance.host.as_deref(), self.settings.host.as_str());
+                if placed == Some(here) {
+                    return Err(e);
+                }
+                let why = format!(
+                    "libvirt on this host ({here}) does not know instance {instance}, which Nova places on \
+                     {}: the snapshot cannot be taken here, and its image is kept",
+                    placed.unwrap_or("no host")
+                );
+                return Err(self.fail_at(Step::FindGuest, Fault::NotOnThisHost(why)));
+            }
+            found => found?,
+        };
         let plan = SnapshotPlan::new(&guest, &req.instance, &self.settings.plan);
         self.adopt_suspension(&plan);
 
@@ -423,7 +441,7 @@ impl Job<'_> {
             self.remove_rbd_artefacts(storage.as_ref(), disk, copy).await;
         }
         self.remove_temp_files().await;
-        if owner.image_disposable(Remover::FailingRequest) {
+        if owner.image_disposable(Remover::FailingRequest) && !e.keeps_image() {
             let image = self.image();
             self.tidy("delete the failed snapshot's image", &image, b.images.delete(&req.context, image)).await;
         } else {

@@ -518,6 +518,7 @@ impl World {
             },
             progress_interval: Duration::from_millis(1),
             snapshot_timeout: Duration::from_secs(3600),
+            host: "host1".into(),
         };
         settings(&mut s);
         let timeout = s.snapshot_timeout;
@@ -747,14 +748,20 @@ async fn a_guest_left_suspended_by_a_crashed_try_is_resumed() {
     assert_eq!(w.hv.find_guest(w.req.instance.uuid).await.unwrap().power_state, PowerState::Running);
 }
 
+/// libvirt on the host Nova places the instance on does not know it: the instance is gone,
+/// and as Nova does the queued image is deleted; the failure is reported.
 #[tokio::test]
-async fn a_vanished_guest_ends_quietly_and_deletes_the_queued_image() {
+async fn a_vanished_guest_deletes_the_queued_image_and_is_reported() {
     let w = World::clone_backed(FakeImages::default());
     w.hv.guests.lock().unwrap().clear();
-    let err = w.pipeline(|_| {}).run(&w.req).await.unwrap_err().error;
-    assert!(err.is_vanished());
+    let failure = w.pipeline(|_| {}).run(&w.req).await.unwrap_err();
+    assert_eq!((failure.error.step, failure.unsettled), (Step::FindGuest, None));
     assert!(w.images.image(w.req.image_id).is_none());
-    assert!(w.events().is_empty(), "no error storm: {:?}", w.events());
+    assert!(
+        matches!(w.events().last(), Some(SnapshotEvent::Error { exception, .. }) if exception == "InstanceNotFound"),
+        "{:?}",
+        w.events()
+    );
 }
 
 #[tokio::test]
@@ -1066,4 +1073,25 @@ async fn a_snapshot_past_its_deadline_ends_cleanly() {
     assert!(w.disk_snapshots().is_empty() && w.images.image(w.req.image_id).is_none());
     let events = w.events();
     assert!(matches!(events.last(), Some(SnapshotEvent::Error { exception, .. }) if exception == "SnapshotTimeout"));
+}
+
+// Class 7 of issue 12: requests are sent once, to the right place.
+
+/// A replica whose libvirt does not know the guest, while Nova places the instance on
+/// another host: no proof that the instance is gone. The image is kept, and the failure
+/// is logged and reported, not acknowledged away in silence.
+#[tokio::test]
+async fn a_guest_unknown_here_but_placed_elsewhere_keeps_its_image_and_is_reported() {
+    let w = World::clone_backed(FakeImages::default());
+    w.hv.guests.lock().unwrap().clear();
+    let mut req = w.req.clone();
+    req.instance.host = Some("host2".into());
+    let failure = w.pipeline(|_| {}).run(&req).await.unwrap_err();
+    assert!(matches!(&failure.error.fault, Fault::NotOnThisHost(why) if why.contains("host2")), "{failure:?}");
+    assert_eq!(w.images.image(req.image_id).map(|i| i.status), Some(ImageStatus::Queued), "the image is kept");
+    assert!(
+        matches!(w.events().last(), Some(SnapshotEvent::Error { exception, .. }) if exception == "InstanceNotFound"),
+        "{:?}",
+        w.events()
+    );
 }
