@@ -14,7 +14,7 @@ use crate::hypervisor::libvirt::LibvirtHypervisor;
 use crate::image::glance::GlanceClient;
 use crate::messaging::{consumer, notifier::AmqpNotifier};
 use crate::pipeline::{Boundaries, PipelineSettings, SnapshotPipeline};
-use crate::reclaim::Reclaimer;
+use crate::reclaim::{Reclaimer, Scope};
 use crate::storage::ledger::{FileLedger, RadosLedger};
 use crate::storage::rbd::CephRbd;
 use crate::storage::{BlockStorage, WorkLedger};
@@ -33,21 +33,9 @@ async fn connect_storage(config: &Config) -> anyhow::Result<Option<Arc<CephRbd>>
     Ok(Some(Arc::new(rbd)))
 }
 
-fn reclaimer(config: &Config, storage: Option<Arc<dyn BlockStorage>>, images: Arc<GlanceClient>) -> Reclaimer {
-    Reclaimer {
-        storage,
-        images,
-        disk_pool: config.rbd.pool.clone(),
-        glance_pools: config.rbd.glance_pools.clone(),
-        snapshots_directory: config.libvirt.snapshots_directory.clone(),
-    }
-}
-
-pub async fn serve(path: &Path) -> anyhow::Result<()> {
-    let config = load(path)?;
-    info!(host = %config.host, config = %path.display(), "novasnap starting");
-    let ceph = connect_storage(&config).await?;
-    let ledger: Arc<dyn WorkLedger> = match &ceph {
+/// The work ledger: in the state pool with Ceph, in a local directory without.
+async fn open_ledger(config: &Config, ceph: Option<&CephRbd>) -> anyhow::Result<Arc<dyn WorkLedger>> {
+    Ok(match ceph {
         Some(ceph) => Arc::new(
             RadosLedger::open(
                 ceph,
@@ -60,7 +48,30 @@ pub async fn serve(path: &Path) -> anyhow::Result<()> {
             .context("opening the work ledger in the state pool")?,
         ),
         None => Arc::new(FileLedger::open(&config.worker.state_directory).context("opening the local work ledger")?),
-    };
+    })
+}
+
+fn reclaimer(
+    config: &Config,
+    storage: Option<Arc<dyn BlockStorage>>,
+    images: Arc<GlanceClient>,
+    ledger: Arc<dyn WorkLedger>,
+) -> Reclaimer {
+    Reclaimer {
+        storage,
+        images,
+        ledger,
+        disk_pool: config.rbd.pool.clone(),
+        glance_pools: config.rbd.glance_pools.clone(),
+        snapshots_directory: config.libvirt.snapshots_directory.clone(),
+    }
+}
+
+pub async fn serve(path: &Path) -> anyhow::Result<()> {
+    let config = load(path)?;
+    info!(host = %config.host, config = %path.display(), "novasnap starting");
+    let ceph = connect_storage(&config).await?;
+    let ledger = open_ledger(&config, ceph.as_deref()).await?;
     let storage = ceph.map(|c| c as Arc<dyn BlockStorage>);
     let images = Arc::new(GlanceClient::new(&config.glance).context("configuring the Glance client")?);
     let hypervisor = Arc::new(LibvirtHypervisor::connect(&config.libvirt).await.context("connecting to libvirt")?);
@@ -69,12 +80,12 @@ pub async fn serve(path: &Path) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     tokio::spawn(stop_on_signal(shutdown.clone()));
     tokio::spawn(reclaim_periodically(
-        reclaimer(&config, storage.clone(), images.clone()),
+        reclaimer(&config, storage.clone(), images.clone(), ledger.clone()),
         config.worker.reclaim_interval,
         shutdown.clone(),
     ));
 
-    let boundaries = Boundaries { hypervisor, storage, images, notifier };
+    let boundaries = Boundaries { hypervisor, storage, images, notifier, ledger: ledger.clone() };
     let pipeline = SnapshotPipeline::new(boundaries, PipelineSettings::from_config(&config));
     let worker = Arc::new(Worker::new(pipeline, ledger, config.worker.snapshot_timeout));
     consumer::serve(&config, worker, shutdown).await.context("consuming casts")?;
@@ -99,7 +110,7 @@ async fn stop_on_signal(shutdown: CancellationToken) {
 /// At start-up and every `interval`: dead work's leftovers are removed.
 async fn reclaim_periodically(reclaimer: Reclaimer, interval: std::time::Duration, shutdown: CancellationToken) {
     loop {
-        match reclaimer.run(false).await {
+        match reclaimer.run(false, Scope::Noted).await {
             Ok(findings) => info!(found = findings.len(), "reclamation pass done"),
             Err(e) => warn!(error = %e, "reclamation pass failed; trying again next interval"),
         }
@@ -110,11 +121,13 @@ async fn reclaim_periodically(reclaimer: Reclaimer, interval: std::time::Duratio
     }
 }
 
-pub async fn reclaim(path: &Path, dry_run: bool) -> anyhow::Result<()> {
+pub async fn reclaim(path: &Path, dry_run: bool, scope: Scope) -> anyhow::Result<()> {
     let config = load(path)?;
-    let storage = connect_storage(&config).await?.map(|c| c as Arc<dyn BlockStorage>);
+    let ceph = connect_storage(&config).await?;
+    let ledger = open_ledger(&config, ceph.as_deref()).await?;
+    let storage = ceph.map(|c| c as Arc<dyn BlockStorage>);
     let images = Arc::new(GlanceClient::new(&config.glance).context("configuring the Glance client")?);
-    let findings = reclaimer(&config, storage, images).run(dry_run).await?;
+    let findings = reclaimer(&config, storage, images, ledger).run(dry_run, scope).await?;
     if findings.is_empty() {
         println!("nothing left behind by novasnap");
     }

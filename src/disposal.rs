@@ -107,7 +107,7 @@ impl OwnerImage {
     }
 
     /// The image carries `copy` as one of its locations: the copy is Glance's.
-    fn registers(&self, copy: &RbdImage) -> bool {
+    pub fn registers(&self, copy: &RbdImage) -> bool {
         self.locations
             .iter()
             .filter_map(|url| parse_rbd_url(url))

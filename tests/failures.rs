@@ -165,7 +165,8 @@ async fn reclaim_lists_then_removes_only_novasnaps_own_leftovers() {
     }
     let reclaim = |dry_run: bool| {
         let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_novasnap"));
-        cmd.args(["reclaim", "--config"]).arg(&config.path);
+        // --all: a snapshot made by hand was noted by no ledger.
+        cmd.args(["reclaim", "--all", "--config"]).arg(&config.path);
         if dry_run {
             cmd.arg("--dry-run");
         }

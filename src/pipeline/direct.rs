@@ -199,17 +199,19 @@ fn is_refused(fault: &Fault) -> bool {
 impl Job<'_> {
     /// Removes the disk snapshot and, if given, the copy in Glance's pool that this request
     /// made (the copy first: a clone not yet flattened keeps its parent snapshot busy).
+    /// Whether all was removed.
     pub(crate) async fn remove_rbd_artefacts(
         &self,
         storage: &dyn BlockStorage,
         disk: &RbdImage,
         copy: Option<&RbdImage>,
-    ) {
-        if let Some(copy) = copy {
-            self.tidy("remove the partial copy in Glance's pool", copy, storage.remove_image(copy)).await;
-        }
+    ) -> bool {
+        let copy_removed = match copy {
+            Some(copy) => self.tidy("remove the partial copy in Glance's pool", copy, storage.remove_image(copy)).await,
+            None => true,
+        };
         let snap = disk_snapshot_name(self.req.image_id);
-        self.tidy("remove the disk snapshot", disk, storage.remove_snapshot(disk, &snap)).await;
+        copy_removed & self.tidy("remove the disk snapshot", disk, storage.remove_snapshot(disk, &snap)).await
     }
 }
 

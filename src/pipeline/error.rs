@@ -26,6 +26,7 @@ pub enum Step {
     UpdateMetadata,
     Resume,
     RotateBackups,
+    NoteWork,
 }
 
 impl std::fmt::Display for Step {
@@ -46,6 +47,7 @@ impl std::fmt::Display for Step {
             Self::UpdateMetadata => "update image metadata",
             Self::Resume => "resume guest",
             Self::RotateBackups => "rotate backups",
+            Self::NoteWork => "note the work for reclamation",
         };
         f.write_str(name)
     }

@@ -26,7 +26,7 @@ use crate::image::{ImageService, ImageStatus};
 use crate::messaging::{Notifier, SnapshotEvent, TaskState};
 use crate::request::{SnapshotKind, SnapshotRequest};
 use crate::retry::RetryPolicy;
-use crate::storage::{BlockStorage, InstanceLease, RbdImage, StorageError};
+use crate::storage::{BlockStorage, InstanceLease, NotedWork, RbdImage, StorageError, WorkLedger};
 use tokio::time::Instant;
 
 pub use error::{Failure, Fault, SnapshotError, Step};
@@ -40,6 +40,8 @@ pub struct Boundaries {
     pub storage: Option<Arc<dyn BlockStorage>>,
     pub images: Arc<dyn ImageService>,
     pub notifier: Arc<dyn Notifier>,
+    /// Where the work is noted for reclamation (and leases taken).
+    pub ledger: Arc<dyn WorkLedger>,
 }
 
 #[derive(Debug, Clone)]
@@ -198,17 +200,23 @@ impl Job<'_> {
     }
 
     /// One change of a cleanup, tried once behind the lease's fence; a failure is logged,
-    /// and reclamation finds what is left.
+    /// and reclamation finds what is left. Whether it was done.
     pub(crate) async fn tidy<E: std::fmt::Display>(
         &self,
         what: &str,
         target: &(dyn std::fmt::Display + Sync),
         change: impl Future<Output = Result<(), E>>,
-    ) {
+    ) -> bool {
         if let Err(e) = self.lease.confirm().await {
             warn!(%target, error = %e, "not done: {what}: the instance lease is not confirmed");
-        } else if let Err(e) = change.await {
-            warn!(%target, error = %e, "could not {what}");
+            return false;
+        }
+        match change.await {
+            Ok(()) => true,
+            Err(e) => {
+                warn!(%target, error = %e, "could not {what}");
+                false
+            }
         }
     }
 
@@ -278,6 +286,14 @@ impl Job<'_> {
             self.set_task_state(Some(TaskState::ImageSnapshot)).await;
         }
 
+        // Before anything is made: what reclamation must look at if this request dies.
+        let disk = match &guest.root_disk.source {
+            DiskSource::Rbd { pool, image } => Some(RbdImage::new(pool.clone(), image.clone())),
+            DiskSource::File(_) | DiskSource::Block(_) => None,
+        };
+        let work = NotedWork { image: image_id, instance, disk };
+        self.step(Step::NoteWork, || b.ledger.note_work(&work)).await?;
+
         // 3. What to make: backend, format, metadata; 4. live or cold. A cold snapshot
         //    suspends the guest only for the step that makes its point in time, if one is
         //    needed (a redelivery may find it made), and resumes it right after.
@@ -313,6 +329,7 @@ impl Job<'_> {
 
         // 8. The guest back as it was (if no step has brought it back), task_state none, the end.
         self.resume_if_suspended().await?;
+        self.forget_work().await;
         self.set_task_state(None).await;
         self.notify(SnapshotEvent::End).await;
         info!(%instance, image = %image_id, direct, "snapshot image upload complete");
@@ -332,7 +349,10 @@ impl Job<'_> {
             let (disk, snap) = (RbdImage::new(pool.clone(), image.clone()), direct::disk_snapshot_name(req.image_id));
             self.step(Step::RemoveDiskSnapshot, || storage.remove_snapshot(&disk, &snap)).await?;
         }
-        self.remove_temp_files().await;
+        let removed = self.remove_temp_files().await;
+        if removed {
+            self.forget_work().await;
+        }
         self.resume_if_suspended().await?;
         self.task_state = Some(TaskState::ImageUploading);
         self.set_task_state(None).await;
@@ -356,6 +376,13 @@ impl Job<'_> {
             return Ok(direct::Direct::Unavailable("no Ceph cluster configured".into()));
         };
         direct::DirectSnapshot { job: self, storage: storage.as_ref(), guest, plan }.run(metadata).await
+    }
+
+    /// Forgets the note for reclamation: nothing of this request is left. A note left behind
+    /// only costs reclamation a look.
+    async fn forget_work(&self) {
+        let image = self.image();
+        self.tidy("forget the noted work", &image, self.b.ledger.forget_work(image)).await;
     }
 
     /// Takes over a managed save an earlier try of this request left.
@@ -430,17 +457,23 @@ impl Job<'_> {
         if owner.fate == Fate::Unknown {
             unsettled.push(format!("Glance could not tell the state of image {}: it is kept", self.image()));
         }
+        // Whether nothing of this request is left for reclamation to look at.
+        let mut cleaned = owner.fate != Fate::Unknown;
         if let (Some(storage), Some(disk)) = (&b.storage, &self.rbd_disk) {
             let copy = self.rbd_copy.as_ref().filter(|copy| {
                 let disposable = owner.copy_disposable(copy, Remover::FailingRequest);
                 if !disposable {
                     info!(%copy, image = %self.image(), image_state = %owner.state, "the copy in Glance's pool is kept");
+                    cleaned &= owner.registers(copy);
                 }
                 disposable
             });
-            self.remove_rbd_artefacts(storage.as_ref(), disk, copy).await;
+            cleaned &= self.remove_rbd_artefacts(storage.as_ref(), disk, copy).await;
         }
-        self.remove_temp_files().await;
+        cleaned &= self.remove_temp_files().await;
+        if cleaned {
+            self.forget_work().await;
+        }
         if owner.image_disposable(Remover::FailingRequest) && !e.keeps_image() {
             let image = self.image();
             self.tidy("delete the failed snapshot's image", &image, b.images.delete(&req.context, image)).await;

@@ -197,8 +197,8 @@ fn counted(
 }
 
 impl Job<'_> {
-    /// Removes this request's temporary directory; a missing one is fine.
-    pub(crate) async fn remove_temp_files(&self) {
+    /// Removes this request's temporary directory; a missing one is fine. Whether it is gone.
+    pub(crate) async fn remove_temp_files(&self) -> bool {
         let dir = temp_dir(self.settings, self.req.image_id);
         let remove = async {
             match tokio::fs::remove_dir_all(&dir).await {
@@ -210,6 +210,6 @@ impl Job<'_> {
                 Err(e) => Err(e),
             }
         };
-        self.tidy("remove temporary files", &dir.display(), remove).await;
+        self.tidy("remove temporary files", &dir.display(), remove).await
     }
 }

@@ -18,8 +18,11 @@ use super::*;
 use crate::hypervisor::{DiskSource, Guest, HypervisorError, PowerState, Progress, RootDisk};
 use crate::image::{Image, ImageError, ImageProperties, ImageService, ImageStatus};
 use crate::messaging::{MessagingError, Notifier, SnapshotEvent, TaskState};
+use crate::reclaim::Scope;
 use crate::request::{Instance, RequestContext, SnapshotKind, SnapshotRequest};
-use crate::storage::{BlockStorage, CloneParent, InstanceLease, RbdImage, SnapshotInfo, StorageError};
+use crate::storage::{
+    BlockStorage, CloneParent, InstanceLease, NotedWork, RbdImage, SnapshotInfo, StorageError, WorkLedger,
+};
 
 const FSID: &str = "0a1b2c3d-0000-4000-8000-000000000001";
 
@@ -369,6 +372,9 @@ impl Notifier for RecordingNotifier {
 
 struct World {
     timeline: Timeline,
+    /// The work ledger (a local one) and its directory.
+    ledger: Arc<crate::storage::ledger::FileLedger>,
+    _ledger_dir: tempfile::TempDir,
     lease: InstanceLease,
     lease_holder: Arc<FakeLease>,
     hv: Arc<FakeHypervisor>,
@@ -491,7 +497,10 @@ impl World {
             unique_id: None,
         };
         let lease_holder = Arc::new(FakeLease { timeline: timeline.clone(), ..Default::default() });
+        let ledger_dir = tempfile::tempdir().unwrap();
         Self {
+            ledger: Arc::new(crate::storage::ledger::FileLedger::open(ledger_dir.path()).unwrap()),
+            _ledger_dir: ledger_dir,
             timeline,
             lease: InstanceLease::new(lease_holder.clone(), lease_holder.lost.clone()),
             lease_holder,
@@ -527,6 +536,7 @@ impl World {
             storage: Some(self.storage.clone()),
             images: self.images.clone(),
             notifier: self.notifier.clone(),
+            ledger: self.ledger.clone(),
         };
         Runner { pipeline: SnapshotPipeline::new(boundaries, s), lease: &self.lease, timeout }
     }
@@ -550,6 +560,7 @@ impl World {
         crate::reclaim::Reclaimer {
             storage: Some(self.storage.clone()),
             images: self.images.clone(),
+            ledger: self.ledger.clone(),
             disk_pool: "vms".into(),
             glance_pools: vec!["images".into()],
             snapshots_directory: snapshots_directory.to_owned(),
@@ -815,21 +826,21 @@ async fn reclamation_keeps_resumable_work_and_removes_dead_work() {
     };
 
     // The image is still queued: the cast will be redelivered and resume. Nothing removed.
-    let found = reclaimer.run(false).await.unwrap();
+    let found = reclaimer.run(false, Scope::Everything).await.unwrap();
     assert_eq!(found.len(), 3, "{found:?}");
     assert!(found.iter().all(|f| f.action == Action::Keep), "{found:?}");
     assert_eq!(w.disk_snapshots(), vec![snap.clone()]);
 
     // The image is gone: the work is over. A dry run lists, then a real run removes.
     w.images.images.lock().unwrap().remove(&w.req.image_id);
-    let found = reclaimer.run(true).await.unwrap();
+    let found = reclaimer.run(true, Scope::Everything).await.unwrap();
     assert_eq!(
         kinds(&found),
         vec![(true, Action::Remove), (false, Action::Remove), (false, Action::Remove)],
         "copies first"
     );
     assert!(w.storage.get(&w.copy()).is_some(), "dry run changes nothing");
-    reclaimer.run(false).await.unwrap();
+    reclaimer.run(false, Scope::Everything).await.unwrap();
     assert!(w.storage.get(&w.copy()).is_none());
     assert!(w.disk_snapshots().is_empty());
     assert!(!temp.path().join(&snap).exists());
@@ -911,7 +922,7 @@ async fn reclamation_keeps_the_copies_of_images_with_data_and_of_images_glance_c
             None => w.images.inject("get", 10),
         }
         let temp = tempfile::tempdir().unwrap();
-        let found = w.reclaimer(temp.path()).run(false).await.unwrap();
+        let found = w.reclaimer(temp.path()).run(false, Scope::Everything).await.unwrap();
         let copy = found.iter().find(|f| matches!(f.artefact, crate::reclaim::Artefact::Copy(_))).unwrap();
         assert_eq!(copy.action, crate::reclaim::Action::Keep, "{status:?}: {found:?}");
         assert!(w.storage.get(&w.copy()).is_some(), "{status:?}: the copy is kept");
@@ -930,7 +941,7 @@ async fn reclamation_never_removes_a_copy_registered_with_glance() {
     w.images.set_status(w.req.image_id, ImageStatus::PendingDelete);
     w.storage.set_metadata(&w.copy(), OWNER_METADATA_KEY, &w.req.image_id.to_string()).await.unwrap();
     let temp = tempfile::tempdir().unwrap();
-    w.reclaimer(temp.path()).run(false).await.unwrap();
+    w.reclaimer(temp.path()).run(false, Scope::Everything).await.unwrap();
     assert!(w.storage.get(&w.copy()).is_some(), "the registered copy is kept");
 }
 
@@ -1094,4 +1105,80 @@ async fn a_guest_unknown_here_but_placed_elsewhere_keeps_its_image_and_is_report
         "{:?}",
         w.events()
     );
+}
+
+// Class 8 of issue 12: state stays bounded and shared correctly.
+
+impl World {
+    /// The note a worker made before its first artefact.
+    async fn note_work(&self) {
+        let work =
+            NotedWork { image: self.req.image_id, instance: self.req.instance.uuid, disk: Some(self.disk.clone()) };
+        self.ledger.note_work(&work).await.unwrap();
+    }
+
+    async fn noted(&self) -> Vec<Uuid> {
+        self.ledger.noted_work().await.unwrap().into_iter().map(|w| w.image).collect()
+    }
+}
+
+/// A snapshot notes its work before making anything, and forgets it once nothing of it is
+/// left: when it succeeded, when it failed and cleaned up, but not when Glance could not
+/// say what may go.
+#[tokio::test]
+async fn noted_work_lasts_exactly_as_long_as_its_artefacts_may() {
+    let w = World::clone_backed(FakeImages::default());
+    w.pipeline(|_| {}).run(&w.req).await.unwrap();
+    assert!(w.noted().await.is_empty(), "a finished snapshot leaves no note");
+    assert!(w.timeline.lock().unwrap().iter().any(|t| t.starts_with("storage create_snapshot")));
+
+    let w = World::clone_backed(FakeImages::default());
+    w.storage.inject("flatten", libc::EIO, 1);
+    w.pipeline(|_| {}).run(&w.req).await.unwrap_err();
+    assert!(w.noted().await.is_empty(), "a failure that cleaned up leaves no note");
+
+    let w = World::clone_backed(FakeImages::default());
+    w.storage.inject("flatten", libc::EIO, 1);
+    w.images.faults.pass("get", 1);
+    w.images.inject("get", 1);
+    w.pipeline(|_| {}).run(&w.req).await.unwrap_err();
+    assert_eq!(w.noted().await, vec![w.req.image_id], "what was kept stays noted");
+}
+
+/// The periodic pass finds a dead snapshot's leftovers from its note alone: it opens no
+/// other disk, lists no pool (listing fails here), and forgets the note once all is gone.
+#[tokio::test]
+async fn reclamation_finds_noted_work_without_opening_every_disk() {
+    let w = World::clone_backed(FakeImages::default());
+    w.note_work().await;
+    w.leave_unflattened_copy().await;
+    w.images.images.lock().unwrap().remove(&w.req.image_id);
+    w.storage.inject("list_images", libc::EIO, 100);
+    let temp = tempfile::tempdir().unwrap();
+    let found = w.reclaimer(temp.path()).run(false, Scope::Noted).await.unwrap();
+    assert_eq!(found.len(), 2, "{found:?}");
+    assert!(w.storage.get(&w.copy()).is_none() && w.disk_snapshots().is_empty());
+    assert!(w.noted().await.is_empty(), "nothing left: the note is forgotten");
+}
+
+/// A snapshot of the instance in flight (on any replica: it holds the instance lease):
+/// reclamation leaves its artefacts alone, whatever Glance says, and takes them once the
+/// lease is free.
+#[tokio::test]
+async fn reclamation_leaves_alone_what_a_snapshot_in_flight_holds() {
+    let w = World::clone_backed(FakeImages::default());
+    w.note_work().await;
+    w.leave_unflattened_copy().await;
+    w.images.images.lock().unwrap().remove(&w.req.image_id);
+    let far = tokio::time::Instant::now() + Duration::from_secs(60);
+    let in_flight = w.ledger.lock_instance(w.req.instance.uuid, far).await.unwrap().unwrap();
+    let temp = tempfile::tempdir().unwrap();
+    let found = w.reclaimer(temp.path()).run(false, Scope::Everything).await.unwrap();
+    assert!(found.iter().all(|f| f.action == crate::reclaim::Action::InFlight), "{found:?}");
+    assert!(w.storage.get(&w.copy()).is_some() && w.disk_snapshots().len() == 1, "nothing removed");
+
+    drop(in_flight);
+    tokio::time::sleep(Duration::from_millis(100)).await; // the release runs in the background
+    w.reclaimer(temp.path()).run(false, Scope::Noted).await.unwrap();
+    assert!(w.storage.get(&w.copy()).is_none() && w.disk_snapshots().is_empty());
 }

@@ -7,6 +7,9 @@
 //! - `novasnap.done.<0-f>`: sixteen objects whose omap maps each `_unique_id` carried to its
 //!   end to when (Unix seconds); entries older than `[novasnap] done_horizon` are pruned, so
 //!   the ledger holds what the broker may still deliver again, not every cast ever;
+//! - `novasnap.work`: whose omap notes, by image id, each snapshot that may have left
+//!   artefacts (its instance and disk, as JSON), from before its first artefact until
+//!   nothing of it is left: reclamation's index;
 //! - `novasnap.instance.<uuid>`: holds the exclusive RADOS lock `snapshot` while a replica
 //!   snapshots that instance; the lock has a duration, renewed while the work runs, so a
 //!   dead holder's lock lapses by itself.
@@ -22,7 +25,7 @@ use tracing::{debug, warn};
 use uuid::Uuid;
 
 use super::rbd::CephRbd;
-use super::{InstanceLease, LeaseHolder, StorageError, WorkLedger};
+use super::{InstanceLease, LeaseHolder, NotedWork, StorageError, WorkLedger};
 use crate::ffi::rados::Pool;
 use crate::ffi::Errno;
 use crate::inflight;
@@ -44,12 +47,14 @@ fn rados_error(operation: &'static str, target: &str, e: Errno) -> StorageError 
 
 /// The RADOS namespace of novasnap's objects in the state pool.
 pub const NAMESPACE: &str = "novasnap";
+/// The object whose omap is the index of noted work.
+const WORK_OBJECT: &str = "novasnap.work";
+/// Entries read per omap listing.
+const OMAP_PAGE: u64 = 1000;
 /// How many objects the done-markers are spread over (each omap stays small).
 const DONE_SHARDS: u32 = 16;
 /// How often one replica prunes one shard of done-markers, at most.
 const PRUNE_EVERY: Duration = Duration::from_secs(3600);
-/// Entries read per omap listing while pruning.
-const PRUNE_PAGE: u64 = 1000;
 
 /// The done-marker object holding `unique_id` (public for tests and operators' tools).
 pub fn done_object(unique_id: &str) -> String {
@@ -118,7 +123,7 @@ impl RadosLedger {
         self.on_pool(move |pool| {
             let mut after = String::new();
             loop {
-                let page = pool.omap_list(&object, &after, PRUNE_PAGE).map_err(|e| rados_error("list", &object, e))?;
+                let page = pool.omap_list(&object, &after, OMAP_PAGE).map_err(|e| rados_error("list", &object, e))?;
                 let Some(last) = page.keys().next_back().cloned() else { return Ok(()) };
                 let old: Vec<&str> = page.iter().filter(|(_, at)| expired(at)).map(|(key, _)| key.as_str()).collect();
                 if !old.is_empty() {
@@ -269,6 +274,36 @@ impl WorkLedger for RadosLedger {
         Ok(())
     }
 
+    async fn note_work(&self, work: &NotedWork) -> Result<(), StorageError> {
+        let (key, value) = (work.image.to_string(), serde_json::to_vec(work).expect("a NotedWork serialises"));
+        self.on_pool(move |pool| {
+            pool.omap_set(WORK_OBJECT, &[(&key, &value)]).map_err(|e| rados_error("write", WORK_OBJECT, e))
+        })
+        .await
+    }
+
+    async fn forget_work(&self, image: Uuid) -> Result<(), StorageError> {
+        let key = image.to_string();
+        self.on_pool(move |pool| {
+            pool.omap_remove(WORK_OBJECT, &[&key]).map_err(|e| rados_error("write", WORK_OBJECT, e))
+        })
+        .await
+    }
+
+    async fn noted_work(&self) -> Result<Vec<NotedWork>, StorageError> {
+        self.on_pool(|pool| {
+            let (mut noted, mut after) = (Vec::new(), String::new());
+            loop {
+                let page =
+                    pool.omap_list(WORK_OBJECT, &after, OMAP_PAGE).map_err(|e| rados_error("list", WORK_OBJECT, e))?;
+                let Some(last) = page.keys().next_back().cloned() else { return Ok(noted) };
+                noted.extend(page.values().filter_map(|v| serde_json::from_slice(v).ok()));
+                after = last;
+            }
+        })
+        .await
+    }
+
     async fn lock_instance(&self, instance: Uuid, until: Instant) -> Result<Option<InstanceLease>, StorageError> {
         let object = format!("novasnap.instance.{instance}");
         let cookie = Uuid::new_v4().simple().to_string();
@@ -312,6 +347,7 @@ impl FileLedger {
     pub fn open(dir: &Path) -> Result<Self, StorageError> {
         std::fs::create_dir_all(dir.join("done"))
             .and_then(|()| std::fs::create_dir_all(dir.join("instances")))
+            .and_then(|()| std::fs::create_dir_all(dir.join("work")))
             .map_err(|source| StorageError::Io { path: dir.display().to_string(), source })?;
         Ok(Self { dir: dir.to_owned() })
     }
@@ -331,6 +367,37 @@ impl WorkLedger for FileLedger {
         tokio::fs::write(&path, b"")
             .await
             .map_err(|source| StorageError::Io { path: path.display().to_string(), source })
+    }
+
+    async fn note_work(&self, work: &NotedWork) -> Result<(), StorageError> {
+        let path = self.dir.join("work").join(work.image.to_string());
+        let json = serde_json::to_vec(work).expect("a NotedWork serialises");
+        tokio::fs::write(&path, json)
+            .await
+            .map_err(|source| StorageError::Io { path: path.display().to_string(), source })
+    }
+
+    async fn forget_work(&self, image: Uuid) -> Result<(), StorageError> {
+        let path = self.dir.join("work").join(image.to_string());
+        match tokio::fs::remove_file(&path).await {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                Err(StorageError::Io { path: path.display().to_string(), source: e })
+            }
+            _ => Ok(()),
+        }
+    }
+
+    async fn noted_work(&self) -> Result<Vec<NotedWork>, StorageError> {
+        let dir = self.dir.join("work");
+        let io = |source| StorageError::Io { path: dir.display().to_string(), source };
+        let mut entries = tokio::fs::read_dir(&dir).await.map_err(io)?;
+        let mut noted = Vec::new();
+        while let Some(entry) = entries.next_entry().await.map_err(io)? {
+            if let Ok(json) = tokio::fs::read(entry.path()).await {
+                noted.extend(serde_json::from_slice(&json).ok());
+            }
+        }
+        Ok(noted)
     }
 
     async fn lock_instance(&self, instance: Uuid, until: Instant) -> Result<Option<InstanceLease>, StorageError> {

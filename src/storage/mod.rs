@@ -22,7 +22,7 @@ use crate::hypervisor::Progress;
 use crate::inflight::InFlight;
 
 /// One RBD image, by pool and name.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
 pub struct RbdImage {
     pub pool: String,
     pub name: String,
@@ -170,10 +170,30 @@ pub trait WorkLedger: Send + Sync {
     /// Records the cast as carried to its end (success or reported permanent failure).
     async fn mark_done(&self, unique_id: &str) -> Result<(), StorageError>;
 
+    /// Notes, before anything is made for it, that a snapshot of `work.instance` into
+    /// `work.image` may leave artefacts behind: reclamation's index, so it need not open
+    /// every disk to find them. Noting again is fine.
+    async fn note_work(&self, work: &NotedWork) -> Result<(), StorageError>;
+
+    /// Forgets the note once nothing of that work is left; forgetting what is not noted is fine.
+    async fn forget_work(&self, image: Uuid) -> Result<(), StorageError>;
+
+    /// Every work noted and not forgotten.
+    async fn noted_work(&self) -> Result<Vec<NotedWork>, StorageError>;
+
     /// Takes the instance's exclusive lease, waiting while another replica (or task) holds
     /// it, until `until`: None if it is still held elsewhere then. The lease is renewed in
     /// the background; a replica that dies loses it after its expiry.
     async fn lock_instance(&self, instance: Uuid, until: Instant) -> Result<Option<InstanceLease>, StorageError>;
+}
+
+/// A snapshot that may have left artefacts behind: all are named after `image`, the disk
+/// snapshot on `disk` (when the root disk is on RBD).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct NotedWork {
+    pub image: Uuid,
+    pub instance: Uuid,
+    pub disk: Option<RbdImage>,
 }
 
 /// The ledger's side of one instance lease.
