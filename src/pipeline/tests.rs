@@ -1117,6 +1117,13 @@ impl World {
         self.ledger.note_work(&work).await.unwrap();
     }
 
+    /// What a worker killed mid-flatten leaves, noted, once its image was deleted.
+    async fn leave_dead_noted_work(&self) {
+        self.note_work().await;
+        self.leave_unflattened_copy().await;
+        self.images.images.lock().unwrap().remove(&self.req.image_id);
+    }
+
     async fn noted(&self) -> Vec<Uuid> {
         self.ledger.noted_work().await.unwrap().into_iter().map(|w| w.image).collect()
     }
@@ -1150,9 +1157,7 @@ async fn noted_work_lasts_exactly_as_long_as_its_artefacts_may() {
 #[tokio::test]
 async fn reclamation_finds_noted_work_without_opening_every_disk() {
     let w = World::clone_backed(FakeImages::default());
-    w.note_work().await;
-    w.leave_unflattened_copy().await;
-    w.images.images.lock().unwrap().remove(&w.req.image_id);
+    w.leave_dead_noted_work().await;
     w.storage.inject("list_images", libc::EIO, 100);
     let temp = tempfile::tempdir().unwrap();
     let found = w.reclaimer(temp.path()).run(false, Scope::Noted).await.unwrap();
@@ -1167,9 +1172,7 @@ async fn reclamation_finds_noted_work_without_opening_every_disk() {
 #[tokio::test]
 async fn reclamation_leaves_alone_what_a_snapshot_in_flight_holds() {
     let w = World::clone_backed(FakeImages::default());
-    w.note_work().await;
-    w.leave_unflattened_copy().await;
-    w.images.images.lock().unwrap().remove(&w.req.image_id);
+    w.leave_dead_noted_work().await;
     let far = tokio::time::Instant::now() + Duration::from_secs(60);
     let in_flight = w.ledger.lock_instance(w.req.instance.uuid, far).await.unwrap().unwrap();
     let temp = tempfile::tempdir().unwrap();
