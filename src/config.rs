@@ -166,7 +166,8 @@ pub struct WorkerConfig {
     /// `[novasnap] state_directory`: where the work ledger lives when there is no Ceph.
     pub state_directory: PathBuf,
     /// `[novasnap] instance_lease`: seconds an instance lease lasts unless renewed, i.e.
-    /// how long a dead replica's snapshot blocks the next one of that instance.
+    /// how long a dead replica's snapshot blocks the next one of that instance, and how long
+    /// a stalled one may go unrenewed before it counts its lease lost. At least 1 s.
     pub instance_lease: Duration,
     /// `[novasnap] done_horizon`: how long a finished cast's `_unique_id` is remembered. It
     /// must exceed the longest a copy of a cast can wait to be delivered (queued behind
