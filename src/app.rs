@@ -15,7 +15,7 @@ use crate::image::glance::GlanceClient;
 use crate::messaging::{consumer, notifier::AmqpNotifier, rpc::RpcClient};
 use crate::nova::{conductor::Conductor, InstanceRecord, Unrecorded};
 use crate::pipeline::{Boundaries, PipelineSettings, SnapshotPipeline};
-use crate::reclaim::Reclaimer;
+use crate::reclaim::{Reclaimer, Scope};
 use crate::storage::ledger::{FileLedger, RadosLedger};
 use crate::storage::rbd::CephRbd;
 use crate::storage::{BlockStorage, WorkLedger};
@@ -34,10 +34,34 @@ async fn connect_storage(config: &Config) -> anyhow::Result<Option<Arc<CephRbd>>
     Ok(Some(Arc::new(rbd)))
 }
 
-fn reclaimer(config: &Config, storage: Option<Arc<dyn BlockStorage>>, images: Arc<GlanceClient>) -> Reclaimer {
+/// The work ledger: in the state pool with Ceph, in a local directory without.
+async fn open_ledger(config: &Config, ceph: Option<&CephRbd>) -> anyhow::Result<Arc<dyn WorkLedger>> {
+    Ok(match ceph {
+        Some(ceph) => Arc::new(
+            RadosLedger::open(
+                ceph,
+                &config.rbd.state_pool,
+                config.worker.instance_lease,
+                &format!("novasnap on {} (pid {})", config.host, std::process::id()),
+                config.worker.done_horizon,
+            )
+            .await
+            .context("opening the work ledger in the state pool")?,
+        ),
+        None => Arc::new(FileLedger::open(&config.worker.state_directory).context("opening the local work ledger")?),
+    })
+}
+
+fn reclaimer(
+    config: &Config,
+    storage: Option<Arc<dyn BlockStorage>>,
+    images: Arc<GlanceClient>,
+    ledger: Arc<dyn WorkLedger>,
+) -> Reclaimer {
     Reclaimer {
         storage,
         images,
+        ledger,
         disk_pool: config.rbd.pool.clone(),
         glance_pools: config.rbd.glance_pools.clone(),
         snapshots_directory: config.libvirt.snapshots_directory.clone(),
@@ -48,15 +72,7 @@ pub async fn serve(path: &Path) -> anyhow::Result<()> {
     let config = load(path)?;
     info!(host = %config.host, config = %path.display(), "novasnap starting");
     let ceph = connect_storage(&config).await?;
-    let ledger: Arc<dyn WorkLedger> = match &ceph {
-        Some(ceph) => Arc::new(RadosLedger::new(
-            ceph.as_ref().clone(),
-            &config.rbd.state_pool,
-            config.worker.instance_lease,
-            &format!("novasnap on {} (pid {})", config.host, std::process::id()),
-        )),
-        None => Arc::new(FileLedger::open(&config.worker.state_directory).context("opening the local work ledger")?),
-    };
+    let ledger = open_ledger(&config, ceph.as_deref()).await?;
     let storage = ceph.map(|c| c as Arc<dyn BlockStorage>);
     let images = Arc::new(GlanceClient::new(&config.glance).context("configuring the Glance client")?);
     let hypervisor = Arc::new(LibvirtHypervisor::connect(&config.libvirt).await.context("connecting to libvirt")?);
@@ -65,7 +81,7 @@ pub async fn serve(path: &Path) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     tokio::spawn(stop_on_signal(shutdown.clone()));
     tokio::spawn(reclaim_periodically(
-        reclaimer(&config, storage.clone(), images.clone()),
+        reclaimer(&config, storage.clone(), images.clone(), ledger.clone()),
         config.worker.reclaim_interval,
         shutdown.clone(),
     ));
@@ -76,9 +92,10 @@ pub async fn serve(path: &Path) -> anyhow::Result<()> {
         info!("[novasnap] nova_writeback is off: Nova's database is not told of snapshots");
         Arc::new(Unrecorded)
     };
-    let boundaries = Boundaries { hypervisor, storage, images, notifier: notifier.clone(), nova };
+    let boundaries =
+        Boundaries { hypervisor, storage, images, notifier: notifier.clone(), ledger: ledger.clone(), nova };
     let pipeline = SnapshotPipeline::new(boundaries, PipelineSettings::from_config(&config));
-    let worker = Arc::new(Worker::new(pipeline, ledger));
+    let worker = Arc::new(Worker::new(pipeline, ledger, config.worker.snapshot_timeout));
     consumer::serve(&config, worker, shutdown).await.context("consuming casts")?;
     // The last notifications (the end of a snapshot that finished during the grace period).
     notifier.flush(std::time::Duration::from_secs(10)).await;
@@ -103,7 +120,7 @@ async fn stop_on_signal(shutdown: CancellationToken) {
 /// At start-up and every `interval`: dead work's leftovers are removed.
 async fn reclaim_periodically(reclaimer: Reclaimer, interval: std::time::Duration, shutdown: CancellationToken) {
     loop {
-        match reclaimer.run(false).await {
+        match reclaimer.run(false, Scope::Noted).await {
             Ok(findings) => info!(found = findings.len(), "reclamation pass done"),
             Err(e) => warn!(error = %e, "reclamation pass failed; trying again next interval"),
         }
@@ -114,11 +131,13 @@ async fn reclaim_periodically(reclaimer: Reclaimer, interval: std::time::Duratio
     }
 }
 
-pub async fn reclaim(path: &Path, dry_run: bool) -> anyhow::Result<()> {
+pub async fn reclaim(path: &Path, dry_run: bool, scope: Scope) -> anyhow::Result<()> {
     let config = load(path)?;
-    let storage = connect_storage(&config).await?.map(|c| c as Arc<dyn BlockStorage>);
+    let ceph = connect_storage(&config).await?;
+    let ledger = open_ledger(&config, ceph.as_deref()).await?;
+    let storage = ceph.map(|c| c as Arc<dyn BlockStorage>);
     let images = Arc::new(GlanceClient::new(&config.glance).context("configuring the Glance client")?);
-    let findings = reclaimer(&config, storage, images).run(dry_run).await?;
+    let findings = reclaimer(&config, storage, images, ledger).run(dry_run, scope).await?;
     if findings.is_empty() {
         println!("nothing left behind by novasnap");
     }

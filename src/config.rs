@@ -155,6 +155,14 @@ pub struct RbdConfig {
     /// `[novasnap] glance_pools`: the pools Glance stores images in, where reclamation
     /// looks for copies novasnap made (only those it marked as its own).
     pub glance_pools: Vec<String>,
+    /// `[novasnap] rados_osd_op_timeout`: bound on one librados/librbd operation on an OSD
+    /// (a dead or full OSD answers with ETIMEDOUT instead of never), set on the connection
+    /// whatever ceph.conf says.
+    pub osd_op_timeout: Duration,
+    /// `[novasnap] rados_mon_op_timeout`: the same for calls to the monitors.
+    pub mon_op_timeout: Duration,
+    /// `[novasnap] client_mount_timeout`: bound on connecting to the cluster.
+    pub mount_timeout: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -179,8 +187,18 @@ pub struct WorkerConfig {
     /// `[novasnap] state_directory`: where the work ledger lives when there is no Ceph.
     pub state_directory: PathBuf,
     /// `[novasnap] instance_lease`: seconds an instance lease lasts unless renewed, i.e.
-    /// how long a dead replica's snapshot blocks the next one of that instance.
+    /// how long a dead replica's snapshot blocks the next one of that instance, and how long
+    /// a stalled one may go unrenewed before it counts its lease lost. At least 1 s.
     pub instance_lease: Duration,
+    /// `[novasnap] done_horizon`: how long a finished cast's `_unique_id` is remembered. It
+    /// must exceed the longest a copy of a cast can wait to be delivered (queued behind
+    /// others, or held unacknowledged up to RabbitMQ's `consumer_timeout`) after the first
+    /// one finished; a copy coming later finds its image active and only repeats the end.
+    pub done_horizon: Duration,
+    /// `[novasnap] snapshot_timeout`: how long one cast may take, from the worker taking it
+    /// (the wait for the instance lease included) to its end; past it, the snapshot fails
+    /// cleanly. Kept under RabbitMQ's `consumer_timeout` (see the README).
+    pub snapshot_timeout: Duration,
     /// `[novasnap] shutdown_grace`: on SIGTERM, how long in-flight snapshots may run on
     /// before their casts are handed back to the broker.
     pub shutdown_grace: Duration,
@@ -296,6 +314,9 @@ impl Config {
             pool,
             ceph_conf: Some(PathBuf::from(ceph_conf)).filter(|p| !p.as_os_str().is_empty()),
             user: Some(rbd_user).filter(|u| !u.is_empty()),
+            osd_op_timeout: r.positive_seconds("novasnap", "rados_osd_op_timeout", 30)?,
+            mon_op_timeout: r.positive_seconds("novasnap", "rados_mon_op_timeout", 30)?,
+            mount_timeout: r.positive_seconds("novasnap", "client_mount_timeout", 30)?,
         };
 
         let api_servers = r.list("glance", "api_servers", &["http://127.0.0.1:9292"])?;
@@ -308,6 +329,12 @@ impl Config {
         if max_concurrent_snapshots == 0 {
             return Err(r.invalid("novasnap", "max_concurrent_snapshots", "0", "must be at least 1".into()));
         }
+        let instance_lease = r.seconds("novasnap", "instance_lease", 30)?;
+        if instance_lease < Duration::from_secs(1) {
+            // RADOS takes a lock of 0 s as one that never expires.
+            let value = instance_lease.as_secs_f64().to_string();
+            return Err(r.invalid("novasnap", "instance_lease", &value, "must be at least 1 second".into()));
+        }
         let worker = WorkerConfig {
             max_concurrent_snapshots,
             direct_snapshot: r.parse("novasnap", "direct_snapshot", true)?,
@@ -318,7 +345,9 @@ impl Config {
             },
             reclaim_interval: r.seconds("novasnap", "reclaim_interval", 300)?,
             state_directory: PathBuf::from(r.string("novasnap", "state_directory", "/var/lib/novasnap")?),
-            instance_lease: r.seconds("novasnap", "instance_lease", 30)?,
+            instance_lease,
+            snapshot_timeout: r.positive_seconds("novasnap", "snapshot_timeout", 1500)?,
+            done_horizon: r.positive_seconds("novasnap", "done_horizon", 7 * 24 * 3600)?,
             shutdown_grace: r.seconds("novasnap", "shutdown_grace", 120)?,
             nova_writeback: r.parse("novasnap", "nova_writeback", true)?,
         };
@@ -376,6 +405,15 @@ impl Reader<'_> {
             ));
         }
         Ok(Duration::from_secs_f64(secs))
+    }
+
+    /// Seconds that must not be 0: librados takes 0 as "no bound at all".
+    fn positive_seconds(&self, section: &str, key: &str, default: u64) -> Result<Duration, ConfigError> {
+        let value = self.seconds(section, key, default)?;
+        if value.is_zero() {
+            return Err(self.invalid(section, key, "0", "must be more than 0 (0 means no bound)".into()));
+        }
+        Ok(value)
     }
 }
 
@@ -478,6 +516,18 @@ mod tests {
         assert!(err.contains("[workarounds] disable_libvirt_livesnapshot"), "{err}");
         let err = load("[DEFAULT]\ntransport_url = kafka://x\n").unwrap_err().to_string();
         assert!(err.contains("transport_url"), "{err}");
+    }
+
+    #[test]
+    fn an_instance_lease_under_a_second_is_refused() {
+        // RADOS would take it as a lock that never expires: a dead replica's lease would
+        // block the instance's snapshots for good.
+        let err = load("[novasnap]\ninstance_lease = 0.5\n").unwrap_err().to_string();
+        assert!(err.contains("[novasnap] instance_lease") && err.contains("at least 1 second"), "{err}");
+        assert_eq!(
+            load("[novasnap]\ninstance_lease = 1.5\n").unwrap().worker.instance_lease,
+            Duration::from_millis(1500)
+        );
     }
 
     #[test]

@@ -15,10 +15,12 @@
 
 pub mod app;
 pub mod config;
+pub mod disposal;
 pub mod error;
 mod ffi;
 pub mod hypervisor;
 pub mod image;
+pub mod inflight;
 pub mod messaging;
 pub mod nova;
 pub mod pipeline;

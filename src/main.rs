@@ -35,6 +35,10 @@ enum Command {
         /// List what would be removed, change nothing.
         #[arg(long)]
         dry_run: bool,
+        /// Look at every disk and every image of Glance's pools, not only at the work the
+        /// ledger notes: finds leftovers of novasnap versions that kept no such index.
+        #[arg(long)]
+        all: bool,
     },
     /// Parse the config file and print the settings novasnap would use (passwords hidden).
     CheckConfig {
@@ -61,7 +65,10 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Serve { config } => novasnap::app::serve(&config).await,
-            Command::Reclaim { config, dry_run } => novasnap::app::reclaim(&config, dry_run).await,
+            Command::Reclaim { config, dry_run, all } => {
+                let scope = if all { novasnap::reclaim::Scope::Everything } else { novasnap::reclaim::Scope::Noted };
+                novasnap::app::reclaim(&config, dry_run, scope).await
+            }
             Command::CheckConfig { config } => novasnap::app::check_config(&config),
         }
     });

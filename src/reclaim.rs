@@ -3,23 +3,25 @@
 //! Only artefacts novasnap names or marks as its own are considered: disk snapshots named
 //! `novasnap-<image id>` in the instance pool, copies in Glance's pools carrying the
 //! `novasnap.image_id` metadata, and `novasnap-<image id>` directories under
-//! `snapshots_directory`. Each belongs to one Glance image, which decides its fate:
-//! - image `queued` or `saving`: its cast is still in the broker (novasnap acknowledges
-//!   only at the end), so a redelivery resumes the work and will need the artefact: kept;
-//! - image `active`: the work finished; a disk snapshot or temp directory is a leftover:
-//!   removed (an active image's copy is the image itself: kept);
-//! - image gone, killed or in any other state: the work is over; everything removed.
+//! `snapshots_directory`. Each belongs to one Glance image, whose state decides, as
+//! [`crate::disposal`] says once for all removals: while the image is `queued` or `saving`
+//! its cast is still in the broker (novasnap acknowledges only at the end) and a redelivery
+//! will need the artefact; an image with data keeps its copy; an image Glance cannot tell
+//! about keeps everything; only an image whose work is over loses its copy.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use tokio::time::Instant;
 use tracing::{info, warn};
 use uuid::Uuid;
 
-use crate::image::{ImageError, ImageService, ImageStatus};
-use crate::pipeline::direct::{DISK_SNAPSHOT_PREFIX, OWNER_METADATA_KEY};
+use crate::disposal::{OwnerImage, Remover};
+use crate::image::{ImageError, ImageService};
+use crate::pipeline::direct::{disk_snapshot_name, DISK_SNAPSHOT_PREFIX, OWNER_METADATA_KEY};
 use crate::request::RequestContext;
-use crate::storage::{BlockStorage, RbdImage, StorageError};
+use crate::storage::{BlockStorage, NotedWork, RbdImage, StorageError, WorkLedger};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReclaimError {
@@ -40,7 +42,8 @@ pub enum ReclaimError {
 pub struct Finding {
     pub artefact: Artefact,
     pub image_id: Uuid,
-    /// The owning image's state, as found (`gone` when Glance does not know it).
+    /// The owning image's state, as found (`gone` when Glance does not know it, `unknown`
+    /// when Glance did not answer).
     pub image_state: String,
     pub action: Action,
 }
@@ -54,9 +57,17 @@ pub enum Artefact {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Action {
-    /// The owning request can still resume: left alone.
+    /// The owning image may still need it, or Glance cannot tell: left alone.
     Keep,
+    /// A snapshot of the instance holds its lease (on any replica): left alone this time.
+    InFlight,
     Remove,
+}
+
+impl Finding {
+    fn new(artefact: Artefact, action: Action, owner: &OwnerImage) -> Self {
+        Self { artefact, image_id: owner.id, image_state: owner.state.clone(), action }
+    }
 }
 
 impl std::fmt::Display for Finding {
@@ -68,6 +79,7 @@ impl std::fmt::Display for Finding {
         };
         let action = match self.action {
             Action::Keep => "keep",
+            Action::InFlight => "in use",
             Action::Remove => "remove",
         };
         write!(f, "{action:6} {what} (image {} is {})", self.image_id, self.image_state)
@@ -77,6 +89,8 @@ impl std::fmt::Display for Finding {
 pub struct Reclaimer {
     pub storage: Option<Arc<dyn BlockStorage>>,
     pub images: Arc<dyn ImageService>,
+    /// The index of work that may have left artefacts, and the instance leases.
+    pub ledger: Arc<dyn WorkLedger>,
     /// The pool of instance disks (`[libvirt] images_rbd_pool`).
     pub disk_pool: String,
     /// Glance's pools, where copies are made (`[novasnap] glance_pools`).
@@ -84,68 +98,172 @@ pub struct Reclaimer {
     pub snapshots_directory: PathBuf,
 }
 
+/// Where reclamation looks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    /// The work the ledger notes: only the artefacts named after those images are looked
+    /// at, so a pass opens no other disk (the periodic pass).
+    Noted,
+    /// Also every disk of the disk pool and every image of Glance's pools, for leftovers of
+    /// work no ledger noted (made by novasnap before it kept the index).
+    Everything,
+}
+
+/// One image's leftovers, as found.
+struct Candidate {
+    instance: Option<Uuid>,
+    noted: bool,
+    artefacts: Vec<Artefact>,
+}
+
 impl Reclaimer {
-    /// Finds every leftover and, unless `dry_run`, removes those whose work is over.
-    pub async fn run(&self, dry_run: bool) -> Result<Vec<Finding>, ReclaimError> {
+    /// Finds the leftovers in `scope` and, unless `dry_run`, removes those whose work is
+    /// over. Each image's are looked at under its instance's lease, taken without waiting:
+    /// while a snapshot of that instance runs (on any replica), they are left alone.
+    pub async fn run(&self, dry_run: bool, scope: Scope) -> Result<Vec<Finding>, ReclaimError> {
+        let mut candidates: BTreeMap<Uuid, Candidate> = BTreeMap::new();
+        for work in self.ledger.noted_work().await? {
+            let artefacts = self.artefacts_of(&work).await?;
+            candidates.insert(work.image, Candidate { instance: Some(work.instance), noted: true, artefacts });
+        }
+        if scope == Scope::Everything {
+            for (image_id, artefact) in self.scan().await? {
+                let candidate = candidates.entry(image_id).or_insert_with(|| Candidate {
+                    instance: None,
+                    noted: false,
+                    artefacts: Vec::new(),
+                });
+                if !candidate.artefacts.contains(&artefact) {
+                    candidate.artefacts.push(artefact);
+                }
+            }
+        }
         let mut findings = Vec::new();
-        let ctx = RequestContext::default();
+        for (image_id, mut candidate) in candidates {
+            // Copies before disk snapshots: a copy not yet flattened keeps its parent busy.
+            candidate.artefacts.sort_by_key(|a| !matches!(a, Artefact::Copy(_)));
+            findings.extend(self.settle(image_id, candidate, dry_run).await?);
+        }
+        Ok(findings)
+    }
+
+    /// Decides, and unless `dry_run` removes, one image's leftovers; forgets its note once
+    /// nothing of novasnap's is left.
+    async fn settle(&self, image_id: Uuid, candidate: Candidate, dry_run: bool) -> Result<Vec<Finding>, ReclaimError> {
+        let owner = OwnerImage::look(self.images.as_ref(), &RequestContext::default(), image_id).await;
+        let lease = match candidate.instance {
+            Some(instance) => match self.ledger.lock_instance(instance, Instant::now()).await? {
+                Some(lease) => Some(lease),
+                None => {
+                    let findings: Vec<Finding> = candidate
+                        .artefacts
+                        .into_iter()
+                        .map(|artefact| Finding::new(artefact, Action::InFlight, &owner))
+                        .collect();
+                    findings.iter().for_each(|f| info!(dry_run, "reclaim: {f}"));
+                    return Ok(findings);
+                }
+            },
+            None => None,
+        };
+        let mut findings = Vec::new();
+        let mut left = false;
+        for artefact in candidate.artefacts {
+            let remove = match &artefact {
+                Artefact::Copy(copy) => owner.copy_disposable(copy, Remover::Reclaimer),
+                Artefact::DiskSnapshot { .. } | Artefact::TempDir(_) => owner.scratch_disposable(Remover::Reclaimer),
+            };
+            let finding = Finding::new(artefact, if remove { Action::Remove } else { Action::Keep }, &owner);
+            info!(dry_run, "reclaim: {finding}");
+            let glances = matches!(&finding.artefact, Artefact::Copy(copy) if owner.registers(copy));
+            left |= !remove && !glances;
+            if remove && !dry_run {
+                let removed = match &lease {
+                    Some(lease) => match lease.confirm().await {
+                        Ok(()) => lease.in_flight().scope(self.remove(&finding.artefact)).await,
+                        Err(e) => Err(e.into()),
+                    },
+                    None => self.remove(&finding.artefact).await,
+                };
+                if let Err(e) = removed {
+                    warn!(error = %e, "reclaim: could not remove {finding}");
+                    left = true;
+                }
+            }
+            findings.push(finding);
+        }
+        if candidate.noted && !left && !dry_run {
+            self.ledger.forget_work(image_id).await?;
+        }
+        Ok(findings)
+    }
+
+    /// The artefacts of one noted work that exist, looked up by their names.
+    async fn artefacts_of(&self, work: &NotedWork) -> Result<Vec<Artefact>, ReclaimError> {
+        let mut found = Vec::new();
+        if let Some(storage) = &self.storage {
+            let snapshot = disk_snapshot_name(work.image);
+            if let Some(disk) = &work.disk {
+                let snaps = match storage.list_snapshots(disk).await {
+                    Ok(snaps) => snaps,
+                    Err(StorageError::NotFound(_)) => Vec::new(),
+                    Err(e) => return Err(e.into()),
+                };
+                if snaps.iter().any(|s| s.name == snapshot) {
+                    found.push(Artefact::DiskSnapshot { disk: disk.clone(), snapshot });
+                }
+            }
+            for pool in &self.glance_pools {
+                let copy = RbdImage::new(pool.clone(), work.image.to_string());
+                if let Some(owner) = self.owner_of_copy(storage.as_ref(), &copy).await? {
+                    if owner == work.image {
+                        found.push(Artefact::Copy(copy));
+                    }
+                }
+            }
+        }
+        let dir = self.snapshots_directory.join(disk_snapshot_name(work.image));
+        if tokio::fs::metadata(&dir).await.is_ok_and(|m| m.is_dir()) {
+            found.push(Artefact::TempDir(dir));
+        }
+        Ok(found)
+    }
+
+    /// The image a copy was made for, from its `novasnap.image_id` metadata: None for an
+    /// image that is not novasnap's copy, or is gone.
+    async fn owner_of_copy(&self, storage: &dyn BlockStorage, copy: &RbdImage) -> Result<Option<Uuid>, ReclaimError> {
+        match storage.metadata(copy, OWNER_METADATA_KEY).await {
+            Ok(owner) => Ok(owner.and_then(|o| Uuid::parse_str(&o).ok())),
+            Err(StorageError::NotFound(_)) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Every artefact of novasnap's in the pools and the snapshots directory, by the image
+    /// it was made for: opens every disk and every image of Glance's pools.
+    async fn scan(&self) -> Result<Vec<(Uuid, Artefact)>, ReclaimError> {
+        let mut found = Vec::new();
         if let Some(storage) = &self.storage {
             for disk in storage.list_images(&self.disk_pool).await? {
                 let disk = RbdImage::new(self.disk_pool.clone(), disk);
                 for snap in storage.list_snapshots(&disk).await? {
                     let Some(image_id) = owner_of_name(&snap.name) else { continue };
-                    let state = self.image_state(&ctx, image_id).await?;
-                    let action = if state.resumable() { Action::Keep } else { Action::Remove };
-                    let artefact = Artefact::DiskSnapshot { disk: disk.clone(), snapshot: snap.name };
-                    findings.push(Finding { artefact, image_id, image_state: state.name(), action });
+                    found.push((image_id, Artefact::DiskSnapshot { disk: disk.clone(), snapshot: snap.name }));
                 }
             }
             for pool in &self.glance_pools {
                 for name in storage.list_images(pool).await? {
                     let copy = RbdImage::new(pool.clone(), name);
-                    let owner = match storage.metadata(&copy, OWNER_METADATA_KEY).await {
-                        Ok(owner) => owner,
-                        // Removed by Glance between the listing and now.
-                        Err(StorageError::NotFound(_)) => continue,
-                        Err(e) => return Err(e.into()),
-                    };
-                    let Some(image_id) = owner.and_then(|o| Uuid::parse_str(&o).ok()) else { continue };
-                    let state = self.image_state(&ctx, image_id).await?;
-                    let action = if state.resumable() || state.is_active() { Action::Keep } else { Action::Remove };
-                    findings.push(Finding {
-                        artefact: Artefact::Copy(copy),
-                        image_id,
-                        image_state: state.name(),
-                        action,
-                    });
+                    if let Some(image_id) = self.owner_of_copy(storage.as_ref(), &copy).await? {
+                        found.push((image_id, Artefact::Copy(copy)));
+                    }
                 }
             }
         }
         for (dir, image_id) in temp_dirs(&self.snapshots_directory).await? {
-            let state = self.image_state(&ctx, image_id).await?;
-            let action = if state.resumable() { Action::Keep } else { Action::Remove };
-            findings.push(Finding { artefact: Artefact::TempDir(dir), image_id, image_state: state.name(), action });
+            found.push((image_id, Artefact::TempDir(dir)));
         }
-        // Copies before disk snapshots: a copy not yet flattened keeps its parent
-        // snapshot busy.
-        findings.sort_by_key(|f| !matches!(f.artefact, Artefact::Copy(_)));
-        for finding in &findings {
-            info!(dry_run, "reclaim: {finding}");
-            if !dry_run && finding.action == Action::Remove {
-                if let Err(e) = self.remove(&finding.artefact).await {
-                    warn!(error = %e, "reclaim: could not remove {finding}");
-                }
-            }
-        }
-        Ok(findings)
-    }
-
-    async fn image_state(&self, ctx: &RequestContext, id: Uuid) -> Result<OwnerState, ImageError> {
-        match self.images.get(ctx, id).await {
-            Ok(image) => Ok(OwnerState::Exists(image.status)),
-            Err(ImageError::NotFound(_)) => Ok(OwnerState::Gone),
-            Err(e) => Err(e),
-        }
+        Ok(found)
     }
 
     async fn remove(&self, artefact: &Artefact) -> Result<(), ReclaimError> {
@@ -161,29 +279,6 @@ impl Reclaimer {
                 Err(source) => Err(ReclaimError::Io { path: dir.clone(), source }),
             },
             (_, None) => Ok(()),
-        }
-    }
-}
-
-enum OwnerState {
-    Exists(ImageStatus),
-    Gone,
-}
-
-impl OwnerState {
-    /// A request for this image may still be delivered again and resume.
-    fn resumable(&self) -> bool {
-        matches!(self, Self::Exists(ImageStatus::Queued | ImageStatus::Saving))
-    }
-
-    fn is_active(&self) -> bool {
-        matches!(self, Self::Exists(ImageStatus::Active))
-    }
-
-    fn name(&self) -> String {
-        match self {
-            Self::Exists(status) => format!("{status:?}").to_lowercase(),
-            Self::Gone => "gone".into(),
         }
     }
 }

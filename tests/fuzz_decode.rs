@@ -21,14 +21,48 @@ fn nova_cast() -> Value {
     f["decoded"]["oslo.message"].clone()
 }
 
-/// Decodes and dispatches; on success checks what the rest of novasnap relies on.
+/// Whether `s` is a UUID in the canonical 8-4-4-4-12 hyphenated text (any case).
+fn canonical_uuid_text(s: &str) -> bool {
+    s.len() == 36
+        && s.bytes()
+            .enumerate()
+            .all(|(i, b)| if [8, 13, 18, 23].contains(&i) { b == b'-' } else { b.is_ascii_hexdigit() })
+}
+
+/// Decodes and dispatches; on success checks what the rest of novasnap relies on: the ids
+/// it accepted are the very ones the cast carried, and the cast carried them in canonical
+/// form (an id the decoder turned into a UUID from some other text, braced, URN or bare
+/// hex, would let a cast name an image other than the one written in it).
 fn check(content_type: Option<&str>, body: &[u8]) {
     let Ok(message) = decode(content_type, body, 1 << 20) else { return };
     let Ok(req) = dispatch(&message) else { return };
-    for id in [req.image_id.to_string(), req.instance.uuid.to_string()] {
-        assert!(id.len() == 36 && id.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-'), "{id}");
+    let message = Value::Object(message);
+    let sent = |pointer: &str| message.pointer(pointer).and_then(Value::as_str).map(str::to_owned);
+    for (pointer, accepted) in
+        [("/args/image_id", req.image_id), ("/args/instance/nova_object.data/uuid", req.instance.uuid)]
+    {
+        let sent = sent(pointer).unwrap_or_else(|| panic!("accepted {accepted} though {pointer} is not a string"));
+        assert!(canonical_uuid_text(&sent), "{pointer}: accepted {sent:?}, not a canonical UUID");
+        assert_eq!(sent.to_ascii_lowercase(), accepted.to_string(), "{pointer}: the id accepted is the id sent");
     }
     assert!(!format!("{req:?}").contains("fixtureToken"));
+}
+
+/// Texts a UUID parser may take for a UUID though they are not its canonical form.
+fn uuid_lookalike() -> impl Strategy<Value = String> {
+    any::<u128>().prop_flat_map(|bits| {
+        let id = uuid::Uuid::from_u128(bits);
+        prop_oneof![
+            Just(id.to_string()),
+            Just(id.to_string().to_uppercase()),
+            Just(id.simple().to_string()),
+            Just(id.braced().to_string()),
+            Just(id.urn().to_string()),
+            Just(format!(" {id}")),
+            Just(format!("{id}\n")),
+            Just(id.to_string().replacen('-', "", 1) + "0"),
+        ]
+    })
 }
 
 /// Arbitrary JSON values, small.
@@ -39,6 +73,7 @@ fn json_value() -> impl Strategy<Value = Value> {
         any::<i64>().prop_map(Value::from),
         any::<f64>().prop_map(|f| json!(f)),
         ".{0,40}".prop_map(Value::from),
+        uuid_lookalike().prop_map(Value::from),
         Just(Value::from("../../etc/passwd")),
         Just(Value::from("9e8f7a6b-5c4d-4e3f-8a2b-1c0d9e8f7a6b")),
     ];
@@ -68,6 +103,19 @@ proptest! {
     #[test]
     fn arbitrary_bytes_never_panic(body in prop::collection::vec(any::<u8>(), 0..512), msgpack in any::<bool>()) {
         check(Some(if msgpack { "application/msgpack" } else { "application/json" }), &body);
+    }
+
+    #[test]
+    fn ids_are_accepted_only_in_their_canonical_form(id in uuid_lookalike(), instance in any::<bool>(), as_envelope in any::<bool>()) {
+        let mut cast = nova_cast();
+        let pointer = if instance { "/args/instance/nova_object.data/uuid" } else { "/args/image_id" };
+        *cast.pointer_mut(pointer).unwrap() = Value::from(id);
+        let body = if as_envelope {
+            json!({"oslo.version": "2.0", "oslo.message": cast.to_string()}).to_string()
+        } else {
+            cast.to_string()
+        };
+        check(Some("application/json"), body.as_bytes());
     }
 
     #[test]

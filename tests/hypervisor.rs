@@ -146,3 +146,70 @@ async fn live_copy_onto_a_delta_carries_the_disk_and_leaves_no_job() {
     let persistent = virsh(&["dominfo", &guest.name]).await;
     assert!(persistent.lines().any(|l| l.starts_with("Persistent:") && l.ends_with("yes")), "{persistent}");
 }
+
+/// A process paused (SIGSTOP) while this lives, resumed when it is dropped (also when the
+/// test fails).
+struct Paused(String);
+
+impl Paused {
+    async fn pause(pid: String) -> Self {
+        assert!(Command::new("kill").args(["-STOP", &pid]).status().await.unwrap().success(), "kill -STOP {pid}");
+        Self(pid)
+    }
+}
+
+impl Drop for Paused {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("kill").args(["-CONT", &self.0]).status();
+    }
+}
+
+fn pid_file(path: impl AsRef<Path>) -> String {
+    let path = path.as_ref();
+    std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display())).trim().to_string()
+}
+
+/// One guest's QEMU stops answering its monitor (paused) in the middle of a managed save:
+/// calls on every other guest go on at once, instead of queuing behind the hung one.
+#[tokio::test]
+async fn a_hung_qemu_monitor_holds_up_no_other_guests_calls() {
+    let hv = hypervisor().await;
+    let (stuck, other) = (ThrowawayGuest::start().await, ThrowawayGuest::start().await);
+    let qemu = Paused::pause(pid_file(format!("/var/run/libvirt/qemu/{}.pid", stuck.name))).await;
+    let hung = tokio::spawn({
+        let (hv, uuid) = (hv.clone(), stuck.uuid);
+        async move { hv.suspend(uuid).await }
+    });
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(!hung.is_finished(), "the managed save waits on the paused QEMU");
+
+    let others = async {
+        assert_eq!(hv.power_state(other.uuid).await.unwrap(), PowerState::Running);
+        hv.suspend(other.uuid).await.unwrap();
+        hv.resume(other.uuid, false).await.unwrap();
+    };
+    tokio::time::timeout(Duration::from_secs(30), others).await.expect("another guest's calls are not held up");
+    drop(qemu);
+    let _ = tokio::time::timeout(Duration::from_secs(60), hung).await;
+}
+
+/// libvirtd stops answering (paused) with a call in flight: keepalive closes the connection
+/// and the call fails within a bound, instead of waiting for libvirtd for ever; once libvirtd
+/// answers again, the next call reconnects.
+#[tokio::test]
+async fn a_call_to_a_libvirtd_that_stopped_answering_fails_within_a_bound() {
+    let hv = hypervisor().await;
+    let guest = ThrowawayGuest::start().await;
+    assert_eq!(hv.power_state(guest.uuid).await.unwrap(), PowerState::Running);
+    let started = std::time::Instant::now();
+    let result = {
+        let _libvirtd =
+            Paused::pause(pid_file(Path::new(&env("NOVASNAP_STACK_STATE")).join("libvirt/libvirtd.pid"))).await;
+        tokio::time::timeout(Duration::from_secs(90), hv.power_state(guest.uuid)).await
+    };
+    let err = result.expect("an error, not a hang").unwrap_err();
+    assert!(matches!(err, HypervisorError::Connection(_) | HypervisorError::Libvirt { .. }), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(60), "{:?}", started.elapsed());
+    let back = wait_until(Duration::from_secs(60), || async { hv.power_state(guest.uuid).await.is_ok() }).await;
+    assert!(back.is_some(), "the next call reconnects");
+}

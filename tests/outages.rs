@@ -2,7 +2,8 @@
 //! location import task failing or never started, the Ceph OSD unresponsive, Glance's
 //! pool full, libvirtd restarted. A fault that clears within the retry bounds only delays
 //! the snapshot; one that does not ends in a clean failure. (The broker restart is in
-//! tests/messaging.rs.)
+//! tests/messaging.rs.) Workers get a ceph.conf without client timeouts (see
+//! `TestConfig`): a Ceph call that gives up does so by novasnap's own bounds.
 
 mod common;
 
@@ -352,7 +353,7 @@ async fn a_full_glance_pool_fails_cleanly_and_the_next_snapshot_works() {
         listener.wait_for("instance.snapshot.error", &image_id, Duration::from_secs(600)).await;
         assert!(glance_image(&image_id).await.is_none(), "the failed snapshot's image is deleted");
     }
-    // The blocked clone gave up at the client op timeout instead of hanging.
+    // The blocked clone gave up at novasnap's own OSD op timeout instead of hanging.
     let log = worker.log_text();
     assert!(log.contains("failed at step 'clone into image pool'") && log.contains("timed out"), "{log}");
     assert_nothing_left(&guest, &images_before, &worker).await;

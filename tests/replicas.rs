@@ -77,3 +77,75 @@ async fn two_casts_for_one_instance_run_one_after_the_other() {
     }
     assert!(a.stop().await.success() && b.stop().await.success());
 }
+
+/// The `rados` CLI on novasnap's namespace of the state pool (the tests' `vms`).
+async fn rados(args: &[&str]) -> std::process::Output {
+    tokio::process::Command::new("rados").args(["-p", "vms", "-N", "novasnap"]).args(args).output().await.unwrap()
+}
+
+/// Whether the process is stopped (state `T` in /proc/<pid>/stat).
+fn stopped(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| stat.rsplit_once(") ").map(|(_, rest)| rest.starts_with('T')))
+        .unwrap_or(false)
+}
+
+/// The lease holder stalls (it stops itself with SIGSTOP right after its clone) for longer
+/// than its lease, and another holder takes the instance lease meanwhile (here the test,
+/// through the rados CLI, as another replica would). Resumed, the worker finds its lease
+/// lost and changes nothing more while the other holds it: no `snap` on the copy, no end.
+/// The cast goes back to the broker, and once the lease is free again the redelivery
+/// completes the snapshot.
+#[tokio::test]
+async fn a_worker_paused_past_its_lease_stops_and_changes_nothing_more() {
+    let guest = guest(1);
+    let config = TestConfig::new(&[]); // a 6 s lease
+    let mut listener = Listener::start(&config).await;
+    let worker = WorkerProcess::start_with(&config, &[("NOVASNAP_PAUSE_AT", "after-clone")]).await;
+    let pid = worker.child.id().unwrap();
+    let image_id = nova_api(&config, "snapshot", &guest, &[]).await;
+    wait_until(Duration::from_secs(120), || async move { stopped(pid) })
+        .await
+        .unwrap_or_else(|| panic!("the worker did not pause after its clone:\n{}", worker.log_text()));
+    tokio::time::sleep(Duration::from_secs(10)).await; // its lease lapses
+    let object = format!("novasnap.instance.{}", guest.uuid);
+    let taken =
+        rados(&["lock", "get", &object, "snapshot", "--lock-cookie", "other-replica", "--lock-duration", "40"]).await;
+    let resume = || std::process::Command::new("kill").args(["-CONT", &pid.to_string()]).status();
+    if !taken.status.success() {
+        let _ = resume();
+        panic!("the lapsed lease could not be taken: {}", String::from_utf8_lossy(&taken.stderr));
+    }
+    resume().unwrap();
+
+    tokio::time::sleep(Duration::from_secs(15)).await;
+    listener.collect();
+    assert!(
+        !listener.received.iter().any(|n| n["event_type"] == "instance.snapshot.end"),
+        "no end while another holds the lease: {:?}",
+        listener.event_types()
+    );
+    let copy = format!("images/{image_id}");
+    assert!(!rbd_snapshots(&copy).await.contains(&"snap".to_string()), "nothing changed after the loss");
+    let log = worker.log_text();
+    assert!(log.contains("instance lease lost") && log.contains("handing the cast back"), "{log}");
+
+    // The other holder is done: the redelivery takes the lease and finishes.
+    let _ =
+        rados(&["lock", "break", &object, "snapshot", &rados_locker(&object).await, "--lock-cookie", "other-replica"])
+            .await;
+    listener.wait_for("instance.snapshot.end", &image_id, Duration::from_secs(300)).await;
+    assert_eq!(glance_image(&image_id).await.unwrap()["status"], "active");
+    assert_eq!(glance_image_sha256(&image_id).await, guest.sha256);
+    assert!(novasnap_disk_snapshots(&guest).await.is_empty());
+    assert!(worker.stop().await.success());
+    glance_delete(&image_id).await;
+}
+
+/// The name of the locker of `object`'s `snapshot` lock.
+async fn rados_locker(object: &str) -> String {
+    let out = rados(&["lock", "info", object, "snapshot", "--format", "json"]).await;
+    let info: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    info["lockers"][0]["name"].as_str().unwrap_or_default().to_string()
+}

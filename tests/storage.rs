@@ -11,7 +11,7 @@ use std::time::Duration;
 use common::*;
 use futures::TryStreamExt;
 use novasnap::config::RbdConfig;
-use novasnap::storage::ledger::RadosLedger;
+use novasnap::storage::ledger::{done_object, RadosLedger};
 use novasnap::storage::rbd::CephRbd;
 use novasnap::storage::{BlockStorage, CloneParent, RbdImage, WorkLedger};
 use tokio::process::Command;
@@ -23,8 +23,17 @@ fn rbd_config() -> RbdConfig {
         user: None,
         state_pool: "vms".into(),
         glance_pools: vec!["images".into()],
+        osd_op_timeout: Duration::from_secs(30),
+        mon_op_timeout: Duration::from_secs(30),
+        mount_timeout: Duration::from_secs(30),
     }
 }
+
+async fn ledger(lease: Duration, holder: &str, horizon: Duration) -> RadosLedger {
+    RadosLedger::open(&connect().await, "vms", lease, holder, horizon).await.expect("ledger in the state pool")
+}
+
+const WEEK: Duration = Duration::from_secs(7 * 24 * 3600);
 
 async fn connect() -> CephRbd {
     CephRbd::connect(&rbd_config()).await.expect("connect to the stack's Ceph")
@@ -160,26 +169,161 @@ async fn missing_things_are_clear_errors() {
 
 #[tokio::test]
 async fn the_ledger_is_shared_by_replicas_and_leases_exclude() {
-    let (a, b) = (connect().await, connect().await);
     let lease = Duration::from_secs(3);
-    let (a, b) = (RadosLedger::new(a, "vms", lease, "test-a"), RadosLedger::new(b, "vms", lease, "test-b"));
+    let (a, b) = (ledger(lease, "test-a", WEEK).await, ledger(lease, "test-b", WEEK).await);
     let id = uuid::Uuid::new_v4().simple().to_string();
     assert!(!b.is_done(&id).await.unwrap());
     a.mark_done(&id).await.unwrap();
     assert!(b.is_done(&id).await.unwrap(), "what one replica finished, another sees");
 
     let instance = uuid::Uuid::new_v4();
-    let held = a.lock_instance(instance).await.unwrap();
+    let far = tokio::time::Instant::now() + Duration::from_secs(600);
+    let held = a.lock_instance(instance, far).await.unwrap().unwrap();
     let b = Arc::new(b);
     let waiter = {
         let b = b.clone();
-        tokio::spawn(async move { b.lock_instance(instance).await.map(drop) })
+        tokio::spawn(async move { b.lock_instance(instance, far).await.map(|l| l.is_some()) })
     };
     // Longer than the lease: the holder renews it, so the other replica keeps waiting.
     tokio::time::sleep(Duration::from_secs(5)).await;
     assert!(!waiter.is_finished(), "a renewed lease keeps excluding");
+    assert!(!held.lost().is_cancelled());
     drop(held);
-    tokio::time::timeout(Duration::from_secs(10), waiter).await.expect("released lease is taken").unwrap().unwrap();
-    let _ = Command::new("rados").args(["-p", "vms", "rm", &format!("novasnap.done.{id}")]).status().await;
-    let _ = Command::new("rados").args(["-p", "vms", "rm", &format!("novasnap.instance.{instance}")]).status().await;
+    let taken = tokio::time::timeout(Duration::from_secs(10), waiter).await.expect("released lease is taken");
+    assert!(taken.unwrap().unwrap());
+    let rados = |args: Vec<String>| async move { Command::new("rados").args(args).status().await };
+    let ns = ["-p", "vms", "-N", "novasnap"].map(String::from);
+    let _ = rados([&ns[..], &["rmomapkey".into(), done_object(&id), id.clone()]].concat()).await;
+    let _ = rados([&ns[..], &["rm".into(), format!("novasnap.instance.{instance}")]].concat()).await;
+}
+
+/// The lock of `object` as `rados lock info` shows it: (locker, cookie).
+async fn rados_locker(object: &str) -> (String, String) {
+    let args = ["-p", "vms", "-N", "novasnap", "lock", "info", object, "snapshot", "--format", "json"];
+    let out = Command::new("rados").args(args).output().await.unwrap();
+    let info: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let locker = &info["lockers"][0];
+    (locker["name"].as_str().unwrap().to_string(), locker["cookie"].as_str().unwrap().to_string())
+}
+
+/// Another replica takes the lease over (here: the lock broken, as `rados lock break` or a
+/// lapse lets another holder in): the first holder finds out at its next renewal, its
+/// `lost` signal fires, and it can confirm no change any more.
+#[tokio::test]
+async fn a_lease_taken_over_by_another_holder_is_found_lost() {
+    let lease = Duration::from_secs(3);
+    let (a, b) = (ledger(lease, "test-a", WEEK).await, ledger(lease, "test-b", WEEK).await);
+    let instance = uuid::Uuid::new_v4();
+    let object = format!("novasnap.instance.{instance}");
+    let far = tokio::time::Instant::now() + Duration::from_secs(60);
+    let held = a.lock_instance(instance, far).await.unwrap().unwrap();
+    held.confirm().await.expect("held");
+    let (locker, cookie) = rados_locker(&object).await;
+    let args = ["-p", "vms", "-N", "novasnap", "lock", "break", &object, "snapshot", &locker, "--lock-cookie", &cookie];
+    assert!(Command::new("rados").args(args).status().await.unwrap().success());
+    let other = b.lock_instance(instance, far).await.unwrap().expect("the other holder takes it");
+    // At the next renewal (every third of the lease), or once the lease would have lapsed.
+    let found = tokio::time::timeout(lease + Duration::from_secs(1), held.lost().cancelled()).await;
+    found.expect("the loss is found within the lease");
+    let err = held.confirm().await.unwrap_err();
+    assert!(err.to_string().contains("lease is lost"), "{err}");
+    other.confirm().await.expect("the new holder's lease is sound");
+    drop((held, other));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let _ = Command::new("rados").args(["-p", "vms", "-N", "novasnap", "rm", &object]).status().await;
+}
+
+/// Objects in the state pool's RADOS namespace `namespace` ("" = the default one, where
+/// the pool's RBD images are).
+async fn rados_objects(namespace: &str) -> Vec<String> {
+    let out = Command::new("rados").args(["-p", "vms", "-N", namespace, "ls"]).output().await.unwrap();
+    String::from_utf8_lossy(&out.stdout).lines().map(String::from).collect()
+}
+
+/// Done-markers are omap entries in a few objects of novasnap's own namespace, not one
+/// object per cast among the instance pool's images, and those past the horizon are pruned.
+#[tokio::test]
+async fn done_markers_stay_bounded_and_out_of_the_image_namespace() {
+    let horizon = Duration::from_secs(1);
+    let old = uuid::Uuid::new_v4().simple().to_string();
+    ledger(Duration::from_secs(3), "test-a", horizon).await.mark_done(&old).await.unwrap();
+    assert!(!rados_objects("").await.contains(&done_object(&old)), "nothing in the image namespace");
+    assert!(rados_objects("novasnap").await.contains(&done_object(&old)));
+
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Another replica marks a cast of the same shard: its first write there prunes it.
+    let same_shard = std::iter::repeat_with(|| uuid::Uuid::new_v4().simple().to_string())
+        .find(|id| done_object(id) == done_object(&old))
+        .unwrap();
+    let b = ledger(Duration::from_secs(3), "test-b", horizon).await;
+    b.mark_done(&same_shard).await.unwrap();
+    assert!(b.is_done(&same_shard).await.unwrap());
+    assert!(!b.is_done(&old).await.unwrap(), "a marker past the horizon is pruned");
+    let key = ["-p", "vms", "-N", "novasnap", "rmomapkey", &done_object(&same_shard), &same_shard];
+    let _ = Command::new("rados").args(key).status().await;
+}
+
+/// The ledger's pool keeps its cluster connection alive: the storage handle it was opened
+/// from may go first.
+#[tokio::test]
+async fn the_ledger_outlives_the_storage_handle_it_came_from() {
+    let ledger = ledger(Duration::from_secs(3), "test-a", WEEK).await; // the CephRbd is gone
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    ledger.mark_done(&id).await.unwrap();
+    assert!(ledger.is_done(&id).await.unwrap());
+    let _ =
+        Command::new("rados").args(["-p", "vms", "-N", "novasnap", "rmomapkey", &done_object(&id), &id]).status().await;
+}
+
+/// The stack's OSD, paused (SIGSTOP) while this lives; resumed and marked down when it is
+/// dropped, also when the test fails, so that its placement groups peer again.
+struct PausedOsd(String);
+
+impl PausedOsd {
+    async fn pause() -> Self {
+        let path = std::path::Path::new(&env("NOVASNAP_STACK_STATE")).join("ceph/run/osd.0.pid");
+        let pid = std::fs::read_to_string(&path).unwrap().trim().to_string();
+        assert!(Command::new("kill").args(["-STOP", &pid]).status().await.unwrap().success());
+        Self(pid)
+    }
+}
+
+impl Drop for PausedOsd {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("kill").args(["-CONT", &self.0]).status();
+        let _ = std::process::Command::new("ceph").args(["osd", "down", "0"]).output();
+    }
+}
+
+/// With a ceph.conf that sets no client timeouts at all, an unresponsive OSD still gives
+/// novasnap an error (ETIMEDOUT) within its own `rados_osd_op_timeout`, not a hang.
+#[tokio::test]
+async fn librados_calls_are_bounded_by_novasnaps_own_timeouts_whatever_ceph_conf_says() {
+    let dir = tempfile::tempdir().unwrap();
+    let conf = ceph_conf_without_client_timeouts(dir.path());
+    let config = RbdConfig { ceph_conf: Some(conf), osd_op_timeout: Duration::from_secs(5), ..rbd_config() };
+    let rbd = CephRbd::connect(&config).await.unwrap();
+    assert_eq!(rbd.option("rados_osd_op_timeout").await.unwrap().parse::<f64>().unwrap(), 5.0);
+    let disk = RbdImage::new("vms", unique("test-disk"));
+    rbd_import(&disk, &pattern(1 << 20, 3)).await;
+
+    let started = std::time::Instant::now();
+    let result = {
+        let _paused = PausedOsd::pause().await;
+        tokio::time::timeout(Duration::from_secs(30), rbd.size(&disk)).await
+    };
+    let err = result.expect("an error, not a hang").unwrap_err();
+    assert!(err.to_string().contains("timed out"), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(30), "{:?}", started.elapsed());
+    // The OSD is back: the same connection works again (after re-peering).
+    let back = tokio::time::timeout(Duration::from_secs(120), async {
+        loop {
+            if rbd.size(&disk).await.is_ok() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    });
+    back.await.expect("the OSD answers again");
+    let _ = Command::new("rbd").args(["rm", &disk.to_string()]).output().await;
 }

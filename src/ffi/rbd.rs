@@ -1,5 +1,5 @@
 //! librbd's C API (the `ceph` crate covers librados but not librbd) as a small safe
-//! wrapper, plus the `Send` promise for the librados handle.
+//! wrapper, on the pools of [`super::rados`].
 //!
 //! Invariants that hold throughout:
 //! - every pointer passed to librbd is either a handle this module opened and has not yet
@@ -14,30 +14,11 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use ceph::ceph::{IoCtx, Rados};
 use ceph::rados::rados_ioctx_t;
 
-/// `errno` from a failed librbd call (positive).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Errno(pub i32);
-
-impl std::fmt::Display for Errno {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}", std::io::Error::from_raw_os_error(self.0))
-    }
-}
-
-fn check(ret: c_int) -> Result<c_int, Errno> {
-    if ret < 0 {
-        Err(Errno(-ret))
-    } else {
-        Ok(ret)
-    }
-}
-
-fn cstr(s: &str) -> Result<CString, Errno> {
-    CString::new(s).map_err(|_| Errno(libc::EINVAL))
-}
+pub use super::rados::Pool;
+pub use super::Errno;
+use super::{check, cstr};
 
 type RbdImageT = *mut c_void;
 type ProgressFn = extern "C" fn(offset: u64, total: u64, data: *mut c_void) -> c_int;
@@ -97,22 +78,8 @@ extern "C" {
     fn rbd_metadata_remove(image: RbdImageT, key: *const c_char) -> c_int;
 }
 
-/// The cluster connection, shared by every worker thread.
-pub struct Cluster(pub Rados);
-
-// SAFETY: a `rados_t` is documented thread-safe once connected (librados serialises
-// internally); the `ceph` crate only omits `Send` because it holds a raw pointer. The
-// handle is shut down once, by `Rados`'s `Drop`, when the last owner goes.
-unsafe impl Send for Cluster {}
-
-/// A pool (librados I/O context) in which images are opened, created and removed.
-pub struct Pool(pub IoCtx);
-
+/// The librbd calls made in a pool.
 impl Pool {
-    fn io(&self) -> rados_ioctx_t {
-        *self.0.inner()
-    }
-
     /// Opens `name` read-only, at `snap` if given, to look at it. A read-only handle
     /// registers no watch on the image header; it is closed, like a writable one, by
     /// `closer` once the image has gone quiet (see [`DeferredClose`]), never reused.
@@ -146,7 +113,7 @@ impl Pool {
             }
         };
         if let Err(e) = check(ret) {
-            closer.state.end(key, None);
+            closer.state.end(key, purpose, None);
             return Err(e);
         }
         Ok(Image::new(handle, purpose, closer, key))
@@ -213,6 +180,7 @@ pub struct Image {
     /// Whether the handle may serve a later `open_writable`: a writable one on which no
     /// call failed (a failure may come from a handle librbd gave up on, e.g. blocklisted).
     reusable: Cell<bool>,
+    purpose: Use,
     /// The closer's state, and the image's key there.
     closer: Arc<Shared>,
     key: ImageKey,
@@ -224,7 +192,7 @@ unsafe impl Send for Image {}
 
 impl Image {
     fn new(handle: RbdImageT, purpose: Use, closer: &DeferredClose, key: ImageKey) -> Self {
-        Self { handle, reusable: Cell::new(purpose == Use::Change), closer: closer.state.clone(), key }
+        Self { handle, reusable: Cell::new(purpose == Use::Change), purpose, closer: closer.state.clone(), key }
     }
 
     /// Like [`check`], and a failed call makes the handle not reusable.
@@ -246,7 +214,7 @@ impl Image {
 impl Drop for Image {
     fn drop(&mut self) {
         let key = std::mem::take(&mut self.key);
-        self.closer.end(key, Some((OpenHandle(self.handle), self.reusable.get())));
+        self.closer.end(key, self.purpose, Some((OpenHandle(self.handle), self.reusable.get())));
     }
 }
 
@@ -283,6 +251,9 @@ struct ImageHandles {
     /// Read-only handles, and writable ones a call failed on: only closed.
     retired: Vec<OpenHandle>,
     in_use: usize,
+    /// Writable handles that exist (in use, or idle in `reusable`): at most one, so that a
+    /// second change waits for the first one's handle instead of opening another.
+    writable: usize,
     last_used: Instant,
 }
 
@@ -293,6 +264,7 @@ impl ImageHandles {
     }
 
     fn close_idle(&mut self) {
+        self.writable = self.writable.saturating_sub(self.reusable.len());
         self.reusable.drain(..).chain(self.retired.drain(..)).for_each(OpenHandle::close);
     }
 }
@@ -309,6 +281,7 @@ impl Handles {
             reusable: Vec::new(),
             retired: Vec::new(),
             in_use: 0,
+            writable: 0,
             last_used: Instant::now(),
         })
     }
@@ -338,9 +311,9 @@ impl Shared {
         }
     }
 
-    /// A handle on `key` is done with (`handle`, and whether it may be reused), or was
-    /// never opened (None).
-    fn end(&self, key: ImageKey, handle: Option<(OpenHandle, bool)>) {
+    /// A handle on `key` opened for `purpose` is done with (`handle`, and whether it may be
+    /// reused), or was never opened (None).
+    fn end(&self, key: ImageKey, purpose: Use, handle: Option<(OpenHandle, bool)>) {
         let mut handles = self.lock();
         if handles.stopped {
             drop(handles);
@@ -352,6 +325,11 @@ impl Shared {
         let image = handles.image(key);
         image.in_use = image.in_use.saturating_sub(1);
         image.last_used = Instant::now();
+        // A writable handle that is not kept for reuse is one fewer (a failed call retires
+        // it; a failed open made none).
+        if purpose == Use::Change && !matches!(handle, Some((_, true))) {
+            image.writable = image.writable.saturating_sub(1);
+        }
         match handle {
             Some((handle, true)) => image.reusable.push(handle),
             Some((handle, false)) => image.retired.push(handle),
@@ -409,12 +387,28 @@ impl DeferredClose {
     }
 
     /// A handle on `key` is about to be used: counted in use from now, so the image's idle
-    /// handles stay open meanwhile. For a change, returns an idle writable handle to reuse.
+    /// handles stay open meanwhile. For a change, returns the image's idle writable handle to
+    /// reuse, or None when the caller is to open it; while another caller uses it, waits for
+    /// it to come back, so that an image never has two writable handles of ours.
     fn begin(&self, key: &ImageKey, purpose: Use) -> Option<OpenHandle> {
         let mut handles = self.state.lock();
-        let image = handles.image(key.clone());
-        image.in_use += 1;
-        (purpose == Use::Change).then(|| image.reusable.pop()).flatten()
+        loop {
+            let image = handles.image(key.clone());
+            if purpose == Use::Look {
+                image.in_use += 1;
+                return None;
+            }
+            if let Some(handle) = image.reusable.pop() {
+                image.in_use += 1;
+                return Some(handle);
+            }
+            if image.writable == 0 {
+                image.writable = 1;
+                image.in_use += 1;
+                return None;
+            }
+            handles = self.state.wait(handles, None);
+        }
     }
 
     /// Returns once no handle of ours is open on `name` in `pool`, its idle ones closed when
@@ -568,18 +562,23 @@ impl Image {
         self.with_c(snap, |s| unsafe { rbd_snap_unprotect(self.handle, s) }).map(drop)
     }
 
-    /// Flattens, calling `progress(done, total)` as librbd reports.
-    pub fn flatten(&self, progress: &mut dyn FnMut(u64, u64)) -> Result<(), Errno> {
+    /// Flattens, calling `progress(done, total)` as librbd reports; `progress` returning
+    /// false stops the flatten (librbd starts no more object copies and fails ECANCELED).
+    pub fn flatten(&self, progress: &mut dyn FnMut(u64, u64) -> bool) -> Result<(), Errno> {
         extern "C" fn trampoline(offset: u64, total: u64, data: *mut c_void) -> c_int {
             // SAFETY: `data` is the `&mut &mut dyn FnMut` passed below, alive for the
             // whole rbd_flatten_with_progress call, which invokes us on its own thread
             // only while it runs.
-            let progress = unsafe { &mut *(data as *mut &mut dyn FnMut(u64, u64)) };
-            progress(offset, total);
-            0
+            let progress = unsafe { &mut *(data as *mut &mut dyn FnMut(u64, u64) -> bool) };
+            // A negative return makes librbd's object throttle stop starting copies.
+            if progress(offset, total) {
+                0
+            } else {
+                -libc::ECANCELED
+            }
         }
         let mut progress = progress;
-        let data = &mut progress as *mut &mut dyn FnMut(u64, u64) as *mut c_void;
+        let data = &mut progress as *mut &mut dyn FnMut(u64, u64) -> bool as *mut c_void;
         // SAFETY: open handle; `data` outlives the call (see trampoline).
         self.check(unsafe { rbd_flatten_with_progress(self.handle, trampoline, data) }).map(drop)
     }
@@ -643,5 +642,34 @@ impl Image {
                 Err(e) => return Err(e),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Two changes of one image at once: the second waits for the first one's writable
+    /// handle instead of opening a second (the keys and bookkeeping only: no librbd).
+    #[test]
+    fn a_second_change_waits_for_the_images_writable_handle() {
+        let closer = Arc::new(DeferredClose::start().unwrap());
+        let key: ImageKey = (1, CString::new("disk").unwrap());
+        assert!(closer.begin(&key, Use::Change).is_none(), "the first change opens the handle");
+        let second = {
+            let (closer, key) = (closer.clone(), key.clone());
+            std::thread::spawn(move || {
+                let handle = closer.begin(&key, Use::Change);
+                closer.state.end(key, Use::Change, None);
+                handle.is_none()
+            })
+        };
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(!second.is_finished(), "the second change waits while the first has the handle");
+        // The first one's open failed: the second may open one now.
+        closer.state.end(key.clone(), Use::Change, None);
+        assert!(second.join().unwrap());
+        assert!(closer.begin(&key, Use::Look).is_none(), "looks never wait");
+        closer.state.end(key, Use::Look, None);
     }
 }

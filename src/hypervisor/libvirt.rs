@@ -1,6 +1,11 @@
 //! [`Hypervisor`] over libvirt (`virt` 0.5, plus `crate::ffi::libvirt` for block jobs).
 //!
-//! One connection, reopened when libvirtd restarts; every call on the blocking pool.
+//! One connection, shared by every call at once (libvirt connections are thread-safe):
+//! the lock guards only getting and replacing it, so a call that hangs (a QEMU monitor that
+//! does not answer) holds up no other guest's. Keepalive, run by libvirt's event loop on a
+//! thread of its own, closes a connection whose libvirtd stopped answering, so calls on it
+//! fail instead of waiting for ever. Reopened when libvirtd restarts; every call on the
+//! blocking pool.
 
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -21,6 +26,13 @@ use crate::ffi::libvirt as ffi;
 const ABORT_WAIT: Duration = Duration::from_secs(60);
 /// How often block-job progress is polled.
 const JOB_POLL: Duration = Duration::from_millis(200);
+/// libvirt keepalive: a probe after this many seconds of silence from libvirtd, and the
+/// connection closed after this many unanswered probes (15 s of a libvirtd that answers
+/// nothing).
+const KEEPALIVE_INTERVAL: i32 = 5;
+const KEEPALIVE_COUNT: u32 = 3;
+/// Bound on opening a connection.
+const OPEN_TIMEOUT: Duration = Duration::from_secs(15);
 
 #[derive(Clone)]
 pub struct LibvirtHypervisor {
@@ -29,9 +41,17 @@ pub struct LibvirtHypervisor {
 
 struct Inner {
     uri: String,
-    connection: Mutex<Option<Connect>>,
+    connection: Mutex<Shared>,
     /// Bound on one live block copy.
     copy_timeout: Duration,
+}
+
+/// The connection every call shares, and how many have been opened: a call that found its
+/// connection dead replaces only that one.
+#[derive(Default)]
+struct Shared {
+    connection: Option<Connect>,
+    generation: u64,
 }
 
 fn code(e: &Error) -> i32 {
@@ -43,31 +63,88 @@ fn is_disconnect(e: &Error) -> bool {
     e.code().is_any(vec![ErrorNumber::NoConnect, ErrorNumber::SystemError, ErrorNumber::Rpc, ErrorNumber::InvalidConn])
 }
 
+/// libvirt's default event loop, registered once per process before the first connection
+/// (keepalive needs one) and run on a thread of its own.
+fn start_event_loop() -> Result<(), HypervisorError> {
+    static STARTED: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
+    let started = STARTED.get_or_init(|| {
+        virt::event::event_register_default_impl().map_err(|e| format!("registering libvirt's event loop: {e}"))?;
+        std::thread::Builder::new()
+            .name("libvirt-events".into())
+            .spawn(|| loop {
+                if let Err(e) = virt::event::event_run_default_impl() {
+                    tracing::warn!(error = %e, "libvirt event loop iteration failed");
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            })
+            .map(drop)
+            .map_err(|e| format!("starting libvirt's event loop thread: {e}"))
+    });
+    started.clone().map_err(HypervisorError::Connection)
+}
+
 impl Inner {
+    /// The shared connection and its generation, opened (with keepalive) if there is none.
+    fn connection(&self) -> Result<(u64, Connect), HypervisorError> {
+        let mut shared = self.connection.lock().expect("libvirt connection lock");
+        if let Some(open) = shared.connection.as_ref() {
+            return Ok((shared.generation, open.clone()));
+        }
+        let open = self.open()?;
+        if let Err(e) = open.set_keep_alive(KEEPALIVE_INTERVAL, KEEPALIVE_COUNT) {
+            tracing::warn!(uri = %self.uri, error = %e, "libvirt keepalive not enabled");
+        }
+        shared.generation += 1;
+        shared.connection = Some(open.clone());
+        Ok((shared.generation, open))
+    }
+
+    /// Opens a connection, waiting at most [`OPEN_TIMEOUT`]: keepalive does not cover the
+    /// opening, and a libvirtd that accepts but never answers would hold it for ever. The
+    /// opening thread is left to finish by itself then (its connection, if any, closed).
+    fn open(&self) -> Result<Connect, HypervisorError> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let uri = self.uri.clone();
+        std::thread::Builder::new()
+            .name("libvirt-open".into())
+            .spawn(move || {
+                let _ = tx.send(Connect::open(Some(&uri)));
+            })
+            .map_err(|e| HypervisorError::Connection(format!("{}: cannot start opening: {e}", self.uri)))?;
+        match rx.recv_timeout(OPEN_TIMEOUT) {
+            Ok(opened) => opened.map_err(|e| HypervisorError::Connection(format!("{}: {e}", self.uri))),
+            Err(_) => Err(HypervisorError::Connection(format!("{}: no answer within {OPEN_TIMEOUT:?}", self.uri))),
+        }
+    }
+
+    /// Forgets the dead connection of `generation`, unless another call has replaced it.
+    fn replace(&self, generation: u64, dead: Connect) {
+        let mut shared = self.connection.lock().expect("libvirt connection lock");
+        if shared.generation == generation {
+            // Closing a dead connection may fail (and virt panics then): the handles leak.
+            if let Some(old) = shared.connection.take() {
+                std::mem::forget(old);
+            }
+        }
+        std::mem::forget(dead);
+    }
+
     /// Runs `f` with the connection, opening it if needed and once more if libvirtd went
-    /// away under it.
+    /// away under it. The connection lock is not held while `f` runs.
     fn with_connection<T>(
         &self,
         uuid: Uuid,
         operation: &'static str,
         f: impl Fn(&Connect) -> Result<T, Error>,
     ) -> Result<T, HypervisorError> {
-        let mut connection = self.connection.lock().expect("libvirt connection lock");
         for attempt in 0..2 {
-            if connection.is_none() {
-                *connection = Some(
-                    Connect::open(Some(&self.uri))
-                        .map_err(|e| HypervisorError::Connection(format!("{}: {e}", self.uri)))?,
-                );
-            }
-            match f(connection.as_ref().expect("just opened")) {
+            let (generation, connection) = self.connection()?;
+            match f(&connection) {
                 Ok(value) => return Ok(value),
-                Err(e) if attempt == 0 && is_disconnect(&e) => {
+                // A connection keepalive closed fails with errors of all kinds: ask it.
+                Err(e) if attempt == 0 && (is_disconnect(&e) || !connection.is_alive().unwrap_or(false)) => {
                     tracing::warn!(uri = %self.uri, error = %e, "libvirt connection lost; reconnecting");
-                    // Dropping a dead connection may fail; the handle is gone either way.
-                    if let Some(old) = connection.take() {
-                        std::mem::forget(old);
-                    }
+                    self.replace(generation, connection);
                 }
                 Err(e) => return Err(libvirt_error(operation, uuid, e)),
             }
@@ -152,9 +229,10 @@ fn power_state(domain: &Domain) -> Result<PowerState, Error> {
 
 impl LibvirtHypervisor {
     pub async fn connect(config: &LibvirtConfig) -> Result<Self, HypervisorError> {
+        start_event_loop()?;
         let inner = Arc::new(Inner {
             uri: config.connection_uri.clone(),
-            connection: Mutex::new(None),
+            connection: Mutex::default(),
             copy_timeout: config.block_copy_timeout,
         });
         let probe = inner.clone();
@@ -169,7 +247,7 @@ impl LibvirtHypervisor {
         f: impl FnOnce(&Inner) -> Result<T, HypervisorError> + Send + 'static,
     ) -> Result<T, HypervisorError> {
         let inner = self.inner.clone();
-        tokio::task::spawn_blocking(move || f(&inner))
+        crate::inflight::spawn_blocking(move || f(&inner))
             .await
             .map_err(|e| HypervisorError::Connection(format!("blocking task failed: {e}")))?
     }
@@ -262,6 +340,7 @@ impl Hypervisor for LibvirtHypervisor {
 
     async fn live_copy(&self, uuid: Uuid, disk: &str, dest: &Path, progress: Progress) -> Result<(), HypervisorError> {
         let (disk, dest) = (disk.to_string(), dest.to_string_lossy().into_owned());
+        let stop = crate::inflight::stop_signal().unwrap_or_default();
         self.blocking(move |inner| {
             // A job left by an earlier try would make the copy fail: clear it first.
             inner.with_connection(uuid, "abort block job", |c| {
@@ -291,11 +370,13 @@ impl Hypervisor for LibvirtHypervisor {
                         })
                     }
                 }
-                if start.elapsed() > inner.copy_timeout {
+                // Past its own bound, or its request stopped (deadline, lease lost).
+                if start.elapsed() > inner.copy_timeout || stop.is_cancelled() {
                     let _ = inner.with_connection(uuid, "abort block job", |c| {
                         ffi::block_job_abort(&inner.domain(c, uuid)?, &disk)
                     });
-                    return Err(HypervisorError::BlockJobTimeout { uuid, disk, seconds: inner.copy_timeout.as_secs() });
+                    let seconds = start.elapsed().as_secs();
+                    return Err(HypervisorError::BlockJobTimeout { uuid, disk, seconds });
                 }
                 std::thread::sleep(JOB_POLL);
             }

@@ -36,7 +36,16 @@ pub struct GlanceClient {
 impl GlanceClient {
     pub fn new(config: &GlanceConfig) -> Result<Self, ImageError> {
         let build = |timeout: Option<Duration>| {
-            let builder = reqwest::Client::builder().connect_timeout(Duration::from_secs(10));
+            // Redirects only within one Glance server: the token must not follow one elsewhere.
+            let same_origin = reqwest::redirect::Policy::custom(|attempt| {
+                let first = attempt.previous().first().map(url::Url::origin);
+                if attempt.previous().len() < 10 && first == Some(attempt.url().origin()) {
+                    attempt.follow()
+                } else {
+                    attempt.stop()
+                }
+            });
+            let builder = reqwest::Client::builder().connect_timeout(Duration::from_secs(10)).redirect(same_origin);
             let builder = match timeout {
                 Some(t) => builder.timeout(t),
                 None => builder.read_timeout(Duration::from_secs(300)),
@@ -74,10 +83,18 @@ impl GlanceClient {
             if let Some(id) = ctx.global_request_id.as_deref().or(ctx.request_id.as_deref()) {
                 request = request.header("X-OpenStack-Request-ID", id);
             }
-            match build(request).send().await {
+            let request = build(request);
+            // A streamed body is consumed by this try: it must not go to the next server empty.
+            let replayable = request.try_clone().is_some();
+            match request.send().await {
                 Ok(response) => {
                     self.current.store(index, Ordering::Relaxed);
                     return Ok(response);
+                }
+                Err(e) if e.is_connect() && !replayable => {
+                    // The retry policy tries again, with a fresh body, at the next server.
+                    self.current.store((index + 1) % self.servers.len(), Ordering::Relaxed);
+                    return Err(ImageError::Transport { operation, message: e.to_string() });
                 }
                 Err(e) if e.is_connect() => last_error = Some(e),
                 Err(e) => return Err(ImageError::Transport { operation, message: e.to_string() }),
@@ -358,7 +375,7 @@ impl ImageService for GlanceClient {
         data: BoxStream<'static, Result<Bytes, std::io::Error>>,
         size: Option<u64>,
     ) -> Result<(), ImageError> {
-        // A stream is consumed by the first request: no server failover for the body.
+        // A stream is consumed by the first request: `send` does not fail over with it.
         let body = std::sync::Mutex::new(Some(reqwest::Body::wrap_stream(data)));
         let response = self
             .send(
@@ -420,6 +437,115 @@ fn serde_urlencode(pairs: &[(&str, &str)]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A request as a [`serve`] server received it: its head, and how much body came.
+    #[derive(Debug, Clone)]
+    struct Received {
+        head: String,
+        body: usize,
+    }
+
+    /// A one-request-per-connection HTTP server on 127.0.0.1 answering every request with
+    /// `answer(port)` (a whole response head); returns its port and what it received.
+    async fn serve(
+        answer: impl Fn(u16) -> String + Send + Sync + 'static,
+    ) -> (u16, Arc<std::sync::Mutex<Vec<Received>>>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let received = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (seen, answer) = (received.clone(), Arc::new(answer));
+        tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                let (seen, answer) = (seen.clone(), answer.clone());
+                tokio::spawn(async move {
+                    let mut data = Vec::new();
+                    let mut buf = [0u8; 8192];
+                    let head_end = loop {
+                        let Ok(n) = client.read(&mut buf).await else { return };
+                        if n == 0 {
+                            return;
+                        }
+                        data.extend_from_slice(&buf[..n]);
+                        if let Some(at) = data.windows(4).position(|w| w == b"\r\n\r\n") {
+                            break at + 4;
+                        }
+                    };
+                    let head = String::from_utf8_lossy(&data[..head_end]).to_ascii_lowercase();
+                    let length = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length:").and_then(|v| v.trim().parse::<usize>().ok()))
+                        .unwrap_or(0);
+                    let mut body = data.len() - head_end;
+                    // A body that never comes is what is being tested for: wait a little.
+                    while body < length {
+                        match tokio::time::timeout(Duration::from_millis(500), client.read(&mut buf)).await {
+                            Ok(Ok(n)) if n > 0 => body += n,
+                            _ => break,
+                        }
+                    }
+                    seen.lock().unwrap().push(Received { head, body });
+                    let _ = client.write_all(answer(port).as_bytes()).await;
+                });
+            }
+        });
+        (port, received)
+    }
+
+    fn client(servers: Vec<String>) -> GlanceClient {
+        GlanceClient::new(&GlanceConfig { api_servers: servers, request_timeout: Duration::from_secs(5) }).unwrap()
+    }
+
+    fn stream(data: &'static [u8]) -> BoxStream<'static, Result<Bytes, std::io::Error>> {
+        use futures::StreamExt;
+        futures::stream::iter(data.chunks(4).map(|c| Ok(Bytes::from_static(c)))).boxed()
+    }
+
+    /// A port nothing listens on: connecting is refused.
+    async fn closed_port() -> u16 {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        listener.local_addr().unwrap().port()
+    }
+
+    /// The first Glance server refuses connections mid-failover: the upload's stream was
+    /// consumed by that try, so it must not go to the second server without its body. The
+    /// try fails (transient), and the retry, with a fresh stream, goes to the second server.
+    #[tokio::test]
+    async fn an_upload_never_fails_over_with_a_consumed_body() {
+        let (port, received) = serve(|_| "HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n".into()).await;
+        let dead = closed_port().await;
+        let glance = client(vec![format!("http://127.0.0.1:{dead}"), format!("http://127.0.0.1:{port}")]);
+        let (ctx, id, data) = (RequestContext::default(), Uuid::new_v4(), b"sixteen bytes!!!");
+        let first = glance.upload(&ctx, id, stream(data), Some(data.len() as u64)).await;
+        let bodiless = received.lock().unwrap().iter().any(|r| r.head.starts_with("put") && r.body < data.len());
+        assert!(!bodiless, "a PUT without its body reached a server: {:?}", received.lock().unwrap());
+        assert!(matches!(first, Err(ImageError::Transport { .. })), "{first:?}");
+        glance
+            .upload(&ctx, id, stream(data), Some(data.len() as u64))
+            .await
+            .expect("the retry reaches the next server");
+        let puts = received.lock().unwrap().clone();
+        assert_eq!(puts.len(), 1, "{puts:?}");
+        assert_eq!(puts[0].body, data.len());
+    }
+
+    /// A Glance (or something posing as one) redirecting elsewhere: the token does not go.
+    #[tokio::test]
+    async fn the_token_does_not_follow_a_redirect_to_another_host() {
+        let (elsewhere, stolen) = serve(|_| "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n".into()).await;
+        let (port, _) = serve(move |_| {
+            format!(
+                "HTTP/1.1 302 Found\r\nLocation: http://localhost:{elsewhere}/v2/images/x\r\nContent-Length: 0\r\n\r\n"
+            )
+        })
+        .await;
+        let glance = client(vec![format!("http://127.0.0.1:{port}")]);
+        let ctx = RequestContext { auth_token: Some(crate::request::AuthToken::new("s3cret")), ..Default::default() };
+        let _ = glance.get(&ctx, Uuid::new_v4()).await;
+        let leaked: Vec<_> = stolen.lock().unwrap().iter().filter(|r| r.head.contains("s3cret")).cloned().collect();
+        assert!(leaked.is_empty(), "the token went to another host: {leaked:?}");
+    }
 
     fn image(v: Value) -> Image {
         parse_image(&v).unwrap()

@@ -48,6 +48,18 @@ impl ImageStatus {
     }
 }
 
+/// `rbd://fsid/pool/image/snap` → (fsid, pool, image, snap).
+pub fn parse_rbd_url(url: &str) -> Option<(String, String, String, String)> {
+    let parts: Vec<&str> = url.strip_prefix("rbd://")?.split('/').collect();
+    match parts.as_slice() {
+        [fsid, pool, image, snap] if parts.iter().all(|p| !p.is_empty()) => {
+            let decode = |s: &str| percent_encoding::percent_decode_str(s).decode_utf8_lossy().into_owned();
+            Some((decode(fsid), decode(pool), decode(image), decode(snap)))
+        }
+        _ => None,
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct Image {
     pub id: Uuid,
@@ -140,4 +152,18 @@ pub trait ImageService: Send + Sync {
     /// Images whose properties match all of `filters` (e.g. `instance_uuid`,
     /// `image_type=backup`, `backup_type`), newest first.
     async fn list(&self, ctx: &RequestContext, filters: &[(&str, &str)]) -> Result<Vec<Image>, ImageError>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rbd_urls_parse() {
+        let (fsid, pool, image, snap) = parse_rbd_url("rbd://f-1/images/abc/snap").unwrap();
+        assert_eq!((fsid.as_str(), pool.as_str(), image.as_str(), snap.as_str()), ("f-1", "images", "abc", "snap"));
+        assert!(parse_rbd_url("rbd://f/images/abc").is_none());
+        assert!(parse_rbd_url("rbd://f//abc/snap").is_none());
+        assert!(parse_rbd_url("http://x/y/z/w").is_none());
+    }
 }

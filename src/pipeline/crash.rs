@@ -1,7 +1,8 @@
 //! Crash points for the crash-safety suite (`tests/crash.rs`): with the `fault-injection`
 //! feature, a worker whose `NOVASNAP_CRASH_AT` names a point dies there at once, as under
-//! `kill -9` (abort: no destructor, no cleanup, no ack). Without the feature (release
-//! builds) every point compiles to nothing.
+//! `kill -9` (abort: no destructor, no cleanup, no ack); one whose `NOVASNAP_PAUSE_AT` names
+//! it stops itself there (SIGSTOP) the first time, as a stalled host would, until resumed.
+//! Without the feature (release builds) every point compiles to nothing.
 
 /// Where a crash can be injected; the names are what `NOVASNAP_CRASH_AT` takes.
 pub const POINTS: &[&str] = &[
@@ -20,6 +21,15 @@ pub fn point(name: &'static str) {
     if std::env::var("NOVASNAP_CRASH_AT").is_ok_and(|at| at == name) {
         eprintln!("novasnap: crash injected at {name}");
         std::process::abort();
+    }
+    // The first time only: the lease-loss test resumes the worker and lets it go on.
+    static PAUSED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if std::env::var("NOVASNAP_PAUSE_AT").is_ok_and(|at| at == name)
+        && !PAUSED.swap(true, std::sync::atomic::Ordering::SeqCst)
+    {
+        eprintln!("novasnap: pause injected at {name}");
+        // Through kill(1), as the tests signal: no unsafe for kill(2).
+        let _ = std::process::Command::new("kill").args(["-STOP", &std::process::id().to_string()]).status();
     }
 }
 

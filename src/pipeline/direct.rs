@@ -12,9 +12,9 @@ use super::plan::SnapshotPlan;
 use super::progress::ProgressReporter;
 use super::{crash, Fault, Job, SnapshotError, Step};
 use crate::hypervisor::{DiskSource, Guest};
-use crate::image::{ImageError, ImageProperties};
+use crate::image::{parse_rbd_url, ImageError, ImageProperties};
 use crate::messaging::TaskState;
-use crate::storage::{BlockStorage, RbdImage, StorageError};
+use crate::storage::{BlockStorage, CloneParent, RbdImage, StorageError};
 
 /// The snapshot novasnap keeps on the instance disk while it copies it. Deterministic, so a
 /// retry finds it and reclamation recognises it as novasnap's.
@@ -65,25 +65,41 @@ impl DirectSnapshot<'_, '_> {
         let copy = RbdImage::new(image_pool.clone(), image_id.to_string());
         let snap = disk_snapshot_name(image_id);
         job.rbd_disk = Some(disk.clone());
-        job.rbd_copy = Some(copy.clone());
 
-        // An earlier try may have got as far as the clone, or past the flatten.
+        // An earlier try may have got as far as the clone, or past the flatten: an image of
+        // that name is used, and ever removed, only once proven to be that copy.
         let copy_exists = job.step(Step::Clone, || storage.exists(&copy)).await?;
         let needs_flatten = if copy_exists {
-            job.step(Step::Clone, || storage.parent(&copy)).await?.is_some()
+            let parent = job.step(Step::Clone, || storage.parent(&copy)).await?;
+            let owner = job.step(Step::Clone, || storage.metadata(&copy, OWNER_METADATA_KEY)).await?;
+            let ours = CloneParent { image: disk.clone(), snapshot: snap.clone() };
+            if owner.as_deref() != Some(image_id.to_string().as_str()) && parent.as_ref() != Some(&ours) {
+                return Err(job.fail_at(
+                    Step::Clone,
+                    Fault::NotOurs(format!(
+                        "{copy} exists but is not novasnap's copy for this image \
+                         ({OWNER_METADATA_KEY} {owner:?}, parent {parent:?}): it is left alone"
+                    )),
+                ));
+            }
+            job.rbd_copy = Some(copy.clone());
+            // The point in time exists already: a guest an earlier try left suspended runs
+            // again before the rest of the work.
+            job.resume_if_suspended().await?;
+            parent.is_some()
         } else {
-            job.step(Step::DiskSnapshot, || storage.create_snapshot(&disk, &snap)).await?;
+            job.disk_snapshot(storage, &disk, &snap, plan).await?;
             job.step(Step::DiskSnapshot, || storage.protect_snapshot(&disk, &snap)).await?;
             crash::point("after-disk-snapshot");
-            // The snapshot holds the disk's state: a suspended guest may run again.
-            job.resume_if_suspended(plan).await?;
             match job.step(Step::Clone, || storage.clone_image(&disk, &snap, &copy)).await {
                 Ok(()) => {
+                    job.rbd_copy = Some(copy.clone());
                     crash::point("after-clone");
                     true
                 }
+                // librbd removes a clone it could not finish: there is no copy to remove.
                 Err(e) if is_refused(&e.fault) => {
-                    cleanup_rbd(storage, &disk, &copy, image_id).await;
+                    job.remove_rbd_artefacts(storage, &disk, None).await;
                     return Ok(Direct::Unavailable(format!("Ceph refused the clone into {image_pool}: {}", e.fault)));
                 }
                 Err(e) => return Err(e),
@@ -133,13 +149,14 @@ impl DirectSnapshot<'_, '_> {
             images.add_location(ctx, image_id, &location).await.map_err(Fault::from)
         };
         match job.step(Step::RegisterLocation, register).await {
-            Ok(()) => {}
+            // The copy is the image's data now: Glance's, never novasnap's to remove.
+            Ok(()) => job.rbd_copy = None,
             Err(SnapshotError { fault: Fault::Image(ImageError::LocationsRefused { reason, .. }), .. }) => {
-                cleanup_rbd(storage, &disk, &copy, image_id).await;
+                job.remove_rbd_artefacts(storage, &disk, Some(&copy)).await;
                 return Ok(Direct::Unavailable(format!("Glance refuses image locations: {reason}")));
             }
             Err(SnapshotError { fault: Fault::CopyLost(reason), .. }) => {
-                cleanup_rbd(storage, &disk, &copy, image_id).await;
+                job.remove_rbd_artefacts(storage, &disk, Some(&copy)).await;
                 return Ok(Direct::CopyLost(reason));
             }
             Err(e) => return Err(e),
@@ -174,46 +191,33 @@ async fn image_pool(
     Ok(base_image.locations.iter().find_map(|url| parse_rbd_url(url).filter(|l| l.0 == fsid).map(|l| l.1)))
 }
 
-/// `rbd://fsid/pool/image/snap` → (fsid, pool, image, snap).
-pub fn parse_rbd_url(url: &str) -> Option<(String, String, String, String)> {
-    let parts: Vec<&str> = url.strip_prefix("rbd://")?.split('/').collect();
-    match parts.as_slice() {
-        [fsid, pool, image, snap] if parts.iter().all(|p| !p.is_empty()) => {
-            let decode = |s: &str| percent_encoding::percent_decode_str(s).decode_utf8_lossy().into_owned();
-            Some((decode(fsid), decode(pool), decode(image), decode(snap)))
-        }
-        _ => None,
-    }
-}
-
 /// Ceph said no for good (permissions, read-only pool): the standard path may still work.
 fn is_refused(fault: &Fault) -> bool {
     matches!(fault, Fault::Storage(StorageError::Rbd { errno, .. }) if matches!(*errno, libc::EPERM | libc::EACCES | libc::EROFS | libc::EDQUOT))
 }
 
-/// Removes the disk snapshot and the copy in Glance's pool that a request made. Errors are
-/// logged: reclamation finds what is left.
-pub(crate) async fn cleanup_rbd(storage: &dyn BlockStorage, disk: &RbdImage, copy: &RbdImage, image_id: Uuid) {
-    if let Err(e) = storage.remove_image(copy).await {
-        warn!(%copy, error = %e, "could not remove the partial copy in Glance's pool");
-    }
-    if let Err(e) = storage.remove_snapshot(disk, &disk_snapshot_name(image_id)).await {
-        warn!(%disk, error = %e, "could not remove the disk snapshot");
+impl Job<'_> {
+    /// Removes the disk snapshot and, if given, the copy in Glance's pool that this request
+    /// made (the copy first: a clone not yet flattened keeps its parent snapshot busy).
+    /// Whether all was removed.
+    pub(crate) async fn remove_rbd_artefacts(
+        &self,
+        storage: &dyn BlockStorage,
+        disk: &RbdImage,
+        copy: Option<&RbdImage>,
+    ) -> bool {
+        let copy_removed = match copy {
+            Some(copy) => self.tidy("remove the partial copy in Glance's pool", copy, storage.remove_image(copy)).await,
+            None => true,
+        };
+        let snap = disk_snapshot_name(self.req.image_id);
+        copy_removed & self.tidy("remove the disk snapshot", disk, storage.remove_snapshot(disk, &snap)).await
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn rbd_urls_parse() {
-        let (fsid, pool, image, snap) = parse_rbd_url("rbd://f-1/images/abc/snap").unwrap();
-        assert_eq!((fsid.as_str(), pool.as_str(), image.as_str(), snap.as_str()), ("f-1", "images", "abc", "snap"));
-        assert!(parse_rbd_url("rbd://f/images/abc").is_none());
-        assert!(parse_rbd_url("rbd://f//abc/snap").is_none());
-        assert!(parse_rbd_url("http://x/y/z/w").is_none());
-    }
 
     #[test]
     fn disk_snapshot_names_are_derived_from_the_image() {

@@ -27,6 +27,7 @@ pub enum Step {
     UpdateMetadata,
     Resume,
     RotateBackups,
+    NoteWork,
     UpdateInstance,
 }
 
@@ -48,6 +49,7 @@ impl std::fmt::Display for Step {
             Self::UpdateMetadata => "update image metadata",
             Self::Resume => "resume guest",
             Self::RotateBackups => "rotate backups",
+            Self::NoteWork => "note the work for reclamation",
             Self::UpdateInstance => "update the instance in Nova",
         };
         f.write_str(name)
@@ -69,6 +71,15 @@ pub enum Fault {
     /// The direct path's copy in Glance's pool vanished before it was registered.
     #[error("{0}")]
     CopyLost(String),
+    /// `<pool>/<image id>` exists, and nothing proves it the copy novasnap made for the image.
+    #[error("{0}")]
+    NotOurs(String),
+    /// libvirt here does not know the guest, and Nova places the instance on another host:
+    /// not proof that the instance is gone.
+    #[error("{0}")]
+    NotOnThisHost(String),
+    #[error("the snapshot did not end within its deadline ({0:?}, [novasnap] snapshot_timeout)")]
+    DeadlineExceeded(std::time::Duration),
 }
 
 impl Classify for Fault {
@@ -78,7 +89,11 @@ impl Classify for Fault {
             Self::Storage(e) => e.disposition(),
             Self::Image(e) => e.disposition(),
             Self::Nova(e) => e.disposition(),
-            Self::Unsupported(_) | Self::CopyLost(_) => Disposition::Permanent,
+            Self::Unsupported(_)
+            | Self::CopyLost(_)
+            | Self::NotOurs(_)
+            | Self::NotOnThisHost(_)
+            | Self::DeadlineExceeded(_) => Disposition::Permanent,
         }
     }
 }
@@ -97,29 +112,64 @@ impl SnapshotError {
     /// Nova-style exception name for the error notification's fault.
     pub fn exception_name(&self) -> &'static str {
         match &self.fault {
-            Fault::Hypervisor(HypervisorError::GuestNotFound(_)) => "InstanceNotFound",
+            Fault::Hypervisor(HypervisorError::GuestNotFound(_)) | Fault::NotOnThisHost(_) => "InstanceNotFound",
             Fault::Image(ImageError::NotFound(_)) => "ImageNotFound",
             Fault::Nova(NovaError::InstanceNotFound(_)) => "InstanceNotFound",
             Fault::Nova(NovaError::Deleting(_)) => "UnexpectedDeletingTaskStateError",
             Fault::Nova(NovaError::UnexpectedTaskState { .. }) => "UnexpectedTaskStateError",
             Fault::Nova(NovaError::Conductor(_)) => "MessagingTimeout",
             Fault::Hypervisor(_) => "HypervisorError",
-            Fault::Storage(_) | Fault::CopyLost(_) => "StorageError",
+            Fault::Storage(_) | Fault::CopyLost(_) | Fault::NotOurs(_) => "StorageError",
+            Fault::DeadlineExceeded(_) => "SnapshotTimeout",
             Fault::Image(_) => "ImageError",
             Fault::Unsupported(_) => "ImageUnacceptable",
         }
     }
 
-    /// The instance or the image vanished under us: the request ends quietly, as Nova ends
-    /// it (no error state), after cleanup.
+    /// The instance lease was lost: another replica may be at work on the instance.
+    pub fn is_lease_lost(&self) -> bool {
+        matches!(self.fault, Fault::Storage(StorageError::LeaseLost(_)))
+    }
+
+    /// The image vanished under us (deleted meanwhile), or Nova says the instance is gone or
+    /// being deleted: the request ends quietly, as Nova ends it ("Instance disappeared
+    /// during snapshot"), after cleanup. A guest libvirt does not know is reported: an
+    /// operator must hear of a snapshot that could not be taken.
     pub fn is_vanished(&self) -> bool {
         matches!(
             self.fault,
-            Fault::Hypervisor(HypervisorError::GuestNotFound(_))
-                | Fault::Image(ImageError::NotFound(_))
+            Fault::Image(ImageError::NotFound(_))
                 | Fault::Nova(NovaError::InstanceNotFound(_) | NovaError::Deleting(_))
         )
     }
+
+    /// The task is no longer this request's to revert: preempted by another, or the instance
+    /// is gone (`reverts_task_state` leaves an `UnexpectedTaskStateError` alone).
+    pub fn task_preempted(&self) -> bool {
+        matches!(
+            self.fault,
+            Fault::Nova(
+                NovaError::UnexpectedTaskState { .. } | NovaError::Deleting(_) | NovaError::InstanceNotFound(_)
+            )
+        )
+    }
+
+    /// Nothing proves that the image's instance is gone: the image is left for it.
+    pub fn keeps_image(&self) -> bool {
+        matches!(self.fault, Fault::NotOnThisHost(_))
+    }
+}
+
+/// A request that failed: the error, and whether its failure is settled.
+#[derive(Debug, thiserror::Error)]
+#[error("{error}")]
+pub struct Failure {
+    #[source]
+    pub error: SnapshotError,
+    /// What the cleanup could not put right and only another delivery of the cast can (a
+    /// guest still in managed save, an image whose state Glance could not tell): the cast
+    /// must go back to the broker. None once the failure is cleaned up and reported.
+    pub unsettled: Option<String>,
 }
 
 impl Classify for SnapshotError {

@@ -61,9 +61,7 @@ impl StandardSnapshot<'_, '_> {
         };
         let snap = disk_snapshot_name(job.req.image_id);
         job.rbd_disk = Some(disk.clone());
-        job.step(Step::DiskSnapshot, || storage.create_snapshot(&disk, &snap)).await?;
-        // The snapshot holds the disk's state: a suspended guest may run again.
-        job.resume_if_suspended(self.plan).await?;
+        job.disk_snapshot(storage.as_ref(), &disk, &snap, self.plan).await?;
         job.set_task_state(Some(TaskState::ImageUploading)).await?;
 
         if self.plan.image_format == "raw" {
@@ -89,7 +87,7 @@ impl StandardSnapshot<'_, '_> {
         }
         crash::point("after-upload");
         job.step(Step::RemoveDiskSnapshot, || storage.remove_snapshot(&disk, &snap)).await?;
-        cleanup(job.settings, job.req.image_id).await;
+        job.remove_temp_files().await;
         Ok(())
     }
 
@@ -117,16 +115,18 @@ impl StandardSnapshot<'_, '_> {
             copied?;
             job.step(Step::Extract, || files::convert(&delta, "qcow2", &out, &plan.image_format)).await?;
         } else {
+            // Cold: the disk itself is the point in time while the guest is down.
+            job.suspend_if_needed(plan).await?;
             job.step(Step::Extract, || files::convert(disk_path, &plan.source_format, &out, &plan.image_format))
                 .await?;
         }
         info!(instance = %job.req.instance.uuid, image = %job.req.image_id, "snapshot extracted, beginning image upload");
         // As Nova does: the guest need not wait for the upload.
-        job.resume_if_suspended(plan).await?;
+        job.resume_if_suspended().await?;
         job.set_task_state(Some(TaskState::ImageUploading)).await?;
         job.upload_file(&out).await?;
         crash::point("after-upload");
-        cleanup(job.settings, job.req.image_id).await;
+        job.remove_temp_files().await;
         Ok(())
     }
 }
@@ -196,12 +196,20 @@ fn counted(
     .boxed()
 }
 
-/// Removes a request's temporary directory; a missing one is fine.
-pub(crate) async fn cleanup(settings: &PipelineSettings, image_id: Uuid) {
-    let dir = temp_dir(settings, image_id);
-    match tokio::fs::remove_dir_all(&dir).await {
-        Ok(()) => info!(dir = %dir.display(), "temporary files removed"),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => tracing::warn!(dir = %dir.display(), error = %e, "could not remove temporary files"),
+impl Job<'_> {
+    /// Removes this request's temporary directory; a missing one is fine. Whether it is gone.
+    pub(crate) async fn remove_temp_files(&self) -> bool {
+        let dir = temp_dir(self.settings, self.req.image_id);
+        let remove = async {
+            match tokio::fs::remove_dir_all(&dir).await {
+                Ok(()) => {
+                    info!(dir = %dir.display(), "temporary files removed");
+                    Ok(())
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                Err(e) => Err(e),
+            }
+        };
+        self.tidy("remove temporary files", &dir.display(), remove).await
     }
 }

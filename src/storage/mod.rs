@@ -8,15 +8,21 @@ pub mod files;
 pub mod ledger;
 pub mod rbd;
 
+use std::sync::Arc;
+
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures::stream::BoxStream;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
 
 use crate::error::{Classify, Disposition};
 use crate::hypervisor::Progress;
+use crate::inflight::InFlight;
 
 /// One RBD image, by pool and name.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
 pub struct RbdImage {
     pub pool: String,
     pub name: String,
@@ -63,6 +69,9 @@ pub enum StorageError {
     NotFound(String),
     #[error("qemu-img {operation}: {message}")]
     QemuImg { operation: &'static str, message: String },
+    /// The instance lease is no longer this replica's: another may be at work.
+    #[error("the instance lease is lost ({0}): another replica may be at work on the instance")]
+    LeaseLost(String),
     #[error("io on {path}: {source}")]
     Io {
         path: String,
@@ -161,27 +170,89 @@ pub trait WorkLedger: Send + Sync {
     /// Records the cast as carried to its end (success or reported permanent failure).
     async fn mark_done(&self, unique_id: &str) -> Result<(), StorageError>;
 
-    /// Takes the instance's exclusive lease, waiting while another replica (or task)
-    /// holds it. The lease is renewed in the background and released when the returned
-    /// guard is dropped; a replica that dies loses it after its expiry.
-    async fn lock_instance(&self, instance: uuid::Uuid) -> Result<InstanceLease, StorageError>;
+    /// Notes, before anything is made for it, that a snapshot of `work.instance` into
+    /// `work.image` may leave artefacts behind: reclamation's index, so it need not open
+    /// every disk to find them. Noting again is fine.
+    async fn note_work(&self, work: &NotedWork) -> Result<(), StorageError>;
+
+    /// Forgets the note once nothing of that work is left; forgetting what is not noted is fine.
+    async fn forget_work(&self, image: Uuid) -> Result<(), StorageError>;
+
+    /// Every work noted and not forgotten.
+    async fn noted_work(&self) -> Result<Vec<NotedWork>, StorageError>;
+
+    /// Takes the instance's exclusive lease, waiting while another replica (or task) holds
+    /// it, until `until`: None if it is still held elsewhere then. The lease is renewed in
+    /// the background; a replica that dies loses it after its expiry.
+    async fn lock_instance(&self, instance: Uuid, until: Instant) -> Result<Option<InstanceLease>, StorageError>;
 }
 
-/// Held while one snapshot of an instance runs; dropping it releases the lease.
+/// A snapshot that may have left artefacts behind: all are named after `image`, the disk
+/// snapshot on `disk` (when the root disk is on RBD).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct NotedWork {
+    pub image: Uuid,
+    pub instance: Uuid,
+    pub disk: Option<RbdImage>,
+}
+
+/// The ledger's side of one instance lease.
+#[async_trait]
+pub trait LeaseHolder: Send + Sync {
+    /// Confirms, by the lease's own cookie, that the lease is still this holder's, renewing
+    /// it: the fence before each change. [`StorageError::LeaseLost`] once it is not.
+    async fn confirm(&self) -> Result<(), StorageError>;
+
+    /// Gives the lease up.
+    async fn release(&self);
+}
+
+/// Held while one snapshot of an instance runs. A lease found lost (taken by another
+/// holder, or lapsed unrenewed) cancels [`InstanceLease::lost`]: the work must stop, and
+/// change nothing more. Dropping it releases the lease, but only once every blocking call
+/// made under it has returned (see [`crate::inflight`]).
 pub struct InstanceLease {
-    release: Option<Box<dyn FnOnce() + Send>>,
+    holder: Arc<dyn LeaseHolder>,
+    lost: CancellationToken,
+    in_flight: InFlight,
 }
 
 impl InstanceLease {
-    pub fn new(release: impl FnOnce() + Send + 'static) -> Self {
-        Self { release: Some(Box::new(release)) }
+    /// `lost` is cancelled by the holder when it finds the lease lost.
+    pub fn new(holder: Arc<dyn LeaseHolder>, lost: CancellationToken) -> Self {
+        let in_flight = InFlight::new(lost.child_token());
+        Self { holder, lost, in_flight }
+    }
+
+    /// Cancelled once the lease is lost.
+    pub fn lost(&self) -> &CancellationToken {
+        &self.lost
+    }
+
+    /// See [`LeaseHolder::confirm`].
+    pub async fn confirm(&self) -> Result<(), StorageError> {
+        if self.lost.is_cancelled() {
+            return Err(StorageError::LeaseLost("found lost earlier".into()));
+        }
+        self.holder.confirm().await
+    }
+
+    /// The blocking calls made under this lease: the work runs in its scope.
+    pub fn in_flight(&self) -> &InFlight {
+        &self.in_flight
     }
 }
 
 impl Drop for InstanceLease {
     fn drop(&mut self) {
-        if let Some(release) = self.release.take() {
-            release();
+        let (holder, in_flight) = (self.holder.clone(), self.in_flight.clone());
+        let release = async move {
+            in_flight.settled().await;
+            holder.release().await;
+        };
+        // Outside a runtime (the process ending) the lease lapses by itself.
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(release);
         }
     }
 }

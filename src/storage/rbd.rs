@@ -11,8 +11,10 @@ use tracing::debug;
 
 use super::{BlockStorage, CloneParent, RbdImage, SnapshotInfo, StorageError};
 use crate::config::RbdConfig;
+use crate::ffi::rados::Cluster;
 use crate::ffi::rbd::{self as ffi, Errno};
 use crate::hypervisor::Progress;
+use crate::inflight;
 
 /// librbd's layering feature bit: a clone needs it.
 const FEATURE_LAYERING: u64 = 1;
@@ -33,11 +35,11 @@ pub struct CephRbd {
 }
 
 struct Inner {
-    // Fields drop in declaration order: handles are closed, then the I/O contexts they were
-    // opened in destroyed, while the cluster connection they all point into is still up.
+    // Handles are closed (the closer dropped) before the I/O contexts they were opened in
+    // are destroyed; each context keeps the cluster connection up while it lives.
     closer: ffi::DeferredClose,
     pools: Mutex<HashMap<String, Arc<ffi::Pool>>>,
-    cluster: ffi::Cluster,
+    cluster: Arc<Cluster>,
 }
 
 /// The error for `operation` on `target` failing with `errno`.
@@ -51,13 +53,11 @@ fn rbd_error(operation: &'static str, target: impl std::fmt::Display) -> impl Fn
     }
 }
 
-fn rados_error(operation: &'static str, target: impl std::fmt::Display, e: ceph::error::RadosError) -> StorageError {
-    match e {
-        ceph::error::RadosError::ApiError(errno) => rbd_error(operation, target)(Errno(errno as i32)),
-        other => {
-            StorageError::Rbd { operation, target: target.to_string(), errno: libc::EIO, message: other.to_string() }
-        }
-    }
+fn open_pool(cluster: &Arc<Cluster>, name: &str, namespace: Option<&str>) -> Result<ffi::Pool, StorageError> {
+    cluster.pool(name, namespace).map_err(|e| match e {
+        Errno(libc::ENOENT) => StorageError::NotFound(format!("pool {name}")),
+        e => rbd_error("open pool", name)(e),
+    })
 }
 
 impl Inner {
@@ -66,13 +66,7 @@ impl Inner {
         if let Some(pool) = pools.get(name) {
             return Ok(pool.clone());
         }
-        let ioctx = self.cluster.0.get_rados_ioctx(name).map_err(|e| match e {
-            ceph::error::RadosError::ApiError(errno) if errno as i32 == libc::ENOENT => {
-                StorageError::NotFound(format!("pool {name}"))
-            }
-            e => rados_error("open pool", name, e),
-        })?;
-        let pool = Arc::new(ffi::Pool(ioctx));
+        let pool = Arc::new(open_pool(&self.cluster, name, None)?);
         pools.insert(name.to_string(), pool.clone());
         Ok(pool)
     }
@@ -146,7 +140,8 @@ impl Inner {
     /// detach the parent. A rebuild does not help, as the map may mark more than exists.
     /// So the map is off while flattening, recorded in the image's metadata so that a retry
     /// after any crash turns it back on, and rebuilt from the objects once all exist.
-    fn flatten(&self, image: &RbdImage, progress: &mut dyn FnMut(u64, u64)) -> Result<(), StorageError> {
+    /// `progress` returns false to stop the flatten (ECANCELED).
+    fn flatten(&self, image: &RbdImage, progress: &mut dyn FnMut(u64, u64) -> bool) -> Result<(), StorageError> {
         let look = self.open_read_only(image, None)?;
         let has_parent = self.parent(&look, image)?.is_some();
         let features = look.features().map_err(rbd_error("get features", image))?;
@@ -181,14 +176,23 @@ impl Inner {
 
 impl CephRbd {
     /// Connects as `[libvirt] rbd_user` (default `admin`) with `images_rbd_ceph_conf`
-    /// (default `/etc/ceph/ceph.conf`).
+    /// (default `/etc/ceph/ceph.conf`), with novasnap's own bounds on every librados call
+    /// (`[novasnap] rados_osd_op_timeout`, `rados_mon_op_timeout`, `client_mount_timeout`),
+    /// whatever that file says: without them an unresponsive OSD or monitor is waited for
+    /// for ever.
     pub async fn connect(config: &RbdConfig) -> Result<Self, StorageError> {
         let user = config.user.clone().unwrap_or_else(|| "admin".into());
         let conf = config.ceph_conf.clone().unwrap_or_else(|| "/etc/ceph/ceph.conf".into());
+        let seconds = |d: std::time::Duration| format!("{}", d.as_secs_f64());
+        let options = [
+            ("rados_osd_op_timeout", seconds(config.osd_op_timeout)),
+            ("rados_mon_op_timeout", seconds(config.mon_op_timeout)),
+            ("client_mount_timeout", seconds(config.mount_timeout)),
+        ];
         let cluster = tokio::task::spawn_blocking(move || {
-            ceph::ceph::connect_to_ceph(&user, &conf.to_string_lossy())
-                .map(ffi::Cluster)
-                .map_err(|e| StorageError::Connect(format!("as client.{user} with {}: {e}", conf.display())))
+            Cluster::connect(&user, &conf, &options).map_err(|(step, e)| {
+                StorageError::Connect(format!("as client.{user} with {} ({step}): {e}", conf.display()))
+            })
         })
         .await
         .map_err(|e| StorageError::Connect(e.to_string()))??;
@@ -197,32 +201,36 @@ impl CephRbd {
         Ok(Self { inner: Arc::new(Inner { closer, pools: Mutex::default(), cluster }) })
     }
 
-    /// Runs `f` on the blocking pool with the connection.
+    /// Runs `f` on the blocking pool with the connection, counted in flight by the request.
     async fn blocking<T, F>(&self, f: F) -> Result<T, StorageError>
     where
         T: Send + 'static,
         F: FnOnce(&Inner) -> Result<T, StorageError> + Send + 'static,
     {
         let inner = self.inner.clone();
-        tokio::task::spawn_blocking(move || f(&inner))
+        inflight::spawn_blocking(move || f(&inner))
             .await
             .map_err(|e| StorageError::Connect(format!("blocking task failed: {e}")))?
     }
 
-    /// The I/O context of `pool`, for the work ledger's RADOS objects.
-    pub(crate) async fn pool(&self, pool: &str) -> Result<Arc<ffi::Pool>, StorageError> {
-        let pool = pool.to_string();
-        self.blocking(move |inner| inner.pool(&pool)).await
+    /// A fresh I/O context on `pool` in RADOS namespace `namespace`, for the work ledger's
+    /// objects, kept apart from the images in the pool.
+    pub(crate) async fn namespace(&self, pool: &str, namespace: &str) -> Result<Arc<ffi::Pool>, StorageError> {
+        let (pool, namespace) = (pool.to_string(), namespace.to_string());
+        self.blocking(move |inner| Ok(Arc::new(open_pool(&inner.cluster, &pool, Some(&namespace))?))).await
+    }
+
+    /// A librados option as the connection uses it (to check the bounds set at connect).
+    pub async fn option(&self, name: &str) -> Result<String, StorageError> {
+        let name = name.to_string();
+        self.blocking(move |inner| inner.cluster.conf(&name).map_err(rbd_error("get option", &name))).await
     }
 }
 
 #[async_trait]
 impl BlockStorage for CephRbd {
     async fn fsid(&self) -> Result<String, StorageError> {
-        self.blocking(|inner| {
-            inner.cluster.0.rados_fsid().map(|f| f.to_string()).map_err(|e| rados_error("get fsid", "cluster", e))
-        })
-        .await
+        self.blocking(|inner| inner.cluster.fsid().map_err(rbd_error("get fsid", "cluster"))).await
     }
 
     async fn exists(&self, image: &RbdImage) -> Result<bool, StorageError> {
@@ -326,8 +334,12 @@ impl BlockStorage for CephRbd {
 
     async fn flatten(&self, image: &RbdImage, progress: Progress) -> Result<(), StorageError> {
         let image = image.clone();
+        let stop = inflight::stop_signal().unwrap_or_default();
         self.blocking(move |inner| {
-            let mut report = |done: u64, total: u64| progress((done.saturating_mul(100) / total.max(1)).min(100) as u8);
+            let mut report = |done: u64, total: u64| {
+                progress((done.saturating_mul(100) / total.max(1)).min(100) as u8);
+                !stop.is_cancelled()
+            };
             inner.flatten(&image, &mut report)?;
             progress(100);
             Ok(())
@@ -384,7 +396,7 @@ impl BlockStorage for CephRbd {
         let (image, snap) = (image.clone(), snap.map(String::from));
         let (tx, rx) = tokio::sync::mpsc::channel(READ_AHEAD);
         let inner = self.inner.clone();
-        tokio::task::spawn_blocking(move || {
+        inflight::spawn_blocking(move || {
             let read = || -> Result<(), StorageError> {
                 let handle = inner.open_read_only(&image, snap.as_deref())?;
                 let size = handle.size().map_err(rbd_error("get size", &image))?;

@@ -113,7 +113,8 @@ impl TestConfig {
         let dir = tempfile::tempdir().unwrap();
         let host = unique("novasnap-test");
         let notification_exchange = unique("novasnap-test-notifications");
-        let (transport, ceph, glance) = (env("TRANSPORT_URL"), env("CEPH_CONF"), env("GLANCE_URL"));
+        let (transport, glance) = (env("TRANSPORT_URL"), env("GLANCE_URL"));
+        let ceph = ceph_conf_without_client_timeouts(dir.path()).display().to_string();
         let (snapdir, state) = (snapshots_directory().display().to_string(), dir.path().display().to_string());
         let mut settings: Vec<(&str, &str, &str)> = vec![
             ("DEFAULT", "transport_url", &transport),
@@ -182,6 +183,25 @@ fn ini_set(text: &str, section: &str, key: &str, value: &str) -> String {
         out.push(format!("{key} = {value}"));
     }
     out.join("\n") + "\n"
+}
+
+/// The client timeouts a ceph.conf may set, which novasnap sets itself on its connection
+/// (`[novasnap] rados_osd_op_timeout`, `rados_mon_op_timeout`, `client_mount_timeout`).
+pub const CEPH_CLIENT_TIMEOUTS: [&str; 3] = ["rados osd op timeout", "rados mon op timeout", "client mount timeout"];
+
+/// A copy of the stack's ceph.conf in `dir` without [`CEPH_CLIENT_TIMEOUTS`]: a worker given
+/// it is bounded by its own timeouts alone, so tests of an OSD that does not answer test
+/// novasnap's bounds, not the stack's.
+pub fn ceph_conf_without_client_timeouts(dir: &std::path::Path) -> PathBuf {
+    let stock = std::fs::read_to_string(env("CEPH_CONF")).unwrap();
+    let kept: String = stock
+        .lines()
+        .filter(|l| !CEPH_CLIENT_TIMEOUTS.iter().any(|o| l.trim_start().replace('_', " ").starts_with(o)))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let path = dir.join("ceph.conf");
+    std::fs::write(&path, kept).unwrap();
+    path
 }
 
 pub fn snapshots_directory() -> PathBuf {
