@@ -11,6 +11,7 @@ use tracing::{info, warn};
 
 use crate::config::Config;
 use crate::hypervisor::libvirt::LibvirtHypervisor;
+use crate::identity::Identity;
 use crate::image::glance::GlanceClient;
 use crate::messaging::{consumer, notifier::AmqpNotifier};
 use crate::pipeline::{Boundaries, PipelineSettings, SnapshotPipeline};
@@ -31,6 +32,12 @@ async fn connect_storage(config: &Config) -> anyhow::Result<Option<Arc<CephRbd>>
     }
     let rbd = CephRbd::connect(&config.rbd).await.context("connecting to the Ceph cluster")?;
     Ok(Some(Arc::new(rbd)))
+}
+
+/// Glance, reached through Keystone as Nova reaches it.
+fn glance(config: &Config) -> anyhow::Result<Arc<GlanceClient>> {
+    let identity = Identity::new(&config.identity).context("configuring the Keystone credentials")?;
+    Ok(Arc::new(GlanceClient::new(&config.glance, &identity).context("configuring the Glance client")?))
 }
 
 fn reclaimer(config: &Config, storage: Option<Arc<dyn BlockStorage>>, images: Arc<GlanceClient>) -> Reclaimer {
@@ -57,7 +64,7 @@ pub async fn serve(path: &Path) -> anyhow::Result<()> {
         None => Arc::new(FileLedger::open(&config.worker.state_directory).context("opening the local work ledger")?),
     };
     let storage = ceph.map(|c| c as Arc<dyn BlockStorage>);
-    let images = Arc::new(GlanceClient::new(&config.glance).context("configuring the Glance client")?);
+    let images = glance(&config)?;
     let hypervisor = Arc::new(LibvirtHypervisor::connect(&config.libvirt).await.context("connecting to libvirt")?);
     let notifier = Arc::new(AmqpNotifier::connect(&config).await.context("connecting the notifier")?);
 
@@ -108,7 +115,7 @@ async fn reclaim_periodically(reclaimer: Reclaimer, interval: std::time::Duratio
 pub async fn reclaim(path: &Path, dry_run: bool) -> anyhow::Result<()> {
     let config = load(path)?;
     let storage = connect_storage(&config).await?.map(|c| c as Arc<dyn BlockStorage>);
-    let images = Arc::new(GlanceClient::new(&config.glance).context("configuring the Glance client")?);
+    let images = glance(&config)?;
     let findings = reclaimer(&config, storage, images).run(dry_run).await?;
     if findings.is_empty() {
         println!("nothing left behind by novasnap");

@@ -679,7 +679,10 @@ mod tests {
         let auth = c.identity.service_user.auth.as_ref().unwrap();
         assert_eq!((auth.section.as_str(), auth.auth_url.as_str()), ("service_user", "http://127.0.0.1:5000/v3"));
         assert_eq!((auth.username.as_deref(), auth.user_domain_name.as_deref()), (Some("nova"), Some("Default")));
-        assert_eq!((auth.project_name.as_deref(), auth.project_domain_name.as_deref()), (Some("service"), Some("Default")));
+        assert_eq!(
+            (auth.project_name.as_deref(), auth.project_domain_name.as_deref()),
+            (Some("service"), Some("Default"))
+        );
         assert_eq!(auth.password.expose_secret(), "s3cret");
         assert!(c.identity.novasnap_service_user.is_none(), "falls back to [service_user]");
         assert!(!format!("{c:?}").contains("s3cret"), "printed configs hide service passwords");
@@ -728,8 +731,14 @@ mod tests {
         let cases = [
             ("[service_user]\nauth_type = token\n", "[service_user] auth_type"),
             ("[service_user]\nauth_type = password\nauth_url = http://k/v3\nusername = u\n", "[service_user] password"),
-            (&format!("[novasnap_service_user]\nauth_type = password\n{}", base.replace("username = u\n", "")), "[novasnap_service_user] username"),
-            (&format!("[service_user]\nauth_type = password\n{}", base.replace("user_domain_name = Default\n", "")), "[service_user] user_domain_name"),
+            (
+                &format!("[novasnap_service_user]\nauth_type = password\n{}", base.replace("username = u\n", "")),
+                "[novasnap_service_user] username",
+            ),
+            (
+                &format!("[service_user]\nauth_type = password\n{}", base.replace("user_domain_name = Default\n", "")),
+                "[service_user] user_domain_name",
+            ),
             ("[glance]\nvalid_interfaces = internal, private\n", "[glance] valid_interfaces"),
             ("[glance]\nendpoint_override = not a url\n", "[glance] endpoint_override"),
             ("[glance]\ninsecure = sometimes\n", "[glance] insecure"),

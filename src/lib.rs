@@ -17,6 +17,7 @@ pub mod config;
 pub mod error;
 mod ffi;
 pub mod hypervisor;
+pub mod identity;
 pub mod image;
 pub mod messaging;
 pub mod pipeline;
