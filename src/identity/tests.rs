@@ -140,6 +140,15 @@ fn credentials(section: &str, keystone: &FakeServer) -> PasswordAuthConfig {
     }
 }
 
+fn identity(
+    send_service_user_token: bool,
+    service_user: Option<PasswordAuthConfig>,
+    own: Option<PasswordAuthConfig>,
+) -> Identity {
+    let service_user = ServiceUserConfig { send_service_user_token, auth: service_user };
+    Identity::new(&IdentityConfig { service_user, novasnap_service_user: own }).unwrap()
+}
+
 fn adapter_config(endpoint_override: Option<String>) -> AdapterConfig {
     AdapterConfig {
         service_type: "image".into(),
@@ -174,11 +183,8 @@ fn header(seen: &Seen, name: &str) -> Option<String> {
 async fn without_a_user_context_novasnap_s_own_token_is_sent_and_a_401_renews_it_once() {
     let own = keystone("own", Duration::from_secs(3600)).await;
     let glance = service(&["own-1"]).await;
-    let config = IdentityConfig {
-        service_user: ServiceUserConfig { send_service_user_token: false, auth: None },
-        novasnap_service_user: Some(credentials("novasnap_service_user", &own)),
-    };
-    let adapter = Identity::new(&config).unwrap().adapter(&adapter_config(Some(glance.url.clone())), &[]).unwrap();
+    let ids = identity(false, None, Some(credentials("novasnap_service_user", &own)));
+    let adapter = ids.adapter(&adapter_config(Some(glance.url.clone())), &[]).unwrap();
     let http = reqwest::Client::new();
     let response =
         adapter.send(&RequestContext::default(), http.get(format!("{}/v2/images", glance.url))).await.unwrap();
@@ -201,15 +207,8 @@ async fn without_a_user_context_novasnap_s_own_token_is_sent_and_a_401_renews_it
 async fn a_user_s_token_travels_with_nova_s_service_token_which_a_401_renews() {
     let nova = keystone("nova", Duration::from_secs(3600)).await;
     let glance = service(&["nova-1"]).await;
-    let config = IdentityConfig {
-        service_user: ServiceUserConfig {
-            send_service_user_token: true,
-            auth: Some(credentials("service_user", &nova)),
-        },
-        novasnap_service_user: None,
-    };
-    let adapter =
-        Identity::new(&config).unwrap().adapter(&adapter_config(None), std::slice::from_ref(&glance.url)).unwrap();
+    let ids = identity(true, Some(credentials("service_user", &nova)), None);
+    let adapter = ids.adapter(&adapter_config(None), std::slice::from_ref(&glance.url)).unwrap();
     let body = reqwest::Client::new().post(format!("{}/v2/images/x/locations", glance.url)).body("{}");
     assert_eq!(adapter.send(&user_context(), body).await.unwrap().status(), 200);
     let seen = glance.seen();
@@ -230,14 +229,8 @@ async fn a_user_s_token_travels_with_nova_s_service_token_which_a_401_renews() {
 async fn without_send_service_user_token_the_user_s_token_goes_alone_and_its_401_is_the_answer() {
     let nova = keystone("nova", Duration::from_secs(3600)).await;
     let glance = service(&["user-token"]).await;
-    let config = IdentityConfig {
-        service_user: ServiceUserConfig {
-            send_service_user_token: false,
-            auth: Some(credentials("service_user", &nova)),
-        },
-        novasnap_service_user: None,
-    };
-    let adapter = Identity::new(&config).unwrap().adapter(&adapter_config(Some(glance.url.clone())), &[]).unwrap();
+    let ids = identity(false, Some(credentials("service_user", &nova)), None);
+    let adapter = ids.adapter(&adapter_config(Some(glance.url.clone())), &[]).unwrap();
     let response = adapter.send(&user_context(), reqwest::Client::new().get(&glance.url)).await.unwrap();
     assert_eq!(response.status(), 401);
     assert_eq!(glance.seen().len(), 1, "no service token to renew: nothing to try again with");
@@ -249,11 +242,8 @@ async fn without_send_service_user_token_the_user_s_token_goes_alone_and_its_401
 async fn a_401_after_renewal_is_returned_and_a_streamed_body_is_never_sent_twice() {
     let own = keystone("own", Duration::from_secs(3600)).await;
     let glance = service(&["own-1", "own-2", "own-3"]).await;
-    let config = IdentityConfig {
-        service_user: ServiceUserConfig { send_service_user_token: false, auth: None },
-        novasnap_service_user: Some(credentials("novasnap_service_user", &own)),
-    };
-    let adapter = Identity::new(&config).unwrap().adapter(&adapter_config(Some(glance.url.clone())), &[]).unwrap();
+    let ids = identity(false, None, Some(credentials("novasnap_service_user", &own)));
+    let adapter = ids.adapter(&adapter_config(Some(glance.url.clone())), &[]).unwrap();
     let http = reqwest::Client::new();
     let ctx = RequestContext::default();
     let response = adapter.send(&ctx, http.get(format!("{}/v2/images", glance.url))).await.unwrap();
@@ -285,28 +275,21 @@ async fn tokens_are_renewed_before_they_expire() {
 #[tokio::test]
 async fn the_catalog_gives_the_first_valid_interface_of_the_region() {
     let own = keystone("own", Duration::from_secs(3600)).await;
-    let config = IdentityConfig {
-        service_user: ServiceUserConfig { send_service_user_token: true, auth: None },
-        novasnap_service_user: Some(credentials("novasnap_service_user", &own)),
-    };
-    let identity = Identity::new(&config).unwrap();
-    let adapter = identity.adapter(&adapter_config(None), &[]).unwrap();
+    let ids = identity(true, None, Some(credentials("novasnap_service_user", &own)));
+    let adapter = ids.adapter(&adapter_config(None), &[]).unwrap();
     assert_eq!(adapter.endpoints().await.unwrap(), ["http://glance.internal:9292/v2"]);
     let mut public_only = adapter_config(None);
     public_only.valid_interfaces = vec!["public".into()];
-    assert_eq!(identity.adapter(&public_only, &[]).unwrap().endpoints().await.unwrap(), ["http://glance.public:9292"]);
+    assert_eq!(ids.adapter(&public_only, &[]).unwrap().endpoints().await.unwrap(), ["http://glance.public:9292"]);
     let mut elsewhere = adapter_config(None);
     elsewhere.region_name = Some("RegionTwo".into());
-    let err = identity.adapter(&elsewhere, &[]).unwrap().endpoints().await.unwrap_err();
+    let err = ids.adapter(&elsewhere, &[]).unwrap().endpoints().await.unwrap_err();
     assert!(!err.is_transient() && err.to_string().contains("region RegionTwo"), "{err}");
-    let fixed = identity.adapter(&adapter_config(Some("http://override".into())), &["http://a".into()]).unwrap();
+    let fixed = ids.adapter(&adapter_config(Some("http://override".into())), &["http://a".into()]).unwrap();
     assert_eq!(fixed.endpoints().await.unwrap(), ["http://a"], "api_servers win over endpoint_override");
 
-    let nothing = IdentityConfig {
-        service_user: ServiceUserConfig { send_service_user_token: false, auth: None },
-        novasnap_service_user: None,
-    };
-    let err = Identity::new(&nothing).unwrap().adapter(&adapter_config(None), &[]).err().unwrap();
+    let nothing = identity(false, None, None);
+    let err = nothing.adapter(&adapter_config(None), &[]).err().unwrap();
     assert!(err.to_string().contains("api_servers"), "{err}");
 }
 
