@@ -11,6 +11,7 @@ use tracing::{info, warn};
 
 use crate::config::Config;
 use crate::hypervisor::libvirt::LibvirtHypervisor;
+use crate::identity::Identity;
 use crate::image::glance::GlanceClient;
 use crate::messaging::{consumer, notifier::AmqpNotifier, rpc::RpcClient};
 use crate::nova::{conductor::Conductor, InstanceRecord, Unrecorded};
@@ -52,6 +53,12 @@ async fn open_ledger(config: &Config, ceph: Option<&CephRbd>) -> anyhow::Result<
     })
 }
 
+/// Glance, reached through Keystone as Nova reaches it.
+fn glance(config: &Config) -> anyhow::Result<Arc<GlanceClient>> {
+    let identity = Identity::new(&config.identity).context("configuring the Keystone credentials")?;
+    Ok(Arc::new(GlanceClient::new(&config.glance, &identity).context("configuring the Glance client")?))
+}
+
 fn reclaimer(
     config: &Config,
     storage: Option<Arc<dyn BlockStorage>>,
@@ -74,7 +81,7 @@ pub async fn serve(path: &Path) -> anyhow::Result<()> {
     let ceph = connect_storage(&config).await?;
     let ledger = open_ledger(&config, ceph.as_deref()).await?;
     let storage = ceph.map(|c| c as Arc<dyn BlockStorage>);
-    let images = Arc::new(GlanceClient::new(&config.glance).context("configuring the Glance client")?);
+    let images = glance(&config)?;
     let hypervisor = Arc::new(LibvirtHypervisor::connect(&config.libvirt).await.context("connecting to libvirt")?);
     let notifier = Arc::new(AmqpNotifier::connect(&config).await.context("connecting the notifier")?);
 
@@ -136,7 +143,7 @@ pub async fn reclaim(path: &Path, dry_run: bool, scope: Scope) -> anyhow::Result
     let ceph = connect_storage(&config).await?;
     let ledger = open_ledger(&config, ceph.as_deref()).await?;
     let storage = ceph.map(|c| c as Arc<dyn BlockStorage>);
-    let images = Arc::new(GlanceClient::new(&config.glance).context("configuring the Glance client")?);
+    let images = glance(&config)?;
     let findings = reclaimer(&config, storage, images, ledger).run(dry_run, scope).await?;
     if findings.is_empty() {
         println!("nothing left behind by novasnap");

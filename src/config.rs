@@ -11,6 +11,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use ini::Ini;
+use secrecy::SecretString;
 
 use crate::retry::RetryPolicy;
 
@@ -31,6 +32,7 @@ pub struct Config {
     pub libvirt: LibvirtConfig,
     pub rbd: RbdConfig,
     pub glance: GlanceConfig,
+    pub identity: IdentityConfig,
     pub worker: WorkerConfig,
 }
 
@@ -167,10 +169,97 @@ pub struct RbdConfig {
 
 #[derive(Debug, Clone)]
 pub struct GlanceConfig {
-    /// `[glance] api_servers`, tried in turn.
+    /// `[glance] api_servers` (Nova: deprecated, no default), tried in turn. Empty means
+    /// `endpoint_override`, else Keystone's catalog, as Nova's `get_api_servers` does.
     pub api_servers: Vec<String>,
-    /// `[novasnap] glance_timeout`: bound on one HTTP request that is not an upload.
+    /// `[glance]` keystoneauth Adapter options (Nova's `register_ksa_opts`).
+    pub adapter: AdapterConfig,
+    /// `[glance]` keystoneauth Session options: TLS towards Glance.
+    pub session: SessionConfig,
+    /// Bound on one HTTP request that is not an upload: `[glance] timeout` when set, else
+    /// `[novasnap] glance_timeout` (keystoneauth's own default, none, would wait forever).
     pub request_timeout: Duration,
+}
+
+/// keystoneauth's Adapter options as Nova registers them for a service's section
+/// (`nova/conf/utils.py` `get_ksa_adapter_opts`, without the version options).
+#[derive(Debug, Clone, PartialEq)]
+pub struct AdapterConfig {
+    /// `service_type`: Nova's default for `[glance]` is `image`.
+    pub service_type: String,
+    /// `valid_interfaces`, in order of preference: Nova's default is `internal,public`.
+    pub valid_interfaces: Vec<String>,
+    /// `region_name`: None takes the first endpoint of any region.
+    pub region_name: Option<String>,
+    /// `endpoint_override`: used instead of the catalog when set.
+    pub endpoint_override: Option<String>,
+}
+
+/// keystoneauth's Session options (`ks_loading.register_session_conf_options`), read from
+/// the section of the service they reach (`[glance]`) or authenticate with (`[service_user]`).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SessionConfig {
+    /// `cafile`: PEM bundle trusted instead of the system CA store, as keystoneauth
+    /// (requests' `verify=<cafile>`) does.
+    pub cafile: Option<PathBuf>,
+    /// `certfile`: PEM client certificate (may hold the key too).
+    pub certfile: Option<PathBuf>,
+    /// `keyfile`: PEM key of `certfile`.
+    pub keyfile: Option<PathBuf>,
+    /// `insecure`: server certificates are not verified.
+    pub insecure: bool,
+    /// `timeout` (seconds); None when unset.
+    pub timeout: Option<Duration>,
+}
+
+/// Who novasnap is towards Keystone.
+#[derive(Debug, Clone)]
+pub struct IdentityConfig {
+    /// `[service_user]` (`nova/conf/service_token.py`): Nova's service user, whose token
+    /// travels as `X-Service-Token` beside the user's.
+    pub service_user: ServiceUserConfig,
+    /// `[novasnap_service_user]` (novasnap's own section, same keystoneauth option names):
+    /// the credentials of work without a user context (reclamation, cleanup), and of
+    /// Keystone catalog lookups. None when the section has no `auth_type`: then
+    /// `[service_user]`'s credentials serve.
+    pub novasnap_service_user: Option<PasswordAuthConfig>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServiceUserConfig {
+    /// `[service_user] send_service_user_token` (Nova's default: false).
+    pub send_service_user_token: bool,
+    /// The section's keystoneauth auth options; None without `auth_type`, as keystoneauth's
+    /// `load_auth_from_conf_options` returns no plugin then.
+    pub auth: Option<PasswordAuthConfig>,
+}
+
+/// keystoneauth's `password` (generic) or `v3password` plugin options from one section
+/// (`keystoneauth1/loading/identity.py`, `_plugins/identity/generic.py`), Keystone v3.
+/// The password is a [`SecretString`]: printed configs show `[REDACTED]`.
+#[derive(Debug, Clone)]
+pub struct PasswordAuthConfig {
+    /// The section this came from, for error messages.
+    pub section: String,
+    /// `auth_url`: Keystone, versioned (`…/v3`) or not (`/v3` is then appended).
+    pub auth_url: String,
+    /// `user_id`, else `username` in `user_domain_id` / `user_domain_name`.
+    pub user_id: Option<String>,
+    pub username: Option<String>,
+    pub user_domain_id: Option<String>,
+    pub user_domain_name: Option<String>,
+    pub password: SecretString,
+    /// The scope: `project_id`, or `project_name` in `project_domain_id` /
+    /// `project_domain_name`; else `domain_id` / `domain_name`; else `system_scope` (`all`).
+    pub project_id: Option<String>,
+    pub project_name: Option<String>,
+    pub project_domain_id: Option<String>,
+    pub project_domain_name: Option<String>,
+    pub domain_id: Option<String>,
+    pub domain_name: Option<String>,
+    pub system_scope: Option<String>,
+    /// The section's keystoneauth Session options: TLS and timeout towards Keystone.
+    pub session: SessionConfig,
 }
 
 #[derive(Debug, Clone)]
@@ -319,11 +408,27 @@ impl Config {
             mount_timeout: r.positive_seconds("novasnap", "client_mount_timeout", 30)?,
         };
 
-        let api_servers = r.list("glance", "api_servers", &["http://127.0.0.1:9292"])?;
+        let api_servers = r.list("glance", "api_servers", &[])?;
         for server in &api_servers {
             url::Url::parse(server).map_err(|e| r.invalid("glance", "api_servers", server, e.to_string()))?;
         }
-        let glance = GlanceConfig { api_servers, request_timeout: r.seconds("novasnap", "glance_timeout", 60)? };
+        let session = r.session("glance")?;
+        let glance = GlanceConfig {
+            api_servers,
+            adapter: r.adapter("glance", "image")?,
+            request_timeout: match session.timeout {
+                Some(timeout) => timeout,
+                None => r.seconds("novasnap", "glance_timeout", 60)?,
+            },
+            session,
+        };
+        let identity = IdentityConfig {
+            service_user: ServiceUserConfig {
+                send_service_user_token: r.parse("service_user", "send_service_user_token", false)?,
+                auth: r.password_auth("service_user")?,
+            },
+            novasnap_service_user: r.password_auth("novasnap_service_user")?,
+        };
 
         let max_concurrent_snapshots: usize = r.parse("novasnap", "max_concurrent_snapshots", 5)?;
         if max_concurrent_snapshots == 0 {
@@ -352,7 +457,7 @@ impl Config {
             nova_writeback: r.parse("novasnap", "nova_writeback", true)?,
         };
 
-        Ok(Self { host, messaging, notifications, libvirt, rbd, glance, worker })
+        Ok(Self { host, messaging, notifications, libvirt, rbd, glance, identity, worker })
     }
 }
 
@@ -392,6 +497,116 @@ impl Reader<'_> {
             None => Ok(default),
             Some(v) => T::parse(v).map_err(|reason| self.invalid(section, key, v, reason)),
         }
+    }
+
+    /// A value that is set and not empty.
+    fn optional(&self, section: &str, key: &str) -> Option<String> {
+        self.raw(section, key).filter(|v| !v.is_empty()).map(String::from)
+    }
+
+    fn optional_seconds(&self, section: &str, key: &str) -> Result<Option<Duration>, ConfigError> {
+        self.raw(section, key).filter(|v| !v.is_empty()).map(|_| self.seconds(section, key, 0)).transpose()
+    }
+
+    /// keystoneauth Session options of `section`.
+    fn session(&self, section: &str) -> Result<SessionConfig, ConfigError> {
+        Ok(SessionConfig {
+            cafile: self.optional(section, "cafile").map(PathBuf::from),
+            certfile: self.optional(section, "certfile").map(PathBuf::from),
+            keyfile: self.optional(section, "keyfile").map(PathBuf::from),
+            insecure: self.parse(section, "insecure", false)?,
+            timeout: self.optional_seconds(section, "timeout")?,
+        })
+    }
+
+    /// keystoneauth Adapter options of `section`, with Nova's defaults.
+    fn adapter(&self, section: &str, service_type: &str) -> Result<AdapterConfig, ConfigError> {
+        let mut valid_interfaces = Vec::new();
+        for interface in self.list(section, "valid_interfaces", &["internal", "public"])? {
+            // keystoneauth also takes the v2 catalog's spelling (`publicURL`).
+            let name = interface.strip_suffix("URL").unwrap_or(&interface).to_ascii_lowercase();
+            if !matches!(name.as_str(), "public" | "internal" | "admin") {
+                return Err(self.invalid(
+                    section,
+                    "valid_interfaces",
+                    &interface,
+                    "expected public, internal or admin".into(),
+                ));
+            }
+            valid_interfaces.push(name);
+        }
+        let endpoint_override = self.optional(section, "endpoint_override");
+        if let Some(url) = &endpoint_override {
+            url::Url::parse(url).map_err(|e| self.invalid(section, "endpoint_override", url, e.to_string()))?;
+        }
+        Ok(AdapterConfig {
+            service_type: self.string(section, "service_type", service_type)?,
+            valid_interfaces,
+            region_name: self.optional(section, "region_name"),
+            endpoint_override,
+        })
+    }
+
+    /// keystoneauth auth options of `section`; None without `auth_type`. keystoneauth's
+    /// generic `default_domain_id` / `default_domain_name` stand in for unset user and
+    /// project domains.
+    fn password_auth(&self, section: &str) -> Result<Option<PasswordAuthConfig>, ConfigError> {
+        let Some(auth_type) = self.optional(section, "auth_type") else { return Ok(None) };
+        if !matches!(auth_type.as_str(), "password" | "v3password") {
+            return Err(self.invalid(
+                section,
+                "auth_type",
+                &auth_type,
+                "novasnap supports the password and v3password plugins".into(),
+            ));
+        }
+        let required = |key: &str| {
+            self.optional(section, key)
+                .ok_or_else(|| self.invalid(section, key, "", format!("required with auth_type = {auth_type}")))
+        };
+        let auth_url = required("auth_url")?;
+        url::Url::parse(&auth_url).map_err(|e| self.invalid(section, "auth_url", &auth_url, e.to_string()))?;
+        let password = SecretString::from(required("password")?);
+        let (user_id, username) = (self.optional(section, "user_id"), self.optional(section, "username"));
+        if user_id.is_none() && username.is_none() {
+            return Err(self.invalid(section, "username", "", "username or user_id is required".into()));
+        }
+        let default_domain_id = self.optional(section, "default_domain_id");
+        let default_domain_name = self.optional(section, "default_domain_name");
+        let domain = |id: &str, name: &str| {
+            let (id, name) = (self.optional(section, id), self.optional(section, name));
+            match (id, name) {
+                (None, None) => (default_domain_id.clone(), default_domain_name.clone()),
+                set => set,
+            }
+        };
+        let (user_domain_id, user_domain_name) = domain("user_domain_id", "user_domain_name");
+        if user_id.is_none() && user_domain_id.is_none() && user_domain_name.is_none() {
+            return Err(self.invalid(
+                section,
+                "user_domain_name",
+                "",
+                "a username needs user_domain_name or user_domain_id".into(),
+            ));
+        }
+        let (project_domain_id, project_domain_name) = domain("project_domain_id", "project_domain_name");
+        Ok(Some(PasswordAuthConfig {
+            section: section.into(),
+            auth_url,
+            user_id,
+            username,
+            user_domain_id,
+            user_domain_name,
+            password,
+            project_id: self.optional(section, "project_id"),
+            project_name: self.optional(section, "project_name"),
+            project_domain_id,
+            project_domain_name,
+            domain_id: self.optional(section, "domain_id"),
+            domain_name: self.optional(section, "domain_name"),
+            system_scope: self.optional(section, "system_scope"),
+            session: self.session(section)?,
+        }))
     }
 
     fn seconds(&self, section: &str, key: &str, default: u64) -> Result<Duration, ConfigError> {
@@ -480,6 +695,7 @@ fn hostname() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use secrecy::ExposeSecret;
 
     fn load(text: &str) -> Result<Config, ConfigError> {
         Config::from_ini(&Ini::load_from_str(text).unwrap(), Path::new("nova.conf"))
@@ -516,6 +732,101 @@ mod tests {
         assert!(err.contains("[workarounds] disable_libvirt_livesnapshot"), "{err}");
         let err = load("[DEFAULT]\ntransport_url = kafka://x\n").unwrap_err().to_string();
         assert!(err.contains("transport_url"), "{err}");
+    }
+
+    /// What the stack's nova-compute runs from (`scripts/stack`), which has no `[glance]`.
+    const NOVA_CPU_CONF: &str = "[DEFAULT]\nhost = compute1\n\
+        [placement]\nauth_type = password\nauth_url = http://127.0.0.1:5000/v3\nusername = placement\npassword = p1\n\
+        [service_user]\nsend_service_user_token = True\nauth_type = password\nauth_url = http://127.0.0.1:5000/v3\n\
+        username = nova\npassword = s3cret\nproject_name = service\nuser_domain_name = Default\n\
+        project_domain_name = Default\nregion_name = RegionOne\n";
+
+    #[test]
+    fn nova_s_glance_and_service_user_options_with_nova_s_defaults() {
+        let c = load(NOVA_CPU_CONF).unwrap();
+        assert!(c.glance.api_servers.is_empty(), "no api_servers: the catalog is used, as in Nova");
+        let adapter = AdapterConfig {
+            service_type: "image".into(),
+            valid_interfaces: vec!["internal".into(), "public".into()],
+            region_name: None,
+            endpoint_override: None,
+        };
+        assert_eq!(c.glance.adapter, adapter);
+        assert_eq!(c.glance.session, SessionConfig::default());
+        assert_eq!(c.glance.request_timeout, Duration::from_secs(60));
+        assert!(c.identity.service_user.send_service_user_token);
+        let auth = c.identity.service_user.auth.as_ref().unwrap();
+        assert_eq!((auth.section.as_str(), auth.auth_url.as_str()), ("service_user", "http://127.0.0.1:5000/v3"));
+        assert_eq!((auth.username.as_deref(), auth.user_domain_name.as_deref()), (Some("nova"), Some("Default")));
+        assert_eq!(
+            (auth.project_name.as_deref(), auth.project_domain_name.as_deref()),
+            (Some("service"), Some("Default"))
+        );
+        assert_eq!(auth.password.expose_secret(), "s3cret");
+        assert!(c.identity.novasnap_service_user.is_none(), "falls back to [service_user]");
+        assert!(!format!("{c:?}").contains("s3cret"), "printed configs hide service passwords");
+
+        let c = load("").unwrap();
+        assert!(!c.identity.service_user.send_service_user_token && c.identity.service_user.auth.is_none());
+    }
+
+    #[test]
+    fn novasnap_s_own_service_user_and_glance_s_keystoneauth_options() {
+        let c = load(
+            "[glance]\nendpoint_override = https://glance.example:9292\nregion_name = RegionTwo\n\
+             valid_interfaces = publicURL, admin\nservice_type = image2\ncafile = /etc/ssl/ca.pem\n\
+             certfile = /etc/ssl/c.pem\nkeyfile = /etc/ssl/k.pem\ninsecure = true\ntimeout = 5.5\n\
+             [novasnap_service_user]\nauth_type = v3password\nauth_url = https://keystone.example/identity\n\
+             user_id = 1234\npassword = x\nsystem_scope = all\ninsecure = yes\n\
+             [service_user]\nauth_type = password\nauth_url = http://k/v3\nusername = nova\npassword = y\n\
+             default_domain_id = default\nproject_name = service\n",
+        )
+        .unwrap();
+        let g = &c.glance;
+        assert_eq!(g.adapter.endpoint_override.as_deref(), Some("https://glance.example:9292"));
+        assert_eq!(g.adapter.region_name.as_deref(), Some("RegionTwo"));
+        assert_eq!(g.adapter.valid_interfaces, ["public", "admin"]);
+        assert_eq!(g.adapter.service_type, "image2");
+        let session = SessionConfig {
+            cafile: Some("/etc/ssl/ca.pem".into()),
+            certfile: Some("/etc/ssl/c.pem".into()),
+            keyfile: Some("/etc/ssl/k.pem".into()),
+            insecure: true,
+            timeout: Some(Duration::from_millis(5500)),
+        };
+        assert_eq!(g.session, session);
+        assert_eq!(g.request_timeout, Duration::from_millis(5500), "[glance] timeout bounds requests");
+        let own = c.identity.novasnap_service_user.as_ref().unwrap();
+        assert_eq!((own.user_id.as_deref(), own.system_scope.as_deref()), (Some("1234"), Some("all")));
+        assert!(own.session.insecure && own.project_name.is_none());
+        let nova = c.identity.service_user.auth.as_ref().unwrap();
+        assert_eq!(nova.user_domain_id.as_deref(), Some("default"), "default_domain_id fills the user domain");
+        assert_eq!(nova.project_domain_id.as_deref(), Some("default"), "and the project domain");
+    }
+
+    #[test]
+    fn unusable_service_credentials_name_section_and_key() {
+        let base = "auth_url = http://k/v3\nusername = u\nuser_domain_name = Default\npassword = p\n";
+        let cases = [
+            ("[service_user]\nauth_type = token\n", "[service_user] auth_type"),
+            ("[service_user]\nauth_type = password\nauth_url = http://k/v3\nusername = u\n", "[service_user] password"),
+            (
+                &format!("[novasnap_service_user]\nauth_type = password\n{}", base.replace("username = u\n", "")),
+                "[novasnap_service_user] username",
+            ),
+            (
+                &format!("[service_user]\nauth_type = password\n{}", base.replace("user_domain_name = Default\n", "")),
+                "[service_user] user_domain_name",
+            ),
+            ("[glance]\nvalid_interfaces = internal, private\n", "[glance] valid_interfaces"),
+            ("[glance]\nendpoint_override = not a url\n", "[glance] endpoint_override"),
+            ("[glance]\ninsecure = sometimes\n", "[glance] insecure"),
+        ];
+        for (text, expected) in cases {
+            let err = load(text).unwrap_err().to_string();
+            assert!(err.contains(expected), "{text:?}: {err}");
+        }
+        assert!(load(&format!("[service_user]\nauth_type = password\n{base}")).is_ok());
     }
 
     #[test]

@@ -19,6 +19,7 @@ pub mod disposal;
 pub mod error;
 mod ffi;
 pub mod hypervisor;
+pub mod identity;
 pub mod image;
 pub mod inflight;
 pub mod messaging;

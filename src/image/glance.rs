@@ -1,8 +1,11 @@
-//! Glance v2 over HTTP (reqwest, rustls).
+//! Glance v2 over HTTP (reqwest, rustls), reached as Nova reaches it.
 //!
-//! Every call goes to the first of `[glance] api_servers` that answers; a connection error
-//! moves on to the next. The request context's token travels as `X-Auth-Token` and its
-//! global request id as `X-OpenStack-Request-ID`; neither is ever logged.
+//! Where: `[glance] api_servers`, else `endpoint_override`, else Keystone's catalog (service
+//! type, `valid_interfaces`, `region_name`, version suffix stripped as Nova does); every call
+//! goes to the first server that answers, a connection error moves on to the next. With
+//! what: the identity [`Adapter`]'s credentials (the user's token with a service token, or
+//! novasnap's own), and the global request id as `X-OpenStack-Request-ID`; none is ever
+//! logged.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -16,6 +19,7 @@ use uuid::Uuid;
 
 use super::{Image, ImageError, ImageProperties, ImageService, ImageStatus};
 use crate::config::GlanceConfig;
+use crate::identity::{client_builder, Adapter, Identity, SendError};
 use crate::request::RequestContext;
 
 const PATCH_CONTENT_TYPE: &str = "application/openstack-images-v2.1-json-patch";
@@ -26,7 +30,8 @@ pub struct GlanceClient {
     http: reqwest::Client,
     /// Uploads stream for as long as the data flows: no overall timeout.
     upload_http: reqwest::Client,
-    servers: Vec<String>,
+    /// Where Glance is, and the credentials every request carries.
+    adapter: Adapter,
     /// Index of the server that answered last.
     current: AtomicUsize,
     /// Bound on waiting for an image to turn active.
@@ -34,18 +39,9 @@ pub struct GlanceClient {
 }
 
 impl GlanceClient {
-    pub fn new(config: &GlanceConfig) -> Result<Self, ImageError> {
+    pub fn new(config: &GlanceConfig, identity: &Identity) -> Result<Self, ImageError> {
         let build = |timeout: Option<Duration>| {
-            // Redirects only within one Glance server: the token must not follow one elsewhere.
-            let same_origin = reqwest::redirect::Policy::custom(|attempt| {
-                let first = attempt.previous().first().map(url::Url::origin);
-                if attempt.previous().len() < 10 && first == Some(attempt.url().origin()) {
-                    attempt.follow()
-                } else {
-                    attempt.stop()
-                }
-            });
-            let builder = reqwest::Client::builder().connect_timeout(Duration::from_secs(10)).redirect(same_origin);
+            let builder = client_builder("glance", &config.session)?;
             let builder = match timeout {
                 Some(t) => builder.timeout(t),
                 None => builder.read_timeout(Duration::from_secs(300)),
@@ -55,7 +51,7 @@ impl GlanceClient {
         Ok(Self {
             http: build(Some(config.request_timeout))?,
             upload_http: build(None)?,
-            servers: config.api_servers.iter().map(|s| s.trim_end_matches('/').to_string()).collect(),
+            adapter: identity.adapter(&config.adapter, &config.api_servers)?,
             current: AtomicUsize::new(0),
             wait_limit: config.request_timeout * 10,
         })
@@ -72,32 +68,31 @@ impl GlanceClient {
         build: impl Fn(RequestBuilder) -> RequestBuilder,
         client: &reqwest::Client,
     ) -> Result<Response, ImageError> {
+        let servers: Vec<String> = self.adapter.endpoints().await?.iter().map(|s| unversioned(s)).collect();
         let start = self.current.load(Ordering::Relaxed);
         let mut last_error = None;
-        for i in 0..self.servers.len() {
-            let index = (start + i) % self.servers.len();
-            let mut request = client.request(method.clone(), format!("{}{path}", self.servers[index]));
-            if let Some(token) = &ctx.auth_token {
-                request = request.header("X-Auth-Token", token.expose());
-            }
+        for i in 0..servers.len() {
+            let index = (start + i) % servers.len();
+            let mut request = client.request(method.clone(), format!("{}{path}", servers[index]));
             if let Some(id) = ctx.global_request_id.as_deref().or(ctx.request_id.as_deref()) {
                 request = request.header("X-OpenStack-Request-ID", id);
             }
             let request = build(request);
             // A streamed body is consumed by this try: it must not go to the next server empty.
             let replayable = request.try_clone().is_some();
-            match request.send().await {
+            match self.adapter.send(ctx, request).await {
                 Ok(response) => {
                     self.current.store(index, Ordering::Relaxed);
                     return Ok(response);
                 }
-                Err(e) if e.is_connect() && !replayable => {
+                Err(SendError::Http(e)) if e.is_connect() && !replayable => {
                     // The retry policy tries again, with a fresh body, at the next server.
-                    self.current.store((index + 1) % self.servers.len(), Ordering::Relaxed);
+                    self.current.store((index + 1) % servers.len(), Ordering::Relaxed);
                     return Err(ImageError::Transport { operation, message: e.to_string() });
                 }
-                Err(e) if e.is_connect() => last_error = Some(e),
-                Err(e) => return Err(ImageError::Transport { operation, message: e.to_string() }),
+                Err(SendError::Http(e)) if e.is_connect() => last_error = Some(e),
+                Err(SendError::Http(e)) => return Err(ImageError::Transport { operation, message: e.to_string() }),
+                Err(SendError::Identity(e)) => return Err(e.into()),
             }
         }
         let message = last_error.map_or_else(|| "no Glance api_servers configured".to_string(), |e| e.to_string());
@@ -115,6 +110,22 @@ impl GlanceClient {
         let response =
             self.send("create image", ctx, Method::POST, "/v2/images", |r| r.json(&body), &self.http).await?;
         parse_image(&self.json("create image", Uuid::nil(), response).await?)
+    }
+}
+
+/// An image endpoint without its version suffix (`…/v2`, `…/v2.1/`) or trailing slash, as
+/// Nova's `get_api_servers` strips catalog endpoints: paths here start with `/v2`.
+fn unversioned(endpoint: &str) -> String {
+    let trimmed = endpoint.trim_end_matches('/');
+    let is_version = |segment: &str| {
+        segment.strip_prefix('v').is_some_and(|v| {
+            let (major, minor) = v.split_once('.').unwrap_or((v, "0"));
+            [major, minor].iter().all(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+        })
+    };
+    match trimmed.rsplit_once('/') {
+        Some((base, last)) if is_version(last) && base.contains("://") => base.to_string(),
+        _ => trimmed.to_string(),
     }
 }
 
@@ -493,8 +504,25 @@ mod tests {
         (port, received)
     }
 
+    /// A client of fixed `servers`, with no Keystone credentials (tokens come from the context).
     fn client(servers: Vec<String>) -> GlanceClient {
-        GlanceClient::new(&GlanceConfig { api_servers: servers, request_timeout: Duration::from_secs(5) }).unwrap()
+        let adapter = crate::config::AdapterConfig {
+            service_type: "image".into(),
+            valid_interfaces: vec!["internal".into(), "public".into()],
+            region_name: None,
+            endpoint_override: None,
+        };
+        let config = GlanceConfig {
+            api_servers: servers,
+            adapter,
+            session: Default::default(),
+            request_timeout: Duration::from_secs(5),
+        };
+        let no_credentials = crate::config::IdentityConfig {
+            service_user: crate::config::ServiceUserConfig { send_service_user_token: false, auth: None },
+            novasnap_service_user: None,
+        };
+        GlanceClient::new(&config, &Identity::new(&no_credentials).unwrap()).unwrap()
     }
 
     fn stream(data: &'static [u8]) -> BoxStream<'static, Result<Bytes, std::io::Error>> {
@@ -549,6 +577,16 @@ mod tests {
 
     fn image(v: Value) -> Image {
         parse_image(&v).unwrap()
+    }
+
+    #[test]
+    fn catalog_endpoints_lose_their_version_suffix() {
+        assert_eq!(unversioned("http://127.0.0.1:9292"), "http://127.0.0.1:9292");
+        assert_eq!(unversioned("http://127.0.0.1:9292/"), "http://127.0.0.1:9292");
+        assert_eq!(unversioned("https://cloud/image/v2/"), "https://cloud/image");
+        assert_eq!(unversioned("https://cloud/image/v2.1"), "https://cloud/image");
+        assert_eq!(unversioned("https://cloud/images/vx"), "https://cloud/images/vx");
+        assert_eq!(unversioned("https://v2"), "https://v2");
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! The image-service boundary: Glance v2 over HTTP.
 //!
-//! [`ImageService`] is the contract; `glance.rs` implements it with `reqwest`, sending the
-//! request context's token as `X-Auth-Token` when there is one.
+//! [`ImageService`] is the contract; `glance.rs` implements it with `reqwest`, through the
+//! identity boundary's [`crate::identity::Adapter`] (endpoint, tokens).
 
 pub mod glance;
 
@@ -14,6 +14,7 @@ use serde_json::Value;
 use uuid::Uuid;
 
 use crate::error::{Classify, Disposition};
+use crate::identity::IdentityError;
 use crate::request::RequestContext;
 
 /// Glance image status.
@@ -109,6 +110,9 @@ pub enum ImageError {
     Transport { operation: &'static str, message: String },
     #[error("upload to image {id}: source failed: {message}")]
     Source { id: Uuid, message: String },
+    /// Keystone: credentials, tokens, the catalog.
+    #[error("Glance: {0}")]
+    Identity(#[from] IdentityError),
 }
 
 impl Classify for ImageError {
@@ -116,6 +120,7 @@ impl Classify for ImageError {
         match self {
             Self::Http { status, .. } if *status >= 500 || *status == 429 || *status == 408 => Disposition::Transient,
             Self::Transport { .. } | Self::LocationImportFailed { .. } => Disposition::Transient,
+            Self::Identity(e) => e.disposition(),
             _ => Disposition::Permanent,
         }
     }
