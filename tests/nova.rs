@@ -20,7 +20,8 @@ async fn assert_made_by_novasnap(server: &Server, image_id: &str, worker: &Worke
     assert_eq!(image["status"], "active", "{image:#}\n{log}");
     let properties = &image["properties"];
     assert!(properties["novasnap_made_by"].as_str().is_some_and(|m| m.starts_with("novasnap ")), "{image:#}");
-    let direct_url = image["direct_url"].as_str().unwrap_or_default();
+    // The client shows what is not a core image field (direct_url included) among properties.
+    let direct_url = properties["direct_url"].as_str().unwrap_or_default();
     assert!(
         direct_url.starts_with("rbd://") && direct_url.ends_with(&format!("/images/{image_id}/snap")),
         "{image:#}\n{log}"
@@ -71,8 +72,9 @@ async fn three_backups_with_rotation_two_leave_two() {
     let config = TestConfig::beside_nova(&[]);
     let worker = WorkerProcess::start(&config).await;
     server.wait_idle(LIMIT).await;
-    let name = unique("test-backup");
     for _ in 0..3 {
+        // A name each: the client's --wait finds the backup by its name.
+        let name = unique("test-backup");
         openstack(&[
             "server", "backup", "create", "--name", &name, "--type", "daily", "--rotate", "2", "--wait", &server.id,
         ])

@@ -85,6 +85,10 @@ def user(name, password, project, role):
 
 for name in env["SERVICE_USERS"].split():
     user(name, open(os.path.join(env["PASSWORDS"], name)).read().strip(), service_project, service_role)
+# Reclamation looks up images of every project, which Glance's default policy shows to
+# admins only: to a service-role token another project's image is "not found".
+novasnap = [x for x in ks.users.list(domain="default") if x.name == "novasnap"][0]
+ks.roles.grant(one(ks.roles, "admin"), user=novasnap, project=service_project)
 user("demo", env["DEMO_PASSWORD"], demo_project, member_role)
 
 catalog = {
@@ -127,9 +131,12 @@ keystone_up() {
   fi
   wsgi_start keystone 5000 keystone.wsgi.api:application OS_KEYSTONE_CONFIG_DIR="$KEYSTONE_DIR/etc"
   wait_until 60 keystone "$LOGS/keystone-gunicorn.log and $LOGS/keystone.log" keystone_healthy
-  if [ -n "$fresh" ] || [ "$(cat "$KEYSTONE_DIR/bootstrapped" 2>/dev/null)" != "${SERVICE_USERS[*]}" ]; then
+  # What was populated, so that a changed population (users, roles) runs again.
+  local population
+  population="${SERVICE_USERS[*]} novasnap-admin"
+  if [ -n "$fresh" ] || [ "$(cat "$KEYSTONE_DIR/bootstrapped" 2>/dev/null)" != "$population" ]; then
     keystone_populate
-    echo "${SERVICE_USERS[*]}" >"$KEYSTONE_DIR/bootstrapped"
+    echo "$population" >"$KEYSTONE_DIR/bootstrapped"
   fi
   say "keystone up ($((SECONDS - t0))s)"
 }

@@ -11,5 +11,8 @@ novasnap_conf_section() {
 state_pool = novasnap
 glance_pools = images
 state_directory = $STATE/worker
+
+[novasnap_service_user]
+$(keystone_auth_section novasnap)
 EOC
 }

@@ -91,6 +91,17 @@ impl Adapter {
         Ok(credentials.apply(spare).send().await?)
     }
 
+    /// Whether a request with `ctx` is made as an admin, who sees every project's resources:
+    /// only then does "not found" prove that something does not exist. A user's request is
+    /// the user's to judge; novasnap's own are admin's only if its token has that role.
+    pub async fn sees_everything(&self, ctx: &RequestContext) -> Result<bool, IdentityError> {
+        match (&ctx.auth_token, &self.own) {
+            (Some(_), _) => Ok(true),
+            (None, Some(own)) => own.has_role("admin").await,
+            (None, None) => Ok(false),
+        }
+    }
+
     async fn credentials(&self, ctx: &RequestContext) -> Result<Credentials, IdentityError> {
         let issuer = match &ctx.auth_token {
             Some(_) => &self.service_token,

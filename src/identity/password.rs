@@ -48,6 +48,8 @@ struct Issued {
     expires_at: DateTime<Utc>,
     renew_at: DateTime<Utc>,
     catalog: Vec<ServiceEndpoints>,
+    /// The roles the token carries, by name.
+    roles: Vec<String>,
 }
 
 impl PasswordAuth {
@@ -97,6 +99,11 @@ impl PasswordAuth {
     /// A valid token: the cached one, or a new one when it is due for renewal.
     pub async fn token(&self) -> Result<AuthToken, IdentityError> {
         Ok(self.issued().await?.token.clone())
+    }
+
+    /// Whether the token carries `role`.
+    pub async fn has_role(&self, role: &str) -> Result<bool, IdentityError> {
+        Ok(self.issued().await?.roles.iter().any(|r| r == role))
     }
 
     /// Forgets `token` (a service answered 401 to it), unless it was renewed meanwhile, so
@@ -164,6 +171,7 @@ impl PasswordAuth {
             expires_at: info.expires_at,
             renew_at: info.expires_at - chrono::Duration::from_std(ahead).unwrap_or_default(),
             catalog: info.catalog.unwrap_or_default(),
+            roles: info.roles.unwrap_or_default().into_iter().map(|r| r.name).collect(),
         })
     }
 

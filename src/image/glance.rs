@@ -296,7 +296,14 @@ pub fn patch_for(image: &Image, properties: &ImageProperties) -> Vec<Value> {
 impl ImageService for GlanceClient {
     async fn get(&self, ctx: &RequestContext, id: Uuid) -> Result<Image, ImageError> {
         let response = self.send("get image", ctx, Method::GET, &format!("/v2/images/{id}"), |r| r, &self.http).await?;
-        parse_image(&self.json("get image", id, response).await?)
+        match self.json("get image", id, response).await {
+            // Glance's default policy shows other projects' images to admins only: to anyone
+            // else, 404 does not tell a deleted image from one that cannot be seen.
+            Err(ImageError::NotFound(_)) if !self.adapter.sees_everything(ctx).await? => {
+                Err(ImageError::NotVisible(id))
+            }
+            other => parse_image(&other?),
+        }
     }
 
     async fn update(&self, ctx: &RequestContext, id: Uuid, properties: &ImageProperties) -> Result<Image, ImageError> {

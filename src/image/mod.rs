@@ -100,6 +100,10 @@ impl Image {
 pub enum ImageError {
     #[error("image {0} not found in Glance")]
     NotFound(Uuid),
+    /// Glance shows no such image to novasnap's own credentials, which lack the admin role:
+    /// it may be another project's, alive. Not proof that it is gone.
+    #[error("image {0} not visible to novasnap's own credentials (no admin role): it may exist in another project")]
+    NotVisible(Uuid),
     #[error("Glance refuses to add a location to image {id}: {reason}")]
     LocationsRefused { id: Uuid, reason: String },
     #[error("Glance's location import task for image {id} failed: {message}")]
