@@ -15,7 +15,7 @@ import urllib.request
 import uuid
 
 
-def create_image(glance, name, instance_uuid, image_type, base, extra):
+def create_image(glance, token, name, instance_uuid, image_type, base, extra):
     # nova.compute.api.API._create_image: a queued image with the instance's identity;
     # the snapshot sets disk/container formats when it uploads or registers the data.
     body = {"name": name, "visibility": "private", "instance_uuid": instance_uuid,
@@ -23,7 +23,7 @@ def create_image(glance, name, instance_uuid, image_type, base, extra):
     body.update(extra)
     req = urllib.request.Request(
         glance.rstrip("/") + "/v2/images", data=json.dumps(body).encode(), method="POST",
-        headers={"Content-Type": "application/json"})
+        headers={"Content-Type": "application/json", "X-Auth-Token": token})
     with urllib.request.urlopen(req, timeout=30) as resp:
         return json.load(resp)["id"]
 
@@ -48,6 +48,8 @@ def main():
     p.add_argument("--backup-type", default="daily")
     p.add_argument("--rotation", type=int, default=2)
     p.add_argument("--image-id", help="cast for this existing image instead of creating one")
+    p.add_argument("--token", required=True,
+                   help="the user's Keystone token: Glance's, and the cast's context's, as nova-api sends it")
     args = p.parse_args()
 
     import nova.conf
@@ -62,12 +64,12 @@ def main():
 
     ctxt = context.RequestContext(
         user_id="8c1f2e3d4b5a69788796a5b4c3d2e1f0", project_id="3a4b5c6d7e8f90a1b2c3d4e5f6a7b8c9",
-        roles=["member", "reader"], auth_token=None, is_admin=False,
+        roles=["member", "reader"], auth_token=args.token, is_admin=False,
         request_id="req-" + str(uuid.uuid4()), user_name="demo", project_name="demo",
         remote_address="127.0.0.1")
     image_type = "snapshot" if args.method == "snapshot" else "backup"
     extra = {"backup_type": args.backup_type} if args.method == "backup" else {}
-    image_id = args.image_id or create_image(args.glance, args.name, args.instance, image_type, args.image_ref, extra)
+    image_id = args.image_id or create_image(args.glance, args.token, args.name, args.instance, image_type, args.image_ref, extra)
     instance = objects.Instance(
         id=1, uuid=args.instance, host=args.host, node=args.host, image_ref=args.image_ref,
         vm_state="active", display_name="novasnap-guest", hostname="novasnap-guest",
