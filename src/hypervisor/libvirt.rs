@@ -282,6 +282,10 @@ impl Hypervisor for LibvirtHypervisor {
         self.blocking(move |inner| {
             let aborted = inner.with_connection(uuid, "abort block job", |c| {
                 let domain = inner.domain(c, uuid)?;
+                // A guest that is not running has no block job (and libvirt refuses to look).
+                if !domain.is_active()? {
+                    return Ok(false);
+                }
                 match ffi::block_job_info(&domain, &disk)? {
                     None => Ok(false),
                     Some(_) => match ffi::block_job_abort(&domain, &disk) {

@@ -99,8 +99,9 @@ pub trait Hypervisor: Send + Sync {
 
     async fn power_state(&self, uuid: Uuid) -> Result<PowerState, HypervisorError>;
 
-    /// Aborts any block job on `disk`. Succeeds when there is none, so it is safe to call
-    /// before every live block operation and on every retry.
+    /// Aborts any block job on `disk`. Succeeds when there is none (a guest that is not
+    /// running has none), so it is safe to call before every live block operation and on
+    /// every retry.
     async fn abort_block_job(&self, uuid: Uuid, disk: &str) -> Result<(), HypervisorError>;
 
     /// Saves the guest's memory and stops it (libvirt managed save), for cold snapshots.
