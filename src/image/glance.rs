@@ -241,11 +241,16 @@ pub fn parse_image(v: &Value) -> Result<Image, ImageError> {
     let obj = v.as_object().ok_or_else(|| bad("an object"))?;
     let id = obj.get("id").and_then(Value::as_str).and_then(|s| Uuid::parse_str(s).ok()).ok_or_else(|| bad("an id"))?;
     let text = |k: &str| obj.get(k).and_then(Value::as_str).map(String::from);
-    let locations = obj
+    let mut locations: Vec<String> = obj
         .get("locations")
         .and_then(Value::as_array)
         .map(|l| l.iter().filter_map(|l| l.get("url").and_then(Value::as_str).map(String::from)).collect())
         .unwrap_or_default();
+    // `show_image_direct_url` (on in clouds with Ceph behind Glance) shows the first location
+    // even with `show_multiple_locations` off, as Nova's `GlanceImageServiceV2.show` counts it.
+    if let Some(direct) = text("direct_url").filter(|d| !locations.contains(d)) {
+        locations.push(direct);
+    }
     const TYPED: &[&str] =
         &["id", "name", "status", "size", "checksum", "disk_format", "container_format", "created_at", "locations"];
     Ok(Image {
@@ -619,6 +624,9 @@ mod tests {
         }));
         assert_eq!(i.status, ImageStatus::Active);
         assert_eq!(i.locations, vec!["rbd://f/images/x/snap"]);
+        let direct = image(json!({"id": "9e8f7a6b-5c4d-4e3f-8a2b-1c0d9e8f7a6b", "status": "active",
+                                  "direct_url": "rbd://f/images/y/snap"}));
+        assert_eq!(direct.locations, vec!["rbd://f/images/y/snap"], "direct_url counts as a location");
         assert_eq!(i.properties["instance_uuid"], json!("i-1"));
         assert!(!i.properties.contains_key("status"));
         assert!(parse_image(&json!({"name": "no id"})).is_err());

@@ -71,7 +71,8 @@ pub struct Image {
     pub disk_format: Option<String>,
     pub container_format: Option<String>,
     pub created_at: Option<String>,
-    /// Location URLs, when Glance shows them (`show_multiple_locations`).
+    /// Location URLs, when Glance shows them (`show_multiple_locations`, or the first as
+    /// `direct_url` with `show_image_direct_url`).
     pub locations: Vec<String>,
     /// Every other top-level field: base and custom properties.
     pub properties: BTreeMap<String, Value>,
