@@ -70,5 +70,5 @@ fn every_notification_novasnap_builds_matches_its_schema_and_hides_the_token() {
             seen.insert(n.event_type);
         }
     }
-    assert_eq!(seen.len(), 7, "{seen:?}");
+    assert_eq!(seen.len(), 9, "{seen:?}");
 }

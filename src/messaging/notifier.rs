@@ -35,6 +35,7 @@ pub struct AmqpNotifier {
 
 enum Outgoing {
     Publish {
+        exchange: String,
         routing_key: String,
         body: Vec<u8>,
         event_type: &'static str,
@@ -53,7 +54,8 @@ struct Publisher {
 struct Link {
     _connection: Connection,
     channel: Channel,
-    declared: HashSet<String>,
+    /// Exchanges, and (exchange, routing key) queues, declared on this connection.
+    declared: HashSet<(String, String)>,
 }
 
 /// oslo's wire timestamp: UTC, `YYYY-MM-DD HH:MM:SS.ffffff`.
@@ -121,13 +123,13 @@ impl Publisher {
                 Outgoing::Flush(done) => {
                     let _ = done.send(());
                 }
-                Outgoing::Publish { routing_key, body, event_type } => {
+                Outgoing::Publish { exchange, routing_key, body, event_type } => {
                     // One reconnect per publish: a broker that restarted since the last one.
-                    let mut result = self.publish(&routing_key, &body).await;
+                    let mut result = self.publish(&exchange, &routing_key, &body).await;
                     if let Err(e) = &result {
                         warn!(error = %e, "notification publish failed; reconnecting");
                         self.link = None;
-                        result = self.publish(&routing_key, &body).await;
+                        result = self.publish(&exchange, &routing_key, &body).await;
                     }
                     match result {
                         Ok(()) => debug!(event_type, routing_key, "notification published"),
@@ -147,48 +149,53 @@ impl Publisher {
                 .await?;
         let channel = connection.create_channel().await.map_err(amqp)?;
         channel.confirm_select(ConfirmSelectOptions::default()).await.map_err(amqp)?;
-        let durable = self.config.messaging.durable_queues;
-        channel
-            .exchange_declare(
-                &self.config.notifications.exchange,
-                ExchangeKind::Topic,
-                ExchangeDeclareOptions { durable, ..Default::default() },
-                FieldTable::default(),
-            )
-            .await
-            .map_err(amqp)?;
         Ok(Link { _connection: connection, channel, declared: HashSet::new() })
     }
 
-    /// The confirming channel, with `routing_key`'s queue declared and bound.
-    async fn channel_for(&mut self, routing_key: &str) -> Result<Channel, MessagingError> {
+    /// The confirming channel, with the exchange and `routing_key`'s queue declared and bound
+    /// as oslo's `notify_send` declares them (`_publish_and_creates_default_queue`): topic
+    /// exchange and queue durable with `amqp_durable_queues` or quorum queues, the queue a
+    /// quorum queue on a quorum-queue cloud.
+    async fn channel_for(&mut self, exchange: &str, routing_key: &str) -> Result<Channel, MessagingError> {
         if self.link.is_none() {
             self.link = Some(self.open().await?);
         }
         let link = self.link.as_mut().expect("just opened");
-        if !link.declared.contains(routing_key) {
-            let durable = self.config.messaging.durable_queues;
-            let options = QueueDeclareOptions { durable, ..Default::default() };
-            link.channel.queue_declare(routing_key, options, FieldTable::default()).await.map_err(amqp)?;
-            let exchange = &self.config.notifications.exchange;
+        let m = &self.config.messaging;
+        let durable = m.durable_queues || m.quorum_queues;
+        if link.declared.insert((exchange.to_string(), String::new())) {
+            let options = ExchangeDeclareOptions { durable, auto_delete: m.auto_delete, ..Default::default() };
+            let declared =
+                link.channel.exchange_declare(exchange, ExchangeKind::Topic, options, FieldTable::default()).await;
+            if let Err(e) = declared {
+                link.declared.remove(&(exchange.to_string(), String::new()));
+                return Err(amqp(e));
+            }
+        }
+        if !link.declared.contains(&(exchange.to_string(), routing_key.to_string())) {
+            let mut args = FieldTable::default();
+            if m.quorum_queues {
+                args.insert("x-queue-type".into(), lapin::types::AMQPValue::LongString("quorum".into()));
+            }
+            let options = QueueDeclareOptions { durable, auto_delete: m.auto_delete, ..Default::default() };
+            link.channel.queue_declare(routing_key, options, args).await.map_err(amqp)?;
             link.channel
                 .queue_bind(routing_key, exchange, routing_key, QueueBindOptions::default(), FieldTable::default())
                 .await
                 .map_err(amqp)?;
-            link.declared.insert(routing_key.to_string());
+            link.declared.insert((exchange.to_string(), routing_key.to_string()));
         }
         Ok(link.channel.clone())
     }
 
-    async fn publish(&mut self, routing_key: &str, body: &[u8]) -> Result<(), MessagingError> {
-        let channel = self.channel_for(routing_key).await?;
+    async fn publish(&mut self, exchange: &str, routing_key: &str, body: &[u8]) -> Result<(), MessagingError> {
+        let channel = self.channel_for(exchange, routing_key).await?;
         let properties = BasicProperties::default()
             .with_content_type("application/json".into())
             .with_content_encoding("utf-8".into())
             .with_delivery_mode(2)
             .with_priority(0)
             .with_headers(FieldTable::default());
-        let exchange = &self.config.notifications.exchange;
         publish_confirmed(
             &channel,
             exchange,
@@ -219,7 +226,13 @@ impl Notifier for AmqpNotifier {
             let body = message_body(req, &n, &publisher_id, self.config.notifications.envelope_v2);
             for topic in self.topics(n.versioned) {
                 let routing_key = format!("{topic}.{}", n.priority.to_lowercase());
-                let outgoing = Outgoing::Publish { routing_key, body: body.clone(), event_type: n.event_type };
+                let exchange = if n.nova_exchange {
+                    self.config.messaging.control_exchange.clone()
+                } else {
+                    self.config.notifications.exchange.clone()
+                };
+                let outgoing =
+                    Outgoing::Publish { exchange, routing_key, body: body.clone(), event_type: n.event_type };
                 self.outbox.try_send(outgoing).map_err(|_| {
                     MessagingError::Amqp(format!(
                         "{OUTBOX} notifications are waiting for the broker; dropping this one"

@@ -12,9 +12,18 @@ use crate::request::{SnapshotKind, SnapshotRequest};
 #[derive(Debug, Clone, PartialEq)]
 pub struct Notification {
     pub versioned: bool,
+    /// Sent where nova-compute's own go (`[DEFAULT] control_exchange`) rather than on
+    /// novasnap's notification exchange: what `wrap_exception` sends for a failed RPC method,
+    /// which subscribers of Nova's notifications watch for.
+    pub nova_exchange: bool,
     pub event_type: &'static str,
     pub priority: &'static str,
     pub payload: Value,
+}
+
+/// The instance as the cast carried it, a NovaObject primitive again.
+fn instance_primitive(req: &SnapshotRequest) -> Value {
+    primitive("Instance", &req.instance.object_version, Value::Object(req.instance.data.clone()))
 }
 
 fn primitive(name: &str, version: &str, data: Value) -> Value {
@@ -179,8 +188,20 @@ pub fn notifications_for(req: &SnapshotRequest, event: &SnapshotEvent, glance: &
         SnapshotKind::Snapshot => TaskState::ImageSnapshot,
         SnapshotKind::Backup { .. } => TaskState::ImageBackup,
     });
-    let versioned = |event_type, priority, payload| Notification { versioned: true, event_type, priority, payload };
-    let legacy = |event_type, priority, payload| Notification { versioned: false, event_type, priority, payload };
+    let versioned = |event_type, priority, payload| Notification {
+        versioned: true,
+        nova_exchange: false,
+        event_type,
+        priority,
+        payload,
+    };
+    let legacy = |event_type, priority, payload| Notification {
+        versioned: false,
+        nova_exchange: false,
+        event_type,
+        priority,
+        payload,
+    };
     match event {
         SnapshotEvent::Start => vec![
             legacy("compute.instance.snapshot.start", "INFO", legacy_payload(req, task, glance)),
@@ -210,9 +231,28 @@ pub fn notifications_for(req: &SnapshotRequest, event: &SnapshotEvent, glance: &
             let mut legacy_error = legacy_payload(req, None, glance);
             legacy_error["exception"] = exception.clone().into();
             legacy_error["message"] = message.clone().into();
+            // `nova/exception_wrapper.py` `wrap_exception`: the legacy event named after the
+            // RPC method with its arguments, and the versioned `compute.exception`.
+            let method = req.kind.method();
+            let mut args = json!({"image_id": req.image_id.to_string(), "instance": instance_primitive(req)});
+            if let SnapshotKind::Backup { backup_type, rotation } = &req.kind {
+                args["backup_type"] = backup_type.clone().into();
+                args["rotation"] = (*rotation).into();
+            }
+            let exception_payload = primitive(
+                "ExceptionPayload",
+                "1.1",
+                json!({"module_name": "novasnap.pipeline", "function_name": method, "exception": exception,
+                       "exception_message": message, "traceback": ""}),
+            );
             vec![
                 legacy("compute.instance.snapshot.error", "ERROR", legacy_error),
                 versioned("instance.snapshot.error", "ERROR", snapshot_payload(req, None, fault)),
+                Notification {
+                    nova_exchange: true,
+                    ..legacy(method, "ERROR", json!({"exception": message, "args": args}))
+                },
+                Notification { nova_exchange: true, ..versioned("compute.exception", "ERROR", exception_payload) },
             ]
         }
     }
