@@ -1,7 +1,9 @@
 //! Crash points for the crash-safety suite (`tests/crash.rs`): with the `fault-injection`
 //! feature, a worker whose `NOVASNAP_CRASH_AT` names a point dies there at once, as under
 //! `kill -9` (abort: no destructor, no cleanup, no ack); one whose `NOVASNAP_PAUSE_AT` names
-//! it stops itself there (SIGSTOP) the first time, as a stalled host would, until resumed.
+//! it stops itself there (SIGSTOP) the first time, as a stalled host would, until resumed;
+//! one whose `NOVASNAP_DELAY_AT` is `<point>:<seconds>` waits there that long, as a slow
+//! step would (the thread sleeps: test builds only).
 //! Without the feature (release builds) every point compiles to nothing.
 
 /// Where a crash can be injected; the names are what `NOVASNAP_CRASH_AT` takes.
@@ -30,6 +32,13 @@ pub fn point(name: &'static str) {
         eprintln!("novasnap: pause injected at {name}");
         // Through kill(1), as the tests signal: no unsafe for kill(2).
         let _ = std::process::Command::new("kill").args(["-STOP", &std::process::id().to_string()]).status();
+    }
+    if let Some(seconds) = std::env::var("NOVASNAP_DELAY_AT").ok().and_then(|at| {
+        let (point, seconds) = at.split_once(':')?;
+        (point == name).then(|| seconds.parse::<u64>().ok()).flatten()
+    }) {
+        eprintln!("novasnap: delay of {seconds}s injected at {name}");
+        std::thread::sleep(std::time::Duration::from_secs(seconds));
     }
 }
 
