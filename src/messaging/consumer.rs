@@ -59,12 +59,12 @@ pub async fn serve(
     };
     let mut delay = RECONNECT_MIN;
     let mut starting = true;
-    let mut last: Option<Connection> = None;
+    let mut last: Option<(Connection, Channel)> = None;
     while !shutdown.is_cancelled() {
         match session(config, &work, &shutdown, starting).await {
-            Ok(connection) => {
+            Ok(open) => {
                 delay = RECONNECT_MIN;
-                last = Some(connection);
+                last = Some(open);
             }
             Err(e @ MessagingError::NoComputeAlt(_)) => return Err(e),
             Err(e) => warn!(error = %e, retry_in = ?delay, "lost the broker; reconnecting"),
@@ -89,21 +89,22 @@ pub async fn serve(
             "grace period over: unfinished casts go back to the broker for another replica"
         );
     }
-    if let Some(connection) = last {
+    if let Some((connection, _work_channel)) = last {
         let _ = connection.close(200, "novasnap stopping").await;
     }
     Ok(())
 }
 
 /// One connection: the relay and the work consumer, until either fails or shutdown. Returns
-/// the connection, still open, on shutdown (in-flight snapshots acknowledge on it);
-/// otherwise closes it.
+/// the connection and the work consumer's channel, both still open, on shutdown: in-flight
+/// snapshots acknowledge their casts on that channel, and lapin closes a channel when its
+/// last handle is dropped. Otherwise closes the connection.
 async fn session(
     config: &Config,
     work: &Work,
     shutdown: &CancellationToken,
     starting: bool,
-) -> Result<Connection, MessagingError> {
+) -> Result<(Connection, Channel), MessagingError> {
     let (connection, _) = transport::connect(&config.messaging, &format!("novasnap:{}", config.host)).await?;
     let result = async {
         let mut publish = connection.create_channel().await.map_err(amqp)?;
@@ -113,12 +114,13 @@ async fn session(
         topology.declare_work_queue(&mut publish, &connection).await?;
         topology.declare_dead_letter(&mut publish, &connection).await?;
         let relay = Relay { config, connection: &connection, publish: publish.clone() };
-        tokio::try_join!(relay.run(shutdown, starting), work.consume(&connection, publish.clone(), shutdown))?;
-        Ok(())
+        let ((), work_channel) =
+            tokio::try_join!(relay.run(shutdown, starting), work.consume(&connection, publish.clone(), shutdown))?;
+        Ok(work_channel)
     }
     .await;
     match result {
-        Ok(()) => Ok(connection),
+        Ok(work_channel) => Ok((connection, work_channel)),
         Err(e) => {
             // Its deliveries are the broker's again: nothing more can be settled on it.
             let _ = connection.close(320, "novasnap reconnecting").await;
@@ -141,7 +143,7 @@ impl Work {
         connection: &Connection,
         publish: Channel,
         shutdown: &CancellationToken,
-    ) -> Result<(), MessagingError> {
+    ) -> Result<Channel, MessagingError> {
         let queue = Topology { config: &self.config.messaging, host: &self.config.host }.work_queue();
         let channel = connection.create_channel().await.map_err(amqp)?;
         let prefetch = u16::try_from(self.config.worker.max_concurrent_snapshots).unwrap_or(u16::MAX);
@@ -157,7 +159,7 @@ impl Work {
                 _ = shutdown.cancelled() => {
                     let _ = channel.basic_cancel(&tag, BasicCancelOptions::default()).await;
                     info!("no longer taking casts");
-                    return Ok(());
+                    return Ok(channel);
                 }
                 next = deliveries.next() => match next {
                     Some(Ok(delivery)) => delivery,
