@@ -135,14 +135,20 @@ async fn a_guest_stopped_right_after_the_cast_still_gets_a_clean_snapshot() {
     let mut listener = Listener::start(&config).await;
     let worker = WorkerProcess::start(&config).await;
     let image_id = nova_api(&config, "snapshot", &guest, &[]).await;
-    virsh(&["destroy", &guest.domain]).await;
+    // The user stops the server through Nova (a guest stopped behind Nova's back would be
+    // stopped again by Nova's power-state sync once restarted).
+    common::openstack::openstack_plain(&["server", "stop", &guest.uuid]).await;
+    let _restart = StartedAgain(guest.uuid.clone());
+    wait_until(Duration::from_secs(120), || async { domain_state(&guest.domain).await == "shut off" })
+        .await
+        .expect("Nova stops the server");
     listener.wait_for("instance.snapshot.end", &image_id, Duration::from_secs(300)).await;
+    let state = domain_state(&guest.domain).await;
     // Wherever the stop met the pipeline, the image holds the disk and nothing is left.
     assert_eq!(glance_image(&image_id).await.unwrap()["status"], "active");
     assert_image_holds_guest(&image_id).await;
     assert!(novasnap_disk_snapshots(&guest).await.is_empty());
-    assert_eq!(domain_state(&guest.domain).await, "shut off", "a guest the user stopped is not started again");
-    virsh(&["start", &guest.domain]).await;
+    assert_eq!(state, "shut off", "a guest the user stopped is not started again");
     assert!(worker.stop().await.success());
     glance_delete(&image_id).await;
 }
@@ -184,4 +190,14 @@ async fn reclaim_lists_then_removes_only_novasnaps_own_leftovers() {
     let status =
         tokio::process::Command::new("rbd").args(["snap", "rm", &format!("{disk}@{foreign}")]).status().await.unwrap();
     assert!(status.success());
+}
+
+/// Starts the server again through Nova when the test ends, however it ends: the next tests
+/// need it running.
+struct StartedAgain(String);
+
+impl Drop for StartedAgain {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new(env("OPENSTACK")).args(["server", "start", &self.0]).output();
+    }
 }

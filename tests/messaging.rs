@@ -84,7 +84,7 @@ async fn every_bad_input_class_is_dead_lettered_with_its_reason_and_the_worker_g
         .await
         .unwrap_or_else(|| panic!("the MessagePack cast was handled:\n{}", worker.log_text()));
     assert!(worker.stop().await.success());
-    rabbitmqctl(&["delete_queue", &dlq]).await;
+    delete_queue(&dlq).await;
 }
 
 #[tokio::test]
@@ -132,7 +132,7 @@ async fn a_broker_restart_mid_snapshot_loses_nothing() {
         glance_delete(id).await;
     }
     for q in [queue.as_str(), "compute"] {
-        let _ = tokio::process::Command::new("rabbitmqctl").args(["delete_queue", q]).output().await;
+        delete_queue(q).await;
     }
     let _ = tokio::process::Command::new("rabbitmqadmin")
         .args(["delete", "exchange", &format!("name={exchange}")])
@@ -155,5 +155,109 @@ async fn sigterm_lets_the_snapshot_in_flight_finish_and_exits_zero() {
     assert!(status.success(), "exit status {status}:\n{text}");
     assert!(text.contains("no longer taking casts"), "{text}");
     assert_eq!(glance_image(&image).await.unwrap()["status"], "active", "{text}");
+    // The cast that finished during the grace period was acknowledged before the exit: nothing
+    // of it waits to be delivered again.
+    for queue in [format!("compute.{}", config.host), format!("novasnap.snapshots.{}", config.host)] {
+        assert_eq!(queue_depth(&queue).await, 0, "{queue}:\n{text}");
+    }
     glance_delete(&image).await;
+}
+
+/// Hostile input stays small and harmless: a 200 KB `image_id`, a version with a newline in
+/// it, a token in a refused cast. Each is dead-lettered with a short reason and no token; the
+/// log has no forged line; the worker keeps its one connection and goes on serving.
+#[tokio::test]
+async fn hostile_casts_are_dead_lettered_small_and_the_worker_goes_on() {
+    let (dlq, overrides) = dead_letter_overrides("hostile");
+    let config = TestConfig::new(&as_refs(&overrides));
+    let worker = WorkerProcess::start(&config).await;
+    let key = format!("compute.{}", config.host);
+    let guest = guest(1);
+    let good = String::from_utf8(nova_snapshot_cast(&guest, &uuid::Uuid::new_v4().to_string(), &config.host)).unwrap();
+    let inner = |edit: &dyn Fn(&mut serde_json::Value)| {
+        let envelope: serde_json::Value = serde_json::from_str(&good).unwrap();
+        let mut msg: serde_json::Value = serde_json::from_str(envelope["oslo.message"].as_str().unwrap()).unwrap();
+        edit(&mut msg);
+        json!({"oslo.version": "2.0", "oslo.message": msg.to_string()}).to_string()
+    };
+    let huge = inner(&|m| m["args"]["image_id"] = json!("x".repeat(200 * 1024)));
+    let forged = inner(&|m| m["version"] = json!("7.0\nERROR novasnap: forged line"));
+    let secret = inner(&|m| {
+        m["args"]["image_id"] = json!("not-a-uuid");
+        m["_context_auth_token"] = json!("gAAAAAsecretTokenOfAUser");
+    });
+    for body in [&huge, &forged, &secret] {
+        publish_raw("nova", &key, Some("application/json"), body.as_bytes()).await;
+    }
+    let mut letters = Vec::new();
+    let start = std::time::Instant::now();
+    while letters.len() < 3 {
+        assert!(start.elapsed() < Duration::from_secs(60), "three dead letters:\n{}", worker.log_text());
+        letters.extend(drain_queue(&dlq).await);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    for (headers, body) in &letters {
+        let reason = &headers["x-novasnap-reason"];
+        assert!(reason.len() <= 512, "a short reason: {} bytes", reason.len());
+        assert!(!reason.contains('\n'));
+        assert!(!String::from_utf8_lossy(body).contains("secretTokenOfAUser"), "the dead letter keeps no token");
+    }
+    let log = worker.log_text();
+    assert!(!log.lines().any(|l| l.starts_with("ERROR novasnap: forged")), "no forged log line:\n{log}");
+    assert_eq!(log.matches("name=\"novasnap:").count(), 1, "one consuming connection, never torn down:\n{log}");
+    assert_eq!(queue_depth(&key).await, 0, "nothing comes back in a loop");
+
+    // And it still serves: a cast for a guest that is not here ends with its image deleted.
+    let ghost = guest.clone_with_uuid(uuid::Uuid::new_v4());
+    let image = glance_create_snapshot_image(&ghost.uuid).await;
+    publish_cast(&config.host, &nova_snapshot_cast(&ghost, &image, &config.host)).await;
+    wait_until(Duration::from_secs(60), || async { glance_image(&image).await.is_none() })
+        .await
+        .unwrap_or_else(|| panic!("the next cast was served:\n{}", worker.log_text()));
+    let started = std::time::Instant::now();
+    assert!(worker.stop().await.success());
+    assert!(started.elapsed() < Duration::from_secs(30), "SIGTERM ends an idle worker at once");
+    delete_queue(&dlq).await;
+}
+
+/// A broker that blocks publishers (a memory alarm) does not stall a snapshot in flight:
+/// notifications wait off its path, and the snapshot finishes; they are delivered once the
+/// alarm clears.
+#[tokio::test]
+async fn a_memory_alarm_does_not_stall_a_snapshot_in_flight() {
+    let guest = guest(1);
+    let config = TestConfig::new(&[]);
+    let mut listener = Listener::start(&config).await;
+    let worker = WorkerProcess::start(&config).await;
+    let image = nova_api(&config, "snapshot", &guest, &[]).await;
+    wait_until(Duration::from_secs(60), || async { worker.log_text().contains("beginning") })
+        .await
+        .unwrap_or_else(|| panic!("snapshot started:\n{}", worker.log_text()));
+    let alarm = MemoryAlarm::raise().await;
+    let finished = wait_until(Duration::from_secs(240), || async {
+        glance_image(&image).await.is_some_and(|i| i["status"] == "active")
+    })
+    .await;
+    drop(alarm);
+    assert!(finished.is_some(), "the image went active under the alarm:\n{}", worker.log_text());
+    listener.wait_for("instance.snapshot.end", &image, Duration::from_secs(120)).await;
+    assert!(worker.stop().await.success());
+    glance_delete(&image).await;
+}
+
+/// A RabbitMQ memory alarm, cleared (back to the broker's default watermark, 0.4) however the
+/// test ends.
+struct MemoryAlarm;
+
+impl MemoryAlarm {
+    async fn raise() -> Self {
+        rabbitmqctl(&["set_vm_memory_high_watermark", "0.0000001"]).await;
+        Self
+    }
+}
+
+impl Drop for MemoryAlarm {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("rabbitmqctl").args(["set_vm_memory_high_watermark", "0.4"]).status();
+    }
 }

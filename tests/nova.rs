@@ -18,10 +18,8 @@ async fn assert_made_by_novasnap(server: &Server, image_id: &str, worker: &Worke
     let image = image_show(image_id).await;
     let log = worker.log_text();
     assert_eq!(image["status"], "active", "{image:#}\n{log}");
-    let properties = &image["properties"];
-    assert!(properties["novasnap_made_by"].as_str().is_some_and(|m| m.starts_with("novasnap ")), "{image:#}");
-    // The client shows what is not a core image field (direct_url included) among properties.
-    let direct_url = properties["direct_url"].as_str().unwrap_or_default();
+    assert!(image["novasnap_made_by"].as_str().is_some_and(|m| m.starts_with("novasnap ")), "{image:#}");
+    let direct_url = image["direct_url"].as_str().unwrap_or_default();
     assert!(
         direct_url.starts_with("rbd://") && direct_url.ends_with(&format!("/images/{image_id}/snap")),
         "{image:#}\n{log}"
@@ -164,7 +162,7 @@ async fn with_novasnap_stopped_nova_compute_serves_snapshots_again() {
     server.wait_idle(LIMIT).await;
     let image_id = server.image_create(&unique("test-after-novasnap")).await;
     assert_eq!(image_show(&image_id).await["status"], "active");
-    assert!(image_show(&image_id).await["properties"].get("novasnap_made_by").is_none(), "made by nova-compute");
+    assert!(image_show(&image_id).await.get("novasnap_made_by").is_none(), "made by nova-compute");
     let request = server.last_request("createImage").await;
     assert!(stack_log("nova-compute").contains(&request), "served by nova-compute");
     server.wait_idle(LIMIT).await;
@@ -201,8 +199,81 @@ async fn novasnap_started_before_nova_compute_waits_then_takes_the_snapshots() {
     assert!(!stack_log("nova-compute").contains("PRECONDITION_FAILED"), "nova-compute's RPC servers started cleanly");
     server.wait_idle(LIMIT).await;
     let image_id = server.image_create(&unique("test-order")).await;
-    assert!(image_show(&image_id).await["properties"]["novasnap_made_by"].is_string(), "{}", text());
+    assert!(image_show(&image_id).await["novasnap_made_by"].is_string(), "{}", text());
     let _ = tokio::process::Command::new("kill").args(["-TERM", &child.id().unwrap().to_string()]).status().await;
     let _ = child.wait().await;
+    image_delete(&image_id).await;
+}
+
+/// Restores the stack's token lifetime when the test ends, however it ends.
+struct TokenLifetime;
+
+impl TokenLifetime {
+    async fn set(seconds: u64) -> Self {
+        let script = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/stack");
+        let out = tokio::process::Command::new(&script)
+            .args(["up", "keystone"])
+            .env("NOVASNAP_STACK_TOKEN_LIFETIME", seconds.to_string())
+            .output()
+            .await
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        Self
+    }
+}
+
+impl Drop for TokenLifetime {
+    fn drop(&mut self) {
+        let script = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/stack");
+        let _ = std::process::Command::new(script).args(["up", "keystone"]).output();
+    }
+}
+
+/// Keystone tokens that live 30 s, and a snapshot that takes longer (held 40 s after its
+/// clone): the user's token in the cast has expired when the location is registered, and
+/// the service token beside it (`[service_user] send_service_user_token`) carries it.
+#[tokio::test]
+async fn a_snapshot_outliving_the_users_token_still_succeeds() {
+    let server = server(1);
+    server.wait_idle(LIMIT).await;
+    let _lifetime = TokenLifetime::set(30).await;
+    let config = TestConfig::beside_nova(&[]);
+    let worker = WorkerProcess::start_with(&config, &[("NOVASNAP_DELAY_AT", "after-clone:40")]).await;
+    let started = std::time::Instant::now();
+    let image_id = server.image_create(&unique("test-long")).await;
+    assert!(started.elapsed() > Duration::from_secs(30), "the snapshot outlived the 30 s token");
+    assert_made_by_novasnap(&server, &image_id, &worker).await;
+    assert!(worker.log_text().contains("delay of 40s injected at after-clone"));
+    assert!(worker.stop().await.success());
+    image_delete(&image_id).await;
+}
+
+/// A broker restart: nova-compute's RPC servers and novasnap both come back, novasnap in
+/// front again, and both halves of the host still work — a snapshot made by novasnap, a
+/// reboot served by nova-compute through it.
+#[tokio::test]
+async fn after_a_broker_restart_novasnap_is_in_front_again() {
+    let server = server(1);
+    let config = TestConfig::beside_nova(&[]);
+    let worker = WorkerProcess::start(&config).await;
+    server.wait_idle(LIMIT).await;
+    rabbitmqctl(&["stop_app"]).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    rabbitmqctl(&["start_app"]).await;
+    rabbitmqctl(&["await_startup"]).await;
+    wait_until(LIMIT, || async { worker.log_text().matches("in front of nova-compute").count() >= 2 })
+        .await
+        .unwrap_or_else(|| panic!("novasnap in front again:\n{}", worker.log_text()));
+    // nova-compute reports to the conductor again once its connection is back.
+    wait_until(LIMIT, || async {
+        let services = nova_get("/os-services?binary=nova-compute").await;
+        services["services"][0]["state"] == "up"
+    })
+    .await
+    .unwrap_or_else(|| panic!("nova-compute up again"));
+    let image_id = server.image_create(&unique("test-after-restart")).await;
+    assert_made_by_novasnap(&server, &image_id, &worker).await;
+    openstack_plain(&["server", "reboot", "--wait", &server.id]).await;
+    assert!(worker.stop().await.success());
     image_delete(&image_id).await;
 }

@@ -80,7 +80,8 @@ async fn two_casts_for_one_instance_run_one_after_the_other() {
 
 /// The `rados` CLI on novasnap's namespace of the state pool (the tests' `vms`).
 async fn rados(args: &[&str]) -> std::process::Output {
-    tokio::process::Command::new("rados").args(["-p", "vms", "-N", "novasnap"]).args(args).output().await.unwrap()
+    // The stack's [novasnap] state_pool, in the ledger's namespace.
+    tokio::process::Command::new("rados").args(["-p", "novasnap", "-N", "novasnap"]).args(args).output().await.unwrap()
 }
 
 /// Whether the process is stopped (state `T` in /proc/<pid>/stat).

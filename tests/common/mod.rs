@@ -228,14 +228,14 @@ impl WorkerProcess {
             .spawn()
             .unwrap();
         let mut worker = Self { child, log };
-        // novasnap's own consumer in front of compute.<host> (nova-compute's is there too).
-        let relay = format!("novasnap-relay-{}-", config.host);
+        // Ready once its relay consumes compute.<host>: logged right after basic.consume is
+        // confirmed (src/messaging/relay.rs; rabbitmqctl would cost seconds a look).
         let start = Instant::now();
         loop {
             if let Ok(Some(status)) = worker.child.try_wait() {
                 panic!("worker exited with {status} before consuming:\n{}", worker.log_text());
             }
-            if consumers().await.lines().any(|l| l.trim().starts_with(&relay)) {
+            if worker.log_text().contains("in front of nova-compute") {
                 break;
             }
             assert!(
@@ -244,7 +244,7 @@ impl WorkerProcess {
                 config.host,
                 worker.log_text()
             );
-            tokio::time::sleep(Duration::from_millis(200)).await;
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
         worker
     }
@@ -280,12 +280,6 @@ impl Drop for WorkerProcess {
             eprintln!("---- worker log {} ----\n{}", self.log.display(), self.log_text());
         }
     }
-}
-
-/// The consumer tags on the broker, one a line.
-async fn consumers() -> String {
-    let out = Command::new("rabbitmqctl").args(["-q", "list_consumers", "consumer_tag"]).output().await.unwrap();
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// Polls `check` every 200 ms until it returns true, for at most `limit`.
@@ -394,11 +388,12 @@ impl Drop for Listener {
     /// Stops the listener and removes its pool's queue, which oslo declares to outlive it.
     fn drop(&mut self) {
         let _ = self.child.start_kill();
-        let _ = std::process::Command::new("rabbitmqctl")
-            .args(["-q", "delete_queue", &self.queue])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status();
+        let queue = self.queue.clone();
+        // Its own thread and runtime: a Drop cannot await, and may run inside a runtime.
+        let _ = std::thread::spawn(move || {
+            tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(delete_queue(&queue))
+        })
+        .join();
     }
 }
 
@@ -438,20 +433,16 @@ pub fn admin_token() -> String {
     static TOKEN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
     TOKEN
         .get_or_init(|| {
-            let out = std::process::Command::new(env("OPENSTACK"))
-                .args([
-                    "--os-username",
-                    "admin",
-                    "--os-project-name",
-                    "admin",
-                    "--os-password",
-                    &env("OS_ADMIN_PASSWORD"),
-                ])
-                .args(["token", "issue", "-f", "value", "-c", "id"])
-                .output()
-                .unwrap();
-            assert!(out.status.success(), "admin token: {}", String::from_utf8_lossy(&out.stderr));
-            String::from_utf8_lossy(&out.stdout).trim().to_string()
+            // Its own thread and runtime: callers may be inside a test's runtime.
+            std::thread::spawn(|| {
+                tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap()
+                    .block_on(openstack::token(true))
+            })
+            .join()
+            .unwrap()
         })
         .clone()
 }
@@ -765,6 +756,14 @@ pub async fn drain_queue(queue: &str) -> Vec<(std::collections::BTreeMap<String,
     }
     conn.close(200, "done").await.unwrap();
     out
+}
+
+/// Deletes `queue` over AMQP; one already gone is fine.
+pub async fn delete_queue(queue: &str) {
+    let conn = lapin::Connection::connect(&amqp_uri(), lapin::ConnectionProperties::default()).await.unwrap();
+    let channel = conn.create_channel().await.unwrap();
+    let _ = channel.queue_delete(queue, lapin::options::QueueDeleteOptions::default()).await;
+    let _ = conn.close(200, "done").await;
 }
 
 pub async fn rabbitmqctl(args: &[&str]) {

@@ -53,10 +53,34 @@ fn openstack_command(admin: bool, args: &[&str]) -> Command {
     command
 }
 
-/// A Keystone token of the demo user, or of the admin.
+/// A Keystone token of the demo user, or of the admin, from Keystone's API (the command line
+/// client costs seconds a call).
 pub async fn token(admin: bool) -> String {
-    let issued = run_openstack(admin, &["token", "issue"]).await;
-    issued["id"].as_str().unwrap().to_string()
+    let (user, project, password) = if admin {
+        ("admin".to_string(), "admin".to_string(), env("OS_ADMIN_PASSWORD"))
+    } else {
+        (env("OS_USERNAME"), env("OS_PROJECT_NAME"), env("OS_PASSWORD"))
+    };
+    let body = serde_json::json!({"auth": {
+        "identity": {"methods": ["password"],
+                     "password": {"user": {"name": user, "domain": {"name": "Default"}, "password": password}}},
+        "scope": {"project": {"name": project, "domain": {"name": "Default"}}}}});
+    let resp = super::http().post(format!("{}/auth/tokens", env("OS_AUTH_URL"))).json(&body).send().await.unwrap();
+    assert!(resp.status().is_success(), "token of {user}: {}", resp.status());
+    resp.headers()["x-subject-token"].to_str().unwrap().to_string()
+}
+
+/// GET on Nova's API as the admin (the command line client costs seconds a call).
+pub async fn nova_get(path: &str) -> Value {
+    let resp = super::http()
+        .get(format!("{}{path}", env("NOVA_URL")))
+        .header("X-Auth-Token", super::admin_token())
+        .header("OpenStack-API-Version", "compute 2.51")
+        .send()
+        .await
+        .unwrap();
+    assert!(resp.status().is_success(), "GET {path}: {}", resp.status());
+    resp.json().await.unwrap()
 }
 
 /// Nova-built server N (1: disk cloned from its image, 2: a full copy), as the stack made it.
@@ -79,9 +103,9 @@ pub fn server(n: u8) -> Server {
 }
 
 impl Server {
-    /// `openstack server show`, as the admin sees it (domain name, task_state, host).
+    /// The server as Nova's API shows it to the admin (domain name, task_state, host).
     pub async fn show(&self) -> Value {
-        openstack_admin(&["server", "show", &self.id]).await
+        nova_get(&format!("/servers/{}", self.id)).await["server"].take()
     }
 
     pub async fn task_state(&self) -> Value {
@@ -90,20 +114,20 @@ impl Server {
 
     /// The instance action of request `request_id`, with its events.
     pub async fn action(&self, request_id: &str) -> Value {
-        openstack_admin(&["server", "event", "show", &self.id, request_id]).await
+        nova_get(&format!("/servers/{}/os-instance-actions/{request_id}", self.id)).await["instanceAction"].take()
     }
 
     /// The request id of the newest action named `action` (e.g. `createImage`).
     pub async fn last_request(&self, action: &str) -> String {
-        let events = openstack(&["server", "event", "list", &self.id]).await;
-        let newest = events
+        let actions = nova_get(&format!("/servers/{}/os-instance-actions", self.id)).await;
+        let newest = actions["instanceActions"]
             .as_array()
             .unwrap()
             .iter()
-            .filter(|e| e["Action"] == action)
-            .max_by(|a, b| a["Start Time"].as_str().cmp(&b["Start Time"].as_str()))
-            .unwrap_or_else(|| panic!("no {action} action on {}: {events:#}", self.id));
-        newest["Request ID"].as_str().unwrap().to_string()
+            .filter(|a| a["action"] == action)
+            .max_by(|a, b| a["start_time"].as_str().cmp(&b["start_time"].as_str()))
+            .unwrap_or_else(|| panic!("no {action} action on {}: {actions:#}", self.id));
+        newest["request_id"].as_str().unwrap().to_string()
     }
 
     /// Waits until Nova has no task on the server.
@@ -127,9 +151,9 @@ impl Server {
     }
 }
 
-/// The image as its owner (the demo user) sees it in Glance.
+/// The image as Glance's API shows it to the admin: custom properties at the top level.
 pub async fn image_show(id: &str) -> Value {
-    openstack_admin(&["image", "show", id]).await
+    super::glance_image(id).await.unwrap_or_else(|| panic!("image {id} is not in Glance"))
 }
 
 /// Deletes an image as the admin; one already gone is fine.
