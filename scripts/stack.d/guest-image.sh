@@ -21,7 +21,7 @@
 #               the packages `apt-cache depends --recurse qemu-guest-agent` names),
 #               guest/init as /sbin/novasnap-init, and guest/writer.c built static as
 #               /usr/sbin/novasnap-writer, which appends a record to $GUEST_IMAGE_RECORDS
-#               every 50 ms (scripts/check-image reads them back from a snapshot)
+#               every 200 ms (scripts/check-image reads them back from a snapshot)
 #
 # For Nova (direct kernel boot, see nova/virt/libvirt/driver.py), upload to Glance:
 #   vmlinuz     disk_format=aki container_format=aki

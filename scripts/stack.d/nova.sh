@@ -83,7 +83,10 @@ EOC
 # Written by novasnap scripts/stack: nova-compute of the local test stack, and novasnap
 # beside it (its [novasnap] section; Nova ignores it).
 $(nova_common_conf "host = $COMPUTE_HOST" "compute_driver = libvirt.LibvirtDriver" \
-    "instances_path = $NOVA_DIR/instances")
+    "instances_path = $NOVA_DIR/instances" \
+    "# A stop (tests restart nova-compute) bounded to 10 s: its cleanup_host, which the" \
+    "# manager's graceful shutdown ends with, was seen to hang for the whole 160 s default." \
+    "manager_shutdown_timeout = 10" "graceful_shutdown_timeout = 30")
 
 [libvirt]
 virt_type = qemu
