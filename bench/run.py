@@ -1,11 +1,12 @@
 #!/usr/bin/python3
-"""novasnap benchmarks (issue 6), against the local stack: prints tables and writes
+"""novasnap benchmarks, against the local cloud: prints tables and writes
 bench/results/<date>.md plus an SVG chart of the snapshot-time table.
 
 Run by scripts/bench (make bench). Debian's python3 (it has the rbd/rados modules); the oslo
 peers run in the peer venv. Environment: the `scripts/stack env` variables, NOVASNAP_BIN
 (the release binary), BENCH_RUNS (default 5), BENCH_SIZES (MiB, default "256,1024"),
-BENCH_CASTS (dispatch casts, default 5000).
+BENCH_CASTS (dispatch casts, default 5000), BENCH_CALLS (forwarded RPC calls timed, default 500).
+Every wait is bounded; a peer that fails to start is reported with its output.
 """
 import datetime
 import json
@@ -29,6 +30,7 @@ ENV = os.environ
 RUNS = int(ENV.get("BENCH_RUNS", "5"))
 SIZES = [int(s) for s in ENV.get("BENCH_SIZES", "256,1024").split(",")]
 CASTS = int(ENV.get("BENCH_CASTS", "5000"))
+CALLS = int(ENV.get("BENCH_CALLS", "500"))
 PEER = ENV["NOVASNAP_PEER_PYTHON"]
 GLANCE = ENV["GLANCE_URL"]
 CEPH_CONF = ENV["CEPH_CONF"]
@@ -50,10 +52,27 @@ def sh(*cmd, **kw):
     return subprocess.run(cmd, check=True, capture_output=True, text=True, **kw).stdout
 
 
+_tokens = {}
+
+
+def token(admin):
+    """A Keystone token of the stack's admin or demo user, renewed after 30 minutes (a bench
+    run outlasts a token's hour)."""
+    issued = _tokens.get(admin)
+    if issued is None or time.monotonic() - issued[1] > 1800:
+        who = ["--os-username", "admin", "--os-project-name", "admin", "--os-password",
+               ENV["OS_ADMIN_PASSWORD"]] if admin else []
+        value = sh(ENV["OPENSTACK"], *who, "token", "issue", "-f", "value", "-c", "id",
+                   env=dict(ENV, PYTHONWARNINGS="ignore")).strip()
+        _tokens[admin] = issued = (value, time.monotonic())
+    return issued[0]
+
+
 def glance(method, path, body=None, headers=None):
     data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(GLANCE + path, data=data, method=method,
-                                 headers=headers or ({"Content-Type": "application/json"} if body is not None else {}))
+    headers = dict(headers or ({"Content-Type": "application/json"} if body is not None else {}))
+    headers["X-Auth-Token"] = token(admin=True)
+    req = urllib.request.Request(GLANCE + path, data=data, method=method, headers=headers)
     with urllib.request.urlopen(req, timeout=600) as r:
         raw = r.read()
         return json.loads(raw) if raw else None
@@ -122,21 +141,53 @@ class Guest:
 # ---------------------------------------------------------------- worker and peers
 
 
+def ini_set(text, section, key, value):
+    """The INI `text` with `[section] key = value` set (replaced, or added to the section)."""
+    lines, out, in_section, done = text.splitlines(), [], False, False
+    for line in lines:
+        stripped = line.strip()
+        if stripped.startswith("["):
+            if in_section and not done:
+                out.append(f"{key} = {value}")
+                done = True
+            in_section = stripped == f"[{section}]"
+        elif in_section and stripped.split("=")[0].strip() == key:
+            if not done:
+                out.append(f"{key} = {value}")
+                done = True
+            continue
+        out.append(line)
+    if not done:
+        if not in_section:
+            out.append(f"[{section}]")
+        out.append(f"{key} = {value}")
+    return "\n".join(out) + "\n"
+
+
 class Worker:
-    def __init__(self, direct=True, concurrency=8, log_level="info"):
+    """novasnap from the stack's nova-cpu.conf. On a host of the bench's own it serves the
+    whole host and tells Nova nothing (the bench's guests are not Nova's); `relay=True` puts
+    it in front of an oslo server standing for nova-compute instead."""
+
+    def __init__(self, direct=True, concurrency=8, log_level="info", host=HOST, relay=False):
         self.dir = tempfile.mkdtemp(prefix="novasnap-bench-")
-        conf = open(ENV["NOVASNAP_CONFIG"]).read()
-        conf = re.sub(r"(?m)^host = .*$", f"host = {HOST}", conf)
-        conf += (f"notification_exchange = {EXCHANGE}\nmax_concurrent_snapshots = {concurrency}\n"
-                 f"direct_snapshot = {'true' if direct else 'false'}\nreclaim_interval = 86400\n"
-                 f"dead_letter_exchange = {EXCHANGE}-dlq\ndead_letter_queue = {EXCHANGE}-dlq\n")
+        conf = open(ENV["NOVA_CONF"]).read()
+        for section, key, value in (
+                ("DEFAULT", "host", host), ("novasnap", "notification_exchange", EXCHANGE),
+                ("novasnap", "max_concurrent_snapshots", concurrency),
+                ("novasnap", "direct_snapshot", "true" if direct else "false"),
+                ("novasnap", "reclaim_interval", 86400), ("novasnap", "dead_letter_exchange", f"{EXCHANGE}-dlq"),
+                ("novasnap", "dead_letter_queue", f"{EXCHANGE}-dlq"),
+                ("novasnap", "serve_whole_host", "false" if relay else "true"),
+                ("novasnap", "nova_writeback", "false")):
+            conf = ini_set(conf, section, key, value)
         self.conf = os.path.join(self.dir, "novasnap.conf")
         open(self.conf, "w").write(conf)
         self.log = os.path.join(self.dir, "worker.log")
         self.proc = subprocess.Popen([BIN, "serve", "--config", self.conf], stderr=open(self.log, "w"),
                                      env=dict(ENV, NOVASNAP_LOG=log_level))
         deadline = time.time() + 60
-        while f"compute.{HOST}" not in sh("rabbitmqctl", "-q", "list_consumers", "queue_name"):
+        while f"novasnap-relay-{host}-" not in sh("rabbitmqctl", "-q", "list_consumers", "consumer_tag"):
             if time.time() > deadline or self.proc.poll() is not None:
                 raise RuntimeError("worker did not start:\n" + open(self.log).read())
             time.sleep(0.2)
@@ -168,8 +219,10 @@ class Listener:
             [PEER, os.path.join(ROOT, "tests/peer/listen.py"), "--exchange", EXCHANGE, "--pool", EXCHANGE,
              "--until", "-", "--timeout", "7200"],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(ENV, PYTHONWARNINGS="ignore"))
+        deadline = time.time() + 60
         while self.proc.stderr.readline().strip() != "ready":
-            pass
+            if time.time() > deadline or self.proc.poll() is not None:
+                raise RuntimeError("the oslo notification listener did not start")
         threading.Thread(target=self._read, daemon=True).start()
 
     def _read(self):
@@ -199,7 +252,8 @@ class Listener:
 def cast(guest):
     """nova-api's part (nova's ComputeAPI); returns (image id, monotonic time the cast left)."""
     out = sh(PEER, os.path.join(ROOT, "tests/peer/nova_api.py"), "snapshot", "--instance", guest.uuid, "--host", HOST,
-             "--image-ref", "", "--glance", GLANCE, "--name", "bench", env=dict(ENV, PYTHONWARNINGS="ignore"))
+             "--image-ref", "", "--glance", GLANCE, "--name", "bench", "--token", token(admin=False),
+             env=dict(ENV, PYTHONWARNINGS="ignore"))
     return json.loads(out)["image_id"], time.monotonic()
 
 
@@ -219,7 +273,8 @@ def liberty(guest):
     t0 = time.monotonic()
     sh("qemu-img", "convert", "-f", "raw", "-O", "raw", f"rbd:vms/{guest.disk}:conf={CEPH_CONF}", path)
     image = glance("POST", "/v2/images", {"name": "bench-liberty", "disk_format": "raw", "container_format": "bare"})["id"]
-    sh("curl", "-sf", "-T", path, "-X", "PUT", "-H", "Content-Type: application/octet-stream", f"{GLANCE}/v2/images/{image}/file")
+    sh("curl", "-sf", "-T", path, "-X", "PUT", "-H", "Content-Type: application/octet-stream",
+       "-H", f"X-Auth-Token: {token(admin=True)}", f"{GLANCE}/v2/images/{image}/file")
     t = time.monotonic() - t0
     os.unlink(path)
     glance_delete(image)
@@ -341,10 +396,13 @@ def queue_depth(queue):
     return 0
 
 
-def drain_time(queue, start_consumer):
+def drain_time(queues, start_consumer, limit=600):
+    """Seconds from starting the consumer until `queues` are all empty (bounded by `limit`)."""
     t0 = time.monotonic()
     proc = start_consumer()
-    while queue_depth(queue) > 0:
+    while any(queue_depth(q) > 0 for q in queues):
+        if time.monotonic() - t0 > limit:
+            raise RuntimeError(f"{queues} not drained within {limit}s")
         time.sleep(0.05)
     return time.monotonic() - t0, proc
 
@@ -355,7 +413,7 @@ def dispatch_throughput():
     w = Worker()  # declares the queues
     w.stop()
     preload("reboot_instance", "nova", HOST, CASTS)
-    t_nova, worker = drain_time(queue, lambda: Worker())
+    t_nova, worker = drain_time([queue], lambda: Worker())
     worker.stop()
     subprocess.run(["rabbitmqctl", "delete_queue", f"{EXCHANGE}-dlq"], capture_output=True)
     # A stock oslo RPC server with a no-op endpoint, threading executor, 64 threads.
@@ -374,22 +432,113 @@ s = oslo_messaging.get_rpc_server(t, oslo_messaging.Target(topic='compute', serv
 s.start(); print('ready', flush=True)
 time.sleep(3600)
 """
-    oslo = subprocess.Popen([PEER, "-c", code], stdout=subprocess.PIPE, text=True, env=dict(ENV, PYTHONWARNINGS="ignore"))
-    oslo.stdout.readline()
+    oslo = start_peer(code)
     oslo.kill()
     oslo.wait()
     preload("noop", "nova", server_host, CASTS)
 
     def start_oslo():
-        p = subprocess.Popen([PEER, "-c", code], stdout=subprocess.PIPE, text=True, env=dict(ENV, PYTHONWARNINGS="ignore"))
-        p.stdout.readline()
-        return p
+        return start_peer(code)
 
-    t_oslo, oslo = drain_time(f"compute.{server_host}", start_oslo)
+    t_oslo, oslo = drain_time([f"compute.{server_host}"], start_oslo)
     oslo.kill()
     for q in (queue, f"compute.{server_host}"):
         subprocess.run(["rabbitmqctl", "delete_queue", q], capture_output=True)
     return CASTS / t_nova, CASTS / t_oslo
+
+
+def start_peer(code, limit=60):
+    """A peer process (the peer venv's python running `code`), once it prints "ready"; one
+    that does not within `limit` is reported with what it printed."""
+    p = subprocess.Popen([PEER, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env=dict(ENV, PYTHONWARNINGS="ignore"))
+    ready = threading.Event()
+    threading.Thread(target=lambda: p.stdout.readline().strip() == "ready" and ready.set(), daemon=True).start()
+    if not ready.wait(limit):
+        p.kill()
+        raise RuntimeError(f"peer did not start within {limit}s:\n{p.stderr.read()[-2000:]}")
+    return p
+
+
+# nova-compute ≥ 33 as the broker sees it: RPC servers on `compute` and `compute-alt` for one
+# host, with oslo.messaging's defaults (threading executor) and no-op endpoints.
+NOVA_COMPUTE = """
+import oslo_messaging, time, warnings
+from oslo_config import cfg
+warnings.filterwarnings('ignore')
+conf = cfg.CONF; conf([])
+t = oslo_messaging.get_rpc_transport(conf, url={url!r})
+class E:
+    target = oslo_messaging.Target(version='6.0')
+    def noop(self, ctxt, **kw): pass
+    def echo(self, ctxt, value): return value
+servers = [oslo_messaging.get_rpc_server(t, oslo_messaging.Target(topic=topic, server={host!r}, exchange='nova'), [E()],
+                                         executor='threading') for topic in {topics!r}]
+for s in servers: s.start()
+print('ready', flush=True)
+time.sleep(3600)
+"""
+
+# An RPC client's calls, one after the other, each timed (a warm-up call first).
+CALLER = """
+import json, oslo_messaging, time, warnings
+from oslo_config import cfg
+warnings.filterwarnings('ignore')
+conf = cfg.CONF; conf([])
+t = oslo_messaging.get_rpc_transport(conf, url={url!r})
+c = oslo_messaging.get_rpc_client(t, oslo_messaging.Target(topic='compute', server={host!r}, exchange='nova', version='6.0'))
+c.prepare(timeout=30).call({{}}, 'echo', value=-1)
+times = []
+for i in range({n}):
+    t0 = time.perf_counter()
+    c.prepare(timeout=30).call({{}}, 'echo', value=i)
+    times.append(time.perf_counter() - t0)
+print(json.dumps(times))
+"""
+
+
+def percentile(xs, q):
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
+
+
+def forwarding():
+    """What novasnap in front of nova-compute costs what it forwards: the latency a call
+    gains (p50/p99, the same calls against nova-compute alone), and forwards per second."""
+    host = HOST + "-fwd"
+    url = ENV["TRANSPORT_URL"]
+
+    def calls():
+        r = subprocess.run([PEER, "-c", CALLER.format(url=url, host=host, n=CALLS)], capture_output=True, text=True,
+                           env=dict(ENV, PYTHONWARNINGS="ignore"), timeout=600)
+        if r.returncode:
+            raise RuntimeError(f"RPC calls failed:\n{r.stderr[-2000:]}")
+        return json.loads(r.stdout)
+
+    nova = start_peer(NOVA_COMPUTE.format(url=url, host=host, topics=("compute", "compute-alt")))
+    try:
+        alone = calls()
+        worker = Worker(host=host, relay=True)
+        try:
+            through = calls()
+        finally:
+            worker.stop()
+    finally:
+        nova.kill()
+        nova.wait()
+    # Forwards per second: casts pre-loaded on compute.<host>, drained by novasnap into
+    # compute-alt.<host>, which the stand-in for nova-compute drains in turn.
+    preload("noop", "nova", host, CASTS)
+    nova = start_peer(NOVA_COMPUTE.format(url=url, host=host, topics=("compute-alt",)))
+    try:
+        t, worker = drain_time([f"compute.{host}", f"compute-alt.{host}"], lambda: Worker(host=host, relay=True))
+        worker.stop()
+    finally:
+        nova.kill()
+    for q in (f"compute.{host}", f"compute-alt.{host}"):
+        subprocess.run(["rabbitmqctl", "delete_queue", q], capture_output=True)
+    ms = lambda xs, q: 1000 * percentile(xs, q)
+    return (ms(alone, 0.5), ms(alone, 0.99), ms(through, 0.5), ms(through, 0.99)), CASTS / t
 
 
 def memory_and_breakdown(listener):
@@ -444,6 +593,7 @@ def main():
         snap_rows = snapshot_times(listener)
         conc_rows, peak8 = concurrency(listener)
         nova_rate, oslo_rate = dispatch_throughput()
+        latency, forward_rate = forwarding()
         idle, streamed, steps = memory_and_breakdown(listener)
     finally:
         listener.stop()
@@ -478,6 +628,13 @@ def main():
            "| consumer | casts/s |", "|---|---|",
            f"| novasnap, reject fast path (dead-lettered) | {nova_rate:.0f} |",
            f"| oslo.messaging RPC server, no-op endpoint, 64 threads | {oslo_rate:.0f} |",
+           "", f"## Beside nova-compute: forwarded RPC calls ({CALLS} calls, one at a time)", "",
+           "| path | p50 (ms) | p99 (ms) |", "|---|---|---|",
+           f"| nova-compute alone (oslo RPC servers on compute and compute-alt) | {latency[0]:.2f} | {latency[1]:.2f} |",
+           f"| through novasnap (compute → relay → compute-alt) | {latency[2]:.2f} | {latency[3]:.2f} |",
+           f"| added by novasnap | {latency[2] - latency[0]:.2f} | {latency[3] - latency[1]:.2f} |",
+           "", f"Forwarded casts: {forward_rate:.0f}/s ({CASTS} pre-loaded on compute.<host>, drained through "
+           "novasnap into compute-alt.<host> and by the stand-in nova-compute).",
            "", "## Memory (worker RSS)", "", "| state | KiB |", "|---|---|",
            f"| idle | {idle} |", f"| peak during the 8-way run | {peak8} |",
            f"| peak during a 1 GiB standard (streamed) upload | {streamed} |",
