@@ -111,6 +111,16 @@ impl Hypervisor for FakeHypervisor {
         self.faults.check("live_copy")?;
         unreachable!("file-backed guests are covered by the integration tests")
     }
+    async fn freeze_filesystems(&self, _uuid: Uuid) -> Result<u32, HypervisorError> {
+        self.record("freeze".into());
+        self.faults.check("freeze_filesystems")?;
+        Ok(2)
+    }
+    async fn thaw_filesystems(&self, _uuid: Uuid) -> Result<(), HypervisorError> {
+        self.record("thaw".into());
+        self.faults.check("thaw_filesystems")?;
+        Ok(())
+    }
 }
 
 #[derive(Clone, Default)]
