@@ -6,7 +6,8 @@
 //!   into a temporary file otherwise. Reading a snapshot is safe while the guest runs, so
 //!   unlike Nova's qemu-img-on-a-live-disk this needs no suspend.
 //! - File disks: live, a shallow block copy onto a delta over the same backing file, ended
-//!   once in sync, then flattened by qemu-img; cold, qemu-img from the disk itself.
+//!   once in sync (the guest quiesced around the end), then flattened by qemu-img; cold,
+//!   qemu-img from the disk itself.
 //!
 //! Temporary files live in `<snapshots_directory>/novasnap-<image_id>/`, named after the
 //! image so a retry or reclamation finds them, and are removed on every path.
@@ -113,9 +114,10 @@ impl StandardSnapshot<'_, '_> {
             let copied = job.step(Step::Extract, || hv.live_copy(instance, target, &delta, progress.clone())).await;
             reporter.finish().await;
             copied?;
-            // In sync: ending the copy is its point in time.
-            let ended = job.step(Step::Extract, || hv.abort_block_job(instance, target)).await;
-            if let Err(e) = ended {
+            // In sync: ending the copy is its point in time, quiesced as Nova's
+            // `_live_snapshot` quiesces it (after the mirroring, to keep the freeze short).
+            let end_copy = job.step(Step::Extract, || hv.abort_block_job(instance, target));
+            if let Err(e) = job.at_point_in_time(plan, end_copy).await {
                 // A copy still mirroring would write on into the delta being removed.
                 job.tidy("end the block copy", &instance, hv.abort_block_job(instance, target)).await;
                 return Err(e);
