@@ -288,6 +288,11 @@ pub struct WorkerConfig {
     /// (the wait for the instance lease included) to its end; past it, the snapshot fails
     /// cleanly. Kept under RabbitMQ's `consumer_timeout` (see the README).
     pub snapshot_timeout: Duration,
+    /// `[novasnap] max_freeze_seconds`: the longest a live snapshot keeps a guest's
+    /// filesystems frozen through its guest agent, from the freeze to the thaw. A disk
+    /// snapshot that takes longer is finished with the guest thawed (crash-consistent; a
+    /// failure under `os_require_quiesce`), so no guest waits on a slow Ceph for its writes.
+    pub max_freeze: Duration,
     /// `[novasnap] shutdown_grace`: on SIGTERM, how long in-flight snapshots may run on
     /// before their casts are handed back to the broker.
     pub shutdown_grace: Duration,
@@ -453,6 +458,7 @@ impl Config {
             instance_lease,
             snapshot_timeout: r.positive_seconds("novasnap", "snapshot_timeout", 1500)?,
             done_horizon: r.positive_seconds("novasnap", "done_horizon", 7 * 24 * 3600)?,
+            max_freeze: r.positive_seconds("novasnap", "max_freeze_seconds", 10)?,
             shutdown_grace: r.seconds("novasnap", "shutdown_grace", 120)?,
             nova_writeback: r.parse("novasnap", "nova_writeback", true)?,
         };

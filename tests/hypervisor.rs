@@ -118,7 +118,7 @@ async fn suspend_and_resume_are_idempotent_and_keep_paused_guests_paused() {
 }
 
 #[tokio::test]
-async fn live_copy_onto_a_delta_carries_the_disk_and_leaves_no_job() {
+async fn live_copy_onto_a_delta_ended_by_an_abort_carries_the_disk_and_leaves_no_job() {
     let hv = hypervisor().await;
     let guest = ThrowawayGuest::start().await;
     hv.abort_block_job(guest.uuid, "vda").await.unwrap(); // no job: fine
@@ -137,6 +137,8 @@ async fn live_copy_onto_a_delta_carries_the_disk_and_leaves_no_job() {
         .await
         .unwrap();
     assert_eq!(last.load(std::sync::atomic::Ordering::Relaxed), 100);
+    // In sync and still mirroring: ending the job is the copy's point in time.
+    hv.abort_block_job(guest.uuid, "vda").await.unwrap();
     assert_eq!(raw_sha256(&delta, "qcow2").await, expected, "the delta over the base holds the disk's contents");
     assert_eq!(hv.power_state(guest.uuid).await.unwrap(), PowerState::Running);
     let found = hv.find_guest(guest.uuid, None).await.unwrap();

@@ -9,7 +9,7 @@ use novasnap::messaging::dispatcher::dispatch;
 use novasnap::messaging::envelope::decode;
 use novasnap::messaging::notifier::message_body;
 use novasnap::messaging::payload::notifications_for;
-use novasnap::messaging::{SnapshotEvent, TaskState};
+use novasnap::messaging::{GuestHeld, SnapshotEvent, TaskState};
 use serde_json::Value;
 
 fn fixture_message(name: &str) -> Value {
@@ -53,7 +53,7 @@ fn every_notification_novasnap_builds_matches_its_schema_and_hides_the_token() {
         SnapshotEvent::TaskState { old: Some(TaskState::ImageSnapshot), new: Some(TaskState::ImagePendingUpload) },
         SnapshotEvent::TaskState { old: Some(TaskState::ImageUploading), new: None },
         SnapshotEvent::Progress { task_state: TaskState::ImageUploading, percent: 42 },
-        SnapshotEvent::End,
+        SnapshotEvent::End { held: GuestHeld { frozen_ms: 120, suspended_ms: 0 } },
         SnapshotEvent::Error { exception: "ImageNotFound".into(), message: "gone".into() },
     ];
     let mut seen = std::collections::BTreeSet::new();

@@ -4,7 +4,8 @@
 //! - [`rados`]: librados (the cluster connection and its options, pools, the ledger's
 //!   locks and omaps);
 //! - [`rbd`]: librbd (images, snapshots, clones, flatten, reads, metadata);
-//! - [`libvirt`]: the block-job calls `virt` 0.5 has no safe API for.
+//! - [`libvirt`]: the block-job and filesystem freeze/thaw calls `virt` 0.5 has no safe
+//!   API for.
 //!
 //! All of them block: callers run them on the blocking pool.
 #![allow(unsafe_code)]

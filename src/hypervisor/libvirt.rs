@@ -1,4 +1,5 @@
-//! [`Hypervisor`] over libvirt (`virt` 0.5, plus `crate::ffi::libvirt` for block jobs).
+//! [`Hypervisor`] over libvirt (`virt` 0.5, plus `crate::ffi::libvirt` for block jobs and
+//! the guest agent's filesystem freeze).
 //!
 //! One connection, shared by every call at once (libvirt connections are thread-safe):
 //! the lock guards only getting and replacing it, so a call that hangs (a QEMU monitor that
@@ -298,7 +299,7 @@ impl Hypervisor for LibvirtHypervisor {
             })?;
             if aborted {
                 wait_for_no_job(inner, uuid, &disk, ABORT_WAIT)?;
-                tracing::info!(%uuid, disk, "aborted a stale block job");
+                tracing::info!(%uuid, disk, "block job aborted");
             }
             Ok(())
         })
@@ -384,14 +385,65 @@ impl Hypervisor for LibvirtHypervisor {
                 }
                 std::thread::sleep(JOB_POLL);
             }
-            // In sync: end the job without pivoting, so the guest stays on its disk and
-            // `dest` keeps the copy.
-            inner.with_connection(uuid, "abort block job", |c| ffi::block_job_abort(&inner.domain(c, uuid)?, &disk))?;
-            wait_for_no_job(inner, uuid, &disk, ABORT_WAIT)?;
+            // In sync: the caller ends the job (without pivoting) at the copy's point in time.
             progress(100);
             Ok(())
         })
         .await
+    }
+
+    async fn freeze_filesystems(&self, uuid: Uuid) -> Result<u32, HypervisorError> {
+        self.blocking(move |inner| {
+            inner
+                .with_connection(uuid, "freeze filesystems", |c| ffi::fs_freeze(&inner.domain(c, uuid)?))
+                .map_err(agent_error)
+        })
+        .await
+    }
+
+    async fn thaw_filesystems(&self, uuid: Uuid) -> Result<(), HypervisorError> {
+        self.blocking(move |inner| {
+            let thawed = inner
+                .with_connection(uuid, "thaw filesystems", |c| {
+                    let domain = inner.domain(c, uuid)?;
+                    // A guest that is not running has nothing frozen (and no agent to ask).
+                    if !domain.is_active()? {
+                        return Ok(0);
+                    }
+                    ffi::fs_thaw(&domain)
+                })
+                .map_err(agent_error)?;
+            if thawed > 0 {
+                tracing::info!(%uuid, filesystems = thawed, "guest filesystems thawed");
+            }
+            Ok(())
+        })
+        .await
+    }
+}
+
+/// A libvirt error of a guest agent call as what it says of the agent: not configured in
+/// the domain (VIR_ERR_ARGUMENT_UNSUPPORTED), or not answering or failing (the
+/// VIR_ERR_AGENT_* codes). Any other (a libvirtd restarting, a guest gone) is unchanged.
+fn agent_error(e: HypervisorError) -> HypervisorError {
+    match e {
+        HypervisorError::Libvirt { operation, uuid, code, message }
+            if code == sys::VIR_ERR_ARGUMENT_UNSUPPORTED as i32 =>
+        {
+            HypervisorError::AgentNotConfigured { operation, uuid, message }
+        }
+        HypervisorError::Libvirt { operation, uuid, code, message }
+            if [
+                sys::VIR_ERR_AGENT_UNRESPONSIVE,
+                sys::VIR_ERR_AGENT_UNSYNCED,
+                sys::VIR_ERR_AGENT_COMMAND_TIMEOUT,
+                sys::VIR_ERR_AGENT_COMMAND_FAILED,
+            ]
+            .contains(&(code as sys::virErrorNumber)) =>
+        {
+            HypervisorError::Agent { operation, uuid, code, message }
+        }
+        other => other,
     }
 }
 

@@ -63,6 +63,14 @@ pub enum HypervisorError {
     Connection(String),
     #[error("block job on {uuid} {disk} did not finish within {seconds}s")]
     BlockJobTimeout { uuid: Uuid, disk: String, seconds: u64 },
+    /// The domain has no guest agent channel (libvirt's VIR_ERR_ARGUMENT_UNSUPPORTED, "QEMU
+    /// guest agent is not configured"): nothing in the guest can have been frozen.
+    #[error("libvirt {operation} on {uuid}: the QEMU guest agent is not configured: {message}")]
+    AgentNotConfigured { operation: &'static str, uuid: Uuid, message: String },
+    /// The guest agent did not answer (not connected, unsynced, timed out) or answered with
+    /// an error (the guest could not freeze a filesystem).
+    #[error("libvirt {operation} on {uuid}: the QEMU guest agent failed: {message} (code {code})")]
+    Agent { operation: &'static str, uuid: Uuid, code: i32, message: String },
 }
 
 impl Classify for HypervisorError {
@@ -82,8 +90,14 @@ impl Classify for HypervisorError {
                     Disposition::Permanent
                 }
             }
+            // VIR_ERR_AGENT_UNRESPONSIVE (86), VIR_ERR_AGENT_UNSYNCED (97) and
+            // VIR_ERR_AGENT_COMMAND_TIMEOUT (112): an agent still starting, or busy. An error
+            // the agent answered (VIR_ERR_AGENT_COMMAND_FAILED, 113) is the guest's answer.
+            Self::Agent { code: 86 | 97 | 112, .. } => Disposition::Transient,
             Self::Connection(_) | Self::BlockJobTimeout { .. } => Disposition::Transient,
-            Self::GuestNotFound(_) | Self::NoRootDisk { .. } => Disposition::Permanent,
+            Self::GuestNotFound(_) | Self::NoRootDisk { .. } | Self::AgentNotConfigured { .. } | Self::Agent { .. } => {
+                Disposition::Permanent
+            }
         }
     }
 }
@@ -113,7 +127,20 @@ pub trait Hypervisor: Send + Sync {
     async fn resume(&self, uuid: Uuid, paused: bool) -> Result<(), HypervisorError>;
 
     /// Copies the live disk `disk` into `dest`, an existing qcow2 delta over the same
-    /// backing file that the caller created (a shallow block copy that reuses `dest`), waits
-    /// for it to be in sync, then aborts the job, leaving the guest on its original disk.
+    /// backing file that the caller created (a shallow block copy that reuses `dest`), and
+    /// returns once it is in sync, the job still mirroring every write into `dest`. The
+    /// caller ends it with [`abort_block_job`](Self::abort_block_job), which leaves `dest`
+    /// holding the disk as it was at that moment (the copy's point in time) and the guest on
+    /// its original disk.
     async fn live_copy(&self, uuid: Uuid, disk: &str, dest: &Path, progress: Progress) -> Result<(), HypervisorError>;
+
+    /// Freezes the guest's filesystems through its QEMU guest agent, so that a disk snapshot
+    /// taken now is consistent for the guest's filesystems. How many were frozen. The guest
+    /// stays frozen until [`thaw_filesystems`](Self::thaw_filesystems).
+    async fn freeze_filesystems(&self, uuid: Uuid) -> Result<u32, HypervisorError>;
+
+    /// Thaws the guest's filesystems. Succeeds for a guest that is not frozen (the agent
+    /// thaws nothing) and for one that is not running (nothing can be frozen), so it is safe
+    /// to call before any freeze and on every retry.
+    async fn thaw_filesystems(&self, uuid: Uuid) -> Result<(), HypervisorError>;
 }

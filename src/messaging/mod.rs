@@ -54,10 +54,20 @@ pub enum SnapshotEvent {
     TaskState { old: Option<TaskState>, new: Option<TaskState> },
     /// `instance.update` carrying `progress` 0–100 during a long step.
     Progress { task_state: TaskState, percent: u8 },
-    /// `instance.snapshot.end` / `compute.instance.snapshot.end`
-    End,
+    /// `instance.snapshot.end` / `compute.instance.snapshot.end`, with how long the guest
+    /// was held for the snapshot.
+    End { held: GuestHeld },
     /// `instance.snapshot.error`-style error event with the fault.
     Error { exception: String, message: String },
+}
+
+/// How long a snapshot held its guest, in milliseconds: filesystems frozen through the
+/// guest agent (freeze asked → thaw done, live snapshots), and in managed save (suspend
+/// asked → resume done, cold snapshots).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct GuestHeld {
+    pub frozen_ms: u64,
+    pub suspended_ms: u64,
 }
 
 #[async_trait]

@@ -207,8 +207,15 @@ pub fn notifications_for(req: &SnapshotRequest, event: &SnapshotEvent, glance: &
             legacy("compute.instance.snapshot.start", "INFO", legacy_payload(req, task, glance)),
             versioned("instance.snapshot.start", "INFO", snapshot_payload(req, task, Value::Null)),
         ],
-        SnapshotEvent::End => vec![
-            legacy("compute.instance.snapshot.end", "INFO", legacy_payload(req, None, glance)),
+        SnapshotEvent::End { held } => vec![
+            legacy("compute.instance.snapshot.end", "INFO", {
+                // novasnap's own figures, where Nova's legacy dict has room for more keys (the
+                // versioned payload keeps Nova's schema exactly).
+                let mut payload = legacy_payload(req, None, glance);
+                payload["frozen_ms"] = held.frozen_ms.into();
+                payload["suspended_ms"] = held.suspended_ms.into();
+                payload
+            }),
             versioned("instance.snapshot.end", "INFO", snapshot_payload(req, None, Value::Null)),
         ],
         SnapshotEvent::TaskState { old, new } => {

@@ -16,6 +16,8 @@ pub enum Step {
     GetImage,
     AbortBlockJob,
     Suspend,
+    Quiesce,
+    Thaw,
     DiskSnapshot,
     Clone,
     Flatten,
@@ -38,6 +40,8 @@ impl std::fmt::Display for Step {
             Self::GetImage => "get image",
             Self::AbortBlockJob => "abort stale block job",
             Self::Suspend => "suspend guest",
+            Self::Quiesce => "quiesce guest",
+            Self::Thaw => "thaw guest filesystems",
             Self::DiskSnapshot => "snapshot disk",
             Self::Clone => "clone into image pool",
             Self::Flatten => "flatten clone",
@@ -80,6 +84,14 @@ pub enum Fault {
     NotOnThisHost(String),
     #[error("the snapshot did not end within its deadline ({0:?}, [novasnap] snapshot_timeout)")]
     DeadlineExceeded(std::time::Duration),
+    /// The image requires quiescing (`os_require_quiesce`) and the guest could not be
+    /// quiesced: Nova's `InstanceQuiesceFailed`, with its message.
+    #[error("Failed to quiesce instance: {0}")]
+    QuiesceFailed(String),
+    /// The image requires quiescing and does not say its guest runs the agent
+    /// (`hw_qemu_guest_agent`): Nova's `QemuGuestAgentNotEnabled`, with its message.
+    #[error("QEMU guest agent is not enabled")]
+    AgentNotEnabled,
 }
 
 impl Classify for Fault {
@@ -93,7 +105,9 @@ impl Classify for Fault {
             | Self::CopyLost(_)
             | Self::NotOurs(_)
             | Self::NotOnThisHost(_)
-            | Self::DeadlineExceeded(_) => Disposition::Permanent,
+            | Self::DeadlineExceeded(_)
+            | Self::QuiesceFailed(_)
+            | Self::AgentNotEnabled => Disposition::Permanent,
         }
     }
 }
@@ -121,6 +135,8 @@ impl SnapshotError {
             Fault::Hypervisor(_) => "HypervisorError",
             Fault::Storage(_) | Fault::CopyLost(_) | Fault::NotOurs(_) => "StorageError",
             Fault::DeadlineExceeded(_) => "SnapshotTimeout",
+            Fault::QuiesceFailed(_) => "InstanceQuiesceFailed",
+            Fault::AgentNotEnabled => "QemuGuestAgentNotEnabled",
             Fault::Image(_) => "ImageError",
             Fault::Unsupported(_) => "ImageUnacceptable",
         }

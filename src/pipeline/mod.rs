@@ -11,6 +11,7 @@ pub mod direct;
 pub mod error;
 pub mod plan;
 pub mod progress;
+pub mod quiesce;
 pub mod standard;
 
 use std::future::Future;
@@ -65,6 +66,8 @@ pub struct PipelineSettings {
     pub snapshot_timeout: std::time::Duration,
     /// The image property's value that says novasnap made the image ([`MADE_BY_PROPERTY`]).
     pub made_by: String,
+    /// The longest a guest's filesystems stay frozen (`[novasnap] max_freeze_seconds`).
+    pub max_freeze: std::time::Duration,
 }
 
 /// The image property naming the novasnap (version and host) that made the image.
@@ -86,6 +89,7 @@ impl PipelineSettings {
             snapshot_timeout: config.worker.snapshot_timeout,
             host: config.host.clone(),
             made_by: format!("novasnap {} on {}", env!("CARGO_PKG_VERSION"), config.host),
+            max_freeze: config.worker.max_freeze,
         }
     }
 }
@@ -116,6 +120,10 @@ pub(crate) struct Job<'a> {
     /// The guest is in managed save because of this request (or an earlier try of it) and
     /// must be brought back to this state: running, or paused.
     pub suspended: Option<PowerState>,
+    /// When this request's managed save began (or was found, left by an earlier try).
+    pub suspended_since: Option<Instant>,
+    /// How long the guest has been held, and whether a thaw failed.
+    pub held: quiesce::HeldTimes,
     /// The RBD instance disk that may carry this request's snapshot.
     pub rbd_disk: Option<crate::storage::RbdImage>,
     /// The copy in Glance's pool this request may have made.
@@ -148,6 +156,8 @@ impl SnapshotPipeline {
             task_state: Some(req.kind.task_states()[0]),
             recorded: false,
             suspended: None,
+            suspended_since: None,
+            held: Default::default(),
             rbd_disk: None,
             rbd_copy: None,
         };
@@ -363,6 +373,7 @@ impl Job<'_> {
         if plan.live {
             let disk = guest.root_disk.target.as_str();
             self.step(Step::AbortBlockJob, || b.hypervisor.abort_block_job(instance, disk)).await?;
+            self.thaw_first(&plan).await;
         }
 
         // 5. Nova's task_state sequence.
@@ -391,8 +402,10 @@ impl Job<'_> {
         self.resume_if_suspended().await?;
         self.forget_work().await;
         self.set_task_state(None).await?;
-        self.notify(SnapshotEvent::End).await;
-        info!(%instance, image = %image_id, direct, "snapshot image upload complete");
+        let held = self.held.held();
+        self.notify(SnapshotEvent::End { held }).await;
+        info!(%instance, image = %image_id, direct, frozen_ms = held.frozen_ms, suspended_ms = held.suspended_ms,
+              "snapshot image upload complete");
 
         if let SnapshotKind::Backup { backup_type, rotation } = &req.kind {
             backup::rotate(self, backup_type, *rotation).await?;
@@ -416,7 +429,7 @@ impl Job<'_> {
         self.resume_if_suspended().await?;
         self.task_state = Some(TaskState::ImageUploading);
         self.set_task_state(None).await?;
-        self.notify(SnapshotEvent::End).await;
+        self.notify(SnapshotEvent::End { held: self.held.held() }).await;
         if let SnapshotKind::Backup { backup_type, rotation } = &req.kind {
             backup::rotate(self, backup_type, *rotation).await?;
         }
@@ -449,6 +462,7 @@ impl Job<'_> {
     fn adopt_suspension(&mut self, plan: &SnapshotPlan) {
         if plan.suspended_already {
             self.suspended = Some(plan.original_state);
+            self.suspended_since = Some(Instant::now());
         }
     }
 
@@ -456,8 +470,10 @@ impl Job<'_> {
     pub(crate) async fn suspend_if_needed(&mut self, plan: &SnapshotPlan) -> Result<(), SnapshotError> {
         if plan.resume_after && self.suspended.is_none() {
             let (hv, instance) = (&self.b.hypervisor, self.instance());
+            let since = Instant::now();
             self.step(Step::Suspend, || hv.suspend(instance)).await?;
             self.suspended = Some(plan.original_state);
+            self.suspended_since = Some(since);
         }
         Ok(())
     }
@@ -473,13 +489,17 @@ impl Job<'_> {
             let paused = state == PowerState::Paused;
             self.fenced(Step::Resume, deadline, || hv.resume(instance, paused)).await?;
             self.suspended = None;
+            if let Some(since) = self.suspended_since.take() {
+                self.held.add_suspended(since.elapsed());
+            }
         }
         Ok(())
     }
 
     /// The disk's point in time: snapshot `snap` of `disk`, taken with the guest in managed
-    /// save for a cold snapshot unless an earlier try of this request took it already. The
-    /// guest runs again as soon as the snapshot exists.
+    /// save for a cold snapshot, quiesced for a live one, unless an earlier try of this
+    /// request took it already. The guest runs (or writes) again as soon as the snapshot
+    /// exists.
     pub(crate) async fn disk_snapshot(
         &mut self,
         storage: &dyn BlockStorage,
@@ -490,7 +510,7 @@ impl Job<'_> {
         let existing = self.step(Step::DiskSnapshot, || storage.list_snapshots(disk)).await?;
         if !existing.iter().any(|s| s.name == snap) {
             self.suspend_if_needed(plan).await?;
-            self.step(Step::DiskSnapshot, || storage.create_snapshot(disk, snap)).await?;
+            self.at_point_in_time(plan, self.step(Step::DiskSnapshot, || storage.create_snapshot(disk, snap))).await?;
         }
         self.resume_if_suspended().await
     }
@@ -539,6 +559,10 @@ impl Job<'_> {
             self.tidy("delete the failed snapshot's image", &image, b.images.delete(&req.context, image)).await;
         } else {
             info!(image = %self.image(), image_state = %owner.state, "the image is kept");
+        }
+        if let Err(err) = self.thaw_if_left_frozen().await {
+            tracing::error!(instance = %self.instance(), error = %err, "the guest's filesystems may still be frozen after a failed snapshot");
+            unsettled.push(format!("guest {} could not be thawed: {}", self.instance(), err.fault));
         }
         if let Err(err) = self.resume(None).await {
             tracing::error!(instance = %self.instance(), error = %err, "the guest is still in managed save after a failed snapshot");

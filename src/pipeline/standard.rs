@@ -5,8 +5,9 @@
 //!   Glance when the image is raw (no temporary copy, bounded memory); converted by qemu-img
 //!   into a temporary file otherwise. Reading a snapshot is safe while the guest runs, so
 //!   unlike Nova's qemu-img-on-a-live-disk this needs no suspend.
-//! - File disks: live, a shallow block copy onto a delta over the same backing file, then
-//!   flattened by qemu-img; cold, qemu-img from the disk itself.
+//! - File disks: live, a shallow block copy onto a delta over the same backing file, ended
+//!   once in sync (the guest quiesced around the end), then flattened by qemu-img; cold,
+//!   qemu-img from the disk itself.
 //!
 //! Temporary files live in `<snapshots_directory>/novasnap-<image_id>/`, named after the
 //! image so a retry or reclamation finds them, and are removed on every path.
@@ -113,6 +114,14 @@ impl StandardSnapshot<'_, '_> {
             let copied = job.step(Step::Extract, || hv.live_copy(instance, target, &delta, progress.clone())).await;
             reporter.finish().await;
             copied?;
+            // In sync: ending the copy is its point in time, quiesced as Nova's
+            // `_live_snapshot` quiesces it (after the mirroring, to keep the freeze short).
+            let end_copy = job.step(Step::Extract, || hv.abort_block_job(instance, target));
+            if let Err(e) = job.at_point_in_time(plan, end_copy).await {
+                // A copy still mirroring would write on into the delta being removed.
+                job.tidy("end the block copy", &instance, hv.abort_block_job(instance, target)).await;
+                return Err(e);
+            }
             job.step(Step::Extract, || files::convert(&delta, "qcow2", &out, &plan.image_format)).await?;
         } else {
             // Cold: the disk itself is the point in time while the guest is down.

@@ -58,6 +58,10 @@ type Timeline = Arc<Mutex<Vec<String>>>;
 #[derive(Default)]
 struct FakeHypervisor {
     guests: Mutex<BTreeMap<Uuid, Guest>>,
+    /// The guest's filesystems are frozen (by this or a dead worker).
+    frozen: Mutex<bool>,
+    /// How long the guest agent takes to freeze.
+    freeze_takes: Mutex<Duration>,
     calls: Mutex<Vec<String>>,
     faults: Faults<HypervisorError>,
     timeline: Timeline,
@@ -110,6 +114,20 @@ impl Hypervisor for FakeHypervisor {
     async fn live_copy(&self, _: Uuid, _: &str, _: &std::path::Path, _: Progress) -> Result<(), HypervisorError> {
         self.faults.check("live_copy")?;
         unreachable!("file-backed guests are covered by the integration tests")
+    }
+    async fn freeze_filesystems(&self, _uuid: Uuid) -> Result<u32, HypervisorError> {
+        self.record("freeze".into());
+        let takes = *self.freeze_takes.lock().unwrap();
+        tokio::time::sleep(takes).await;
+        self.faults.check("freeze_filesystems")?;
+        *self.frozen.lock().unwrap() = true;
+        Ok(2)
+    }
+    async fn thaw_filesystems(&self, _uuid: Uuid) -> Result<(), HypervisorError> {
+        self.record("thaw".into());
+        self.faults.check("thaw_filesystems")?;
+        *self.frozen.lock().unwrap() = false;
+        Ok(())
     }
 }
 
@@ -628,6 +646,7 @@ impl World {
             snapshot_timeout: Duration::from_secs(3600),
             host: "host1".into(),
             made_by: "novasnap test".into(),
+            max_freeze: Duration::from_secs(10),
         };
         settings(&mut s);
         let timeout = s.snapshot_timeout;
@@ -737,7 +756,7 @@ async fn direct_snapshot_of_a_clone_backed_guest_registers_an_rbd_location() {
             ts(Some(ImageSnapshot), Some(ImagePendingUpload)),
             ts(Some(ImagePendingUpload), Some(ImageUploading)),
             ts(Some(ImageUploading), None),
-            SnapshotEvent::End,
+            SnapshotEvent::End { held: Default::default() },
         ]
     );
     assert!(w
@@ -764,7 +783,7 @@ async fn glance_refusing_locations_falls_back_to_uploading_the_bytes() {
         events.contains(&ts(Some(ImageUploading), Some(ImagePendingUpload))),
         "fallback goes back to pending upload: {events:?}"
     );
-    assert_eq!(events.last(), Some(&SnapshotEvent::End));
+    assert_eq!(events.last(), Some(&SnapshotEvent::End { held: Default::default() }));
 }
 
 #[tokio::test]
@@ -962,7 +981,10 @@ async fn a_redelivery_after_the_image_went_active_finishes_the_tail() {
 
     assert_eq!(w.pipeline(|_| {}).run(&w.req).await.unwrap(), Outcome::AlreadyDone);
     assert!(w.disk_snapshots().is_empty(), "the dead worker's disk snapshot is removed");
-    assert_eq!(w.events(), vec![ts(Some(TaskState::ImageUploading), None), SnapshotEvent::End]);
+    assert_eq!(
+        w.events(),
+        vec![ts(Some(TaskState::ImageUploading), None), SnapshotEvent::End { held: Default::default() }]
+    );
 }
 
 // Class 1 of issue 12: only what is provably novasnap's and disposable is ever removed.
@@ -1344,4 +1366,172 @@ async fn a_failed_snapshot_reverts_the_task_state_and_records_a_fault() {
     assert_eq!(w.nova.faults.lock().unwrap().len(), 1, "{err}");
     let events = w.nova.events.lock().unwrap().clone();
     assert!(events[1].1.as_deref().is_some_and(|m| m.contains("clone")), "{events:?}");
+}
+
+// Quiescing (issue 13): the guest agent freezes the guest around the point in time.
+
+/// The request for a guest whose image says it runs the QEMU guest agent, and requires
+/// quiescing if `required`, as nova-api copies the image's properties into system_metadata.
+fn with_agent(req: &SnapshotRequest, required: bool) -> SnapshotRequest {
+    let mut req = req.clone();
+    req.instance.system_metadata.insert("image_hw_qemu_guest_agent".into(), "yes".into());
+    if required {
+        req.instance.system_metadata.insert("image_os_require_quiesce".into(), "yes".into());
+    }
+    req
+}
+
+/// The guest agent answers nothing: libvirt's VIR_ERR_AGENT_UNRESPONSIVE.
+fn agent_unresponsive() -> HypervisorError {
+    HypervisorError::Agent {
+        operation: "freeze filesystems",
+        uuid: Uuid::nil(),
+        code: 86,
+        message: "Guest agent is not responding: QEMU guest agent is not connected".into(),
+    }
+}
+
+/// The timeline's entries from the first freeze on, without the disk's name.
+fn from_the_freeze(w: &World) -> Vec<String> {
+    let timeline = w.timeline.lock().unwrap().clone();
+    let freeze = timeline.iter().position(|t| t == "hypervisor freeze").expect("a freeze");
+    timeline[freeze..].iter().map(|t| t.split(' ').take(2).collect::<Vec<_>>().join(" ")).collect()
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_guest_with_the_agent_is_frozen_just_for_the_disk_snapshot() {
+    let w = World::clone_backed(FakeImages::default());
+    *w.hv.freeze_takes.lock().unwrap() = Duration::from_millis(40);
+    let req = with_agent(&w.req, false);
+    w.pipeline(|_| {}).run(&req).await.unwrap();
+    assert_eq!(
+        from_the_freeze(&w)[..4],
+        ["hypervisor freeze", "storage create_snapshot", "hypervisor thaw", "storage protect_snapshot"],
+        "thawed right after the disk snapshot, before the clone and flatten"
+    );
+    assert!(!*w.hv.frozen.lock().unwrap());
+    let held = w.events().into_iter().find_map(|e| match e {
+        SnapshotEvent::End { held } => Some(held),
+        _ => None,
+    });
+    assert_eq!(held, Some(crate::messaging::GuestHeld { frozen_ms: 40, suspended_ms: 0 }), "freeze asked → thaw done");
+}
+
+#[tokio::test]
+async fn the_standard_path_freezes_for_its_disk_snapshot_too() {
+    let w = World::clone_backed(FakeImages::default());
+    w.pipeline(|s| s.direct_snapshot = false).run(&with_agent(&w.req, false)).await.unwrap();
+    assert_eq!(from_the_freeze(&w)[..3], ["hypervisor freeze", "storage create_snapshot", "hypervisor thaw"]);
+    assert_eq!(w.images.uploads.lock().unwrap()[&w.req.image_id], DISK_DATA);
+}
+
+#[tokio::test]
+async fn a_failing_disk_snapshot_still_thaws_the_guest() {
+    let w = World::clone_backed(FakeImages::default());
+    w.storage.inject("create_snapshot", libc::EIO, 1);
+    let failure = w.pipeline(|_| {}).run(&with_agent(&w.req, false)).await.unwrap_err();
+    assert_eq!(failure.error.step, Step::DiskSnapshot);
+    assert_eq!(from_the_freeze(&w)[..2], ["hypervisor freeze", "hypervisor thaw"]);
+    assert!(!*w.hv.frozen.lock().unwrap());
+    assert!(w.images.image(w.req.image_id).is_none(), "the failure is cleaned up as any other");
+    assert_eq!(failure.unsettled, None);
+}
+
+#[tokio::test]
+async fn a_failing_freeze_under_os_require_quiesce_fails_cleanly_as_nova_does() {
+    let w = World::clone_backed(FakeImages::default());
+    w.hv.faults.inject("freeze_filesystems", 1, agent_unresponsive);
+    let failure = w.pipeline(|_| {}).run(&with_agent(&w.req, true)).await.unwrap_err();
+    let err = failure.error;
+    assert_eq!((err.step, err.exception_name()), (Step::Quiesce, "InstanceQuiesceFailed"));
+    assert!(matches!(&err.fault, Fault::QuiesceFailed(_)), "{err:?}");
+    assert!(err.fault.to_string().starts_with("Failed to quiesce instance: "), "{}", err.fault);
+    assert!(!crate::error::Classify::is_transient(&err), "permanent: the cast is not retried");
+    // The agent may have frozen late: thawed all the same.
+    assert_eq!(from_the_freeze(&w)[..2], ["hypervisor freeze", "hypervisor thaw"]);
+    assert!(!from_the_freeze(&w).iter().any(|t| t == "storage create_snapshot"), "no disk snapshot is taken");
+    assert!(w.disk_snapshots().is_empty() && w.storage.get(&w.copy()).is_none());
+    assert!(w.images.image(w.req.image_id).is_none(), "the queued image is deleted");
+    assert_eq!(w.nova.task_state(), None);
+    assert!(
+        matches!(w.events().last(), Some(SnapshotEvent::Error { exception, .. }) if exception == "InstanceQuiesceFailed")
+    );
+}
+
+#[tokio::test]
+async fn a_failing_freeze_without_os_require_quiesce_is_only_a_warning() {
+    let w = World::clone_backed(FakeImages::default());
+    w.hv.faults.inject("freeze_filesystems", 1, agent_unresponsive);
+    assert_eq!(w.pipeline(|_| {}).run(&with_agent(&w.req, false)).await.unwrap(), Outcome::Completed { direct: true });
+    assert_eq!(from_the_freeze(&w)[..3], ["hypervisor freeze", "hypervisor thaw", "storage create_snapshot"]);
+    assert_eq!(w.images.image(w.req.image_id).unwrap().status, ImageStatus::Active);
+}
+
+#[tokio::test]
+async fn a_guest_without_the_agent_is_never_frozen() {
+    let w = World::clone_backed(FakeImages::default());
+    w.pipeline(|_| {}).run(&w.req).await.unwrap();
+    assert_eq!(*w.hv.calls.lock().unwrap(), vec!["abort vda"]);
+
+    // Nova's `_can_quiesce`: an image that requires quiescing but has no agent fails.
+    let w = World::clone_backed(FakeImages::default());
+    let mut req = w.req.clone();
+    req.instance.system_metadata.insert("image_os_require_quiesce".into(), "true".into());
+    let err = w.pipeline(|_| {}).run(&req).await.unwrap_err().error;
+    assert_eq!((err.step, err.exception_name()), (Step::Quiesce, "QemuGuestAgentNotEnabled"));
+    assert_eq!(err.fault.to_string(), "QEMU guest agent is not enabled");
+    assert!(w.disk_snapshots().is_empty() && w.images.image(w.req.image_id).is_none());
+    assert!(!w.hv.calls.lock().unwrap().iter().any(|c| c == "freeze" || c == "thaw"));
+}
+
+#[tokio::test]
+async fn a_guest_a_dead_worker_left_frozen_is_thawed_before_anything_else() {
+    let w = World::clone_backed(FakeImages::default());
+    // A worker killed at `while-frozen`: the guest frozen, nothing made yet.
+    *w.hv.frozen.lock().unwrap() = true;
+    w.pipeline(|_| {}).run(&with_agent(&w.req, false)).await.unwrap();
+    let timeline = w.timeline.lock().unwrap().clone();
+    let thaw = timeline.iter().position(|t| t == "hypervisor thaw").unwrap();
+    let first_change = timeline.iter().position(|t| t.starts_with("storage")).unwrap();
+    let freeze = timeline.iter().position(|t| t == "hypervisor freeze").unwrap();
+    assert!(thaw < first_change && thaw < freeze, "{timeline:?}");
+    assert!(!*w.hv.frozen.lock().unwrap());
+}
+
+#[tokio::test]
+async fn a_cold_snapshot_suspends_and_never_freezes() {
+    let w = World::clone_backed(FakeImages::default());
+    w.pipeline(cold).run(&with_agent(&w.req, true)).await.unwrap();
+    assert_eq!(*w.hv.calls.lock().unwrap(), vec!["suspend", "resume paused=false"]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_freeze_slower_than_max_freeze_seconds_is_undone_at_once() {
+    let w = World::clone_backed(FakeImages::default());
+    *w.hv.freeze_takes.lock().unwrap() = Duration::from_secs(11);
+    w.pipeline(|_| {}).run(&with_agent(&w.req, false)).await.unwrap();
+    assert_eq!(from_the_freeze(&w)[..3], ["hypervisor freeze", "hypervisor thaw", "storage create_snapshot"]);
+
+    let w = World::clone_backed(FakeImages::default());
+    *w.hv.freeze_takes.lock().unwrap() = Duration::from_secs(11);
+    let err = w.pipeline(|_| {}).run(&with_agent(&w.req, true)).await.unwrap_err().error;
+    assert_eq!(err.exception_name(), "InstanceQuiesceFailed");
+    assert!(err.to_string().contains("max_freeze_seconds"), "{err}");
+    assert!(w.disk_snapshots().is_empty());
+}
+
+#[tokio::test]
+async fn a_guest_that_cannot_be_thawed_hands_the_cast_back() {
+    let w = World::clone_backed(FakeImages::default());
+    w.hv.faults.pass("thaw_filesystems", 1); // the thaw before the snapshot
+    w.hv.faults.inject("thaw_filesystems", 100, || HypervisorError::Agent {
+        operation: "thaw filesystems",
+        uuid: Uuid::nil(),
+        code: 113,
+        message: "guest-fsfreeze-thaw failed".into(),
+    });
+    let failure = w.pipeline(|_| {}).run(&with_agent(&w.req, false)).await.unwrap_err();
+    assert_eq!(failure.error.step, Step::Thaw);
+    assert!(failure.unsettled.as_deref().is_some_and(|u| u.contains("could not be thawed")), "{failure:?}");
+    assert!(w.disk_snapshots().is_empty(), "the snapshot is cleaned up");
 }
