@@ -19,6 +19,11 @@ fn runs() -> usize {
 }
 
 async fn crash_then_recover(point: &str, overrides: &[(&str, &str, &str)]) {
+    crash_then_recover_casting(point, overrides, &[]).await;
+}
+
+/// The same with extra arguments to the cast (`tests/peer/nova_api.py`).
+async fn crash_then_recover_casting(point: &str, overrides: &[(&str, &str, &str)], cast: &[&str]) {
     for run in 1..=runs() {
         let guest = guest(1);
         let config = TestConfig::new(overrides);
@@ -26,7 +31,7 @@ async fn crash_then_recover(point: &str, overrides: &[(&str, &str, &str)]) {
         let images_before = rbd_images("images").await;
 
         let mut doomed = WorkerProcess::start_with(&config, &[("NOVASNAP_CRASH_AT", point)]).await;
-        let image_id = nova_api(&config, "snapshot", &guest, &[]).await;
+        let image_id = nova_api(&config, "snapshot", &guest, cast).await;
         let status = doomed.wait_exit(Duration::from_secs(180)).await;
         assert_eq!(status.signal(), Some(libc_sigabrt()), "run {run}: worker died at {point}:\n{}", doomed.log_text());
         assert!(doomed.log_text().contains(&format!("crash injected at {point}")));
@@ -49,6 +54,8 @@ async fn crash_then_recover(point: &str, overrides: &[(&str, &str, &str)]) {
         assert_eq!(new_images, vec![image_id.clone()], "run {run} at {point}: only the image itself in Glance's pool");
         assert!(temp_leftovers().is_empty(), "run {run} at {point}: temp files left: {:?}", temp_leftovers());
         assert_eq!(domain_state(&guest.domain).await, "running");
+        let freeze = virsh(&["qemu-agent-command", &guest.domain, r#"{"execute":"guest-fsfreeze-status"}"#]).await;
+        assert!(freeze.contains("thawed"), "run {run} at {point}: the guest's filesystems are thawed: {freeze}");
         assert!(survivor.stop().await.success());
         glance_delete(&image_id).await;
     }
@@ -92,4 +99,12 @@ async fn crash_mid_upload_on_the_standard_path() {
 #[tokio::test]
 async fn crash_after_upload_before_cleanup() {
     crash_then_recover("after-upload", &[("novasnap", "direct_snapshot", "false")]).await;
+}
+
+/// Killed while the guest's filesystems are frozen (its image runs the guest agent): the
+/// guest stays frozen until a worker comes back, which thaws it before anything else and
+/// finishes the snapshot.
+#[tokio::test]
+async fn crash_while_the_guest_is_frozen() {
+    crash_then_recover_casting("while-frozen", &[], &["--system-metadata", "image_hw_qemu_guest_agent=yes"]).await;
 }

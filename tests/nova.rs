@@ -229,21 +229,21 @@ impl Drop for TokenLifetime {
     }
 }
 
-/// Keystone tokens that live 30 s, and a snapshot that takes longer (held 40 s after its
+/// Keystone tokens that live 60 s, and a snapshot that takes longer (held 65 s after its
 /// clone): the user's token in the cast has expired when the location is registered, and
 /// the service token beside it (`[service_user] send_service_user_token`) carries it.
 #[tokio::test]
 async fn a_snapshot_outliving_the_users_token_still_succeeds() {
     let server = server(1);
     server.wait_idle(LIMIT).await;
-    let _lifetime = TokenLifetime::set(30).await;
+    let _lifetime = TokenLifetime::set(60).await;
     let config = TestConfig::beside_nova(&[]);
-    let worker = WorkerProcess::start_with(&config, &[("NOVASNAP_DELAY_AT", "after-clone:40")]).await;
+    let worker = WorkerProcess::start_with(&config, &[("NOVASNAP_DELAY_AT", "after-clone:65")]).await;
     let started = std::time::Instant::now();
     let image_id = server.image_create(&unique("test-long")).await;
-    assert!(started.elapsed() > Duration::from_secs(30), "the snapshot outlived the 30 s token");
+    assert!(started.elapsed() > Duration::from_secs(60), "the snapshot outlived the 60 s token");
     assert_made_by_novasnap(&server, &image_id, &worker).await;
-    assert!(worker.log_text().contains("delay of 40s injected at after-clone"));
+    assert!(worker.log_text().contains("delay of 65s injected at after-clone"));
     assert!(worker.stop().await.success());
     image_delete(&image_id).await;
 }

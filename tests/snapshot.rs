@@ -139,3 +139,28 @@ async fn file_backed_qcow2_guest_cold_standard_snapshot() {
 async fn forced_standard_path_on_rbd_streams_the_disk_to_glance() {
     snapshot_and_check(1, &[("novasnap", "direct_snapshot", "false")], false).await;
 }
+
+/// A guest whose image says it runs the QEMU guest agent (`hw_qemu_guest_agent`, which
+/// nova-api copies into the instance's system_metadata) is quiesced around its disk
+/// snapshot: the image's filesystem fscks clean with no journal to replay, where an
+/// unquiesced snapshot of the writing guest has one. The freeze is logged with its length.
+#[tokio::test]
+async fn a_guest_with_the_agent_is_quiesced_and_its_image_fscks_clean() {
+    let guest = guest(1);
+    let config = TestConfig::new(&[]);
+    let mut listener = Listener::start(&config).await;
+    let worker = WorkerProcess::start(&config).await;
+    let image_id = nova_api(&config, "snapshot", &guest, &["--system-metadata", "image_hw_qemu_guest_agent=yes"]).await;
+    listener.wait_for("instance.snapshot.end", &image_id, SNAPSHOT_LIMIT).await;
+    let log = worker.log_text();
+    assert!(log.contains("guest filesystems frozen") && log.contains("guest filesystems thawed"), "{log}");
+    let check = common::openstack::check_image(&format!("rbd:images/{image_id}"), true).await;
+    assert_eq!(check.status, 0, "a quiesced snapshot fscks clean: {}\n{log}", check.output);
+    assert!(check.clean() && check.unbroken(), "{}", check.output);
+    let end = listener.received.iter().find(|n| n["event_type"] == "compute.instance.snapshot.end").unwrap();
+    assert!(end["payload"]["frozen_ms"].as_u64().is_some(), "time frozen on the end notification: {end:#}");
+    assert_no_leftovers(&guest).await;
+    assert_eq!(domain_state(&guest.domain).await, "running");
+    assert!(worker.stop().await.success());
+    glance_delete(&image_id).await;
+}

@@ -48,6 +48,9 @@ def main():
     p.add_argument("--backup-type", default="daily")
     p.add_argument("--rotation", type=int, default=2)
     p.add_argument("--image-id", help="cast for this existing image instead of creating one")
+    p.add_argument("--system-metadata", action="append", default=[], metavar="KEY=VALUE",
+                   help="the instance's system_metadata, as nova-api copies image properties "
+                        "into it (e.g. image_hw_qemu_guest_agent=yes); repeatable")
     p.add_argument("--token", required=True,
                    help="the user's Keystone token: Glance's, and the cast's context's, as nova-api sends it")
     args = p.parse_args()
@@ -74,7 +77,8 @@ def main():
         id=1, uuid=args.instance, host=args.host, node=args.host, image_ref=args.image_ref,
         vm_state="active", display_name="novasnap-guest", hostname="novasnap-guest",
         user_id=ctxt.user_id, project_id=ctxt.project_id,
-        task_state="image_snapshot_pending" if args.method == "snapshot" else "image_backup")
+        task_state="image_snapshot_pending" if args.method == "snapshot" else "image_backup",
+        system_metadata=dict(kv.split("=", 1) for kv in args.system_metadata))
     api = rpcapi.ComputeAPI()
     if args.method == "snapshot":
         api.snapshot_instance(ctxt, instance, image_id)
