@@ -20,6 +20,35 @@ fn as_refs<'a>(o: &'a [(&'static str, &'static str, String)]) -> Vec<(&'static s
     o.iter().map(|(s, k, v)| (*s, *k, v.as_str())).collect()
 }
 
+/// The oslo cast `good` (a JSON envelope) with its inner message changed by `edit`.
+fn edited_cast(good: &str, edit: &dyn Fn(&mut serde_json::Value)) -> String {
+    let envelope: serde_json::Value = serde_json::from_str(good).unwrap();
+    let mut msg: serde_json::Value = serde_json::from_str(envelope["oslo.message"].as_str().unwrap()).unwrap();
+    edit(&mut msg);
+    json!({"oslo.version": "2.0", "oslo.message": msg.to_string()}).to_string()
+}
+
+/// Takes dead letters from `dlq` until `count` have come, for at most 60 s.
+async fn dead_letters(
+    dlq: &str,
+    count: usize,
+    worker: &WorkerProcess,
+) -> Vec<(std::collections::BTreeMap<String, String>, Vec<u8>)> {
+    let mut letters = Vec::new();
+    let start = std::time::Instant::now();
+    while letters.len() < count {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "{} of {count} dead letters:\n{}",
+            letters.len(),
+            worker.log_text()
+        );
+        letters.extend(drain_queue(dlq).await);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    letters
+}
+
 #[tokio::test]
 async fn every_bad_input_class_is_dead_lettered_with_its_reason_and_the_worker_goes_on() {
     let (dlq, overrides) = dead_letter_overrides("bad");
@@ -28,12 +57,7 @@ async fn every_bad_input_class_is_dead_lettered_with_its_reason_and_the_worker_g
     let key = format!("compute.{}", config.host);
     let guest = guest(1);
     let good = String::from_utf8(nova_snapshot_cast(&guest, &uuid::Uuid::new_v4().to_string(), &config.host)).unwrap();
-    let inner = |edit: &dyn Fn(&mut serde_json::Value)| {
-        let envelope: serde_json::Value = serde_json::from_str(&good).unwrap();
-        let mut msg: serde_json::Value = serde_json::from_str(envelope["oslo.message"].as_str().unwrap()).unwrap();
-        edit(&mut msg);
-        json!({"oslo.version": "2.0", "oslo.message": msg.to_string()}).to_string()
-    };
+    let inner = |edit: &dyn Fn(&mut serde_json::Value)| edited_cast(&good, edit);
     let cases: Vec<(&str, Option<&str>, String)> = vec![
         ("content_type", None, good.clone()),
         ("content_type", Some("text/plain"), good.clone()),
@@ -57,13 +81,7 @@ async fn every_bad_input_class_is_dead_lettered_with_its_reason_and_the_worker_g
     for (_, content_type, body) in &cases {
         publish_raw("nova", &key, *content_type, body.as_bytes()).await;
     }
-    let mut letters = Vec::new();
-    let start = std::time::Instant::now();
-    while letters.len() < cases.len() {
-        assert!(start.elapsed() < Duration::from_secs(60), "dead letters: {}\n{}", letters.len(), worker.log_text());
-        letters.extend(drain_queue(&dlq).await);
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let letters = dead_letters(&dlq, cases.len(), &worker).await;
     let classes: Vec<&str> = letters.iter().map(|(h, _)| h["x-novasnap-reason-class"].as_str()).collect();
     let expected: Vec<&str> = cases.iter().map(|(c, _, _)| *c).collect();
     assert_eq!(classes, expected);
@@ -174,12 +192,7 @@ async fn hostile_casts_are_dead_lettered_small_and_the_worker_goes_on() {
     let key = format!("compute.{}", config.host);
     let guest = guest(1);
     let good = String::from_utf8(nova_snapshot_cast(&guest, &uuid::Uuid::new_v4().to_string(), &config.host)).unwrap();
-    let inner = |edit: &dyn Fn(&mut serde_json::Value)| {
-        let envelope: serde_json::Value = serde_json::from_str(&good).unwrap();
-        let mut msg: serde_json::Value = serde_json::from_str(envelope["oslo.message"].as_str().unwrap()).unwrap();
-        edit(&mut msg);
-        json!({"oslo.version": "2.0", "oslo.message": msg.to_string()}).to_string()
-    };
+    let inner = |edit: &dyn Fn(&mut serde_json::Value)| edited_cast(&good, edit);
     let huge = inner(&|m| m["args"]["image_id"] = json!("x".repeat(200 * 1024)));
     let forged = inner(&|m| m["version"] = json!("7.0\nERROR novasnap: forged line"));
     let secret = inner(&|m| {
@@ -189,13 +202,7 @@ async fn hostile_casts_are_dead_lettered_small_and_the_worker_goes_on() {
     for body in [&huge, &forged, &secret] {
         publish_raw("nova", &key, Some("application/json"), body.as_bytes()).await;
     }
-    let mut letters = Vec::new();
-    let start = std::time::Instant::now();
-    while letters.len() < 3 {
-        assert!(start.elapsed() < Duration::from_secs(60), "three dead letters:\n{}", worker.log_text());
-        letters.extend(drain_queue(&dlq).await);
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let letters = dead_letters(&dlq, 3, &worker).await;
     for (headers, body) in &letters {
         let reason = &headers["x-novasnap-reason"];
         assert!(reason.len() <= 512, "a short reason: {} bytes", reason.len());
