@@ -413,9 +413,8 @@ impl Hypervisor for LibvirtHypervisor {
                     ffi::fs_thaw(&domain)
                 })
                 .map_err(agent_error)?;
-            if thawed > 0 {
-                tracing::info!(%uuid, filesystems = thawed, "guest filesystems thawed");
-            }
+            // The pipeline logs the thaw with how long the guest was held.
+            tracing::debug!(%uuid, filesystems = thawed, "thaw filesystems");
             Ok(())
         })
         .await

@@ -118,10 +118,9 @@ pub(crate) struct Job<'a> {
     /// Until then Nova may hold any state of the task (a redelivery after a crash).
     pub recorded: bool,
     /// The guest is in managed save because of this request (or an earlier try of it) and
-    /// must be brought back to this state: running, or paused.
-    pub suspended: Option<PowerState>,
-    /// When this request's managed save began (or was found, left by an earlier try).
-    pub suspended_since: Option<Instant>,
+    /// must be brought back to this state, running or paused; since when (the suspend, or
+    /// when an earlier try's was found).
+    pub suspended: Option<(PowerState, Instant)>,
     /// How long the guest has been held, and whether a thaw failed.
     pub held: quiesce::HeldTimes,
     /// The RBD instance disk that may carry this request's snapshot.
@@ -156,7 +155,6 @@ impl SnapshotPipeline {
             task_state: Some(req.kind.task_states()[0]),
             recorded: false,
             suspended: None,
-            suspended_since: None,
             held: Default::default(),
             rbd_disk: None,
             rbd_copy: None,
@@ -461,8 +459,7 @@ impl Job<'_> {
     /// Takes over a managed save an earlier try of this request left.
     fn adopt_suspension(&mut self, plan: &SnapshotPlan) {
         if plan.suspended_already {
-            self.suspended = Some(plan.original_state);
-            self.suspended_since = Some(Instant::now());
+            self.suspended = Some((plan.original_state, Instant::now()));
         }
     }
 
@@ -472,8 +469,7 @@ impl Job<'_> {
             let (hv, instance) = (&self.b.hypervisor, self.instance());
             let since = Instant::now();
             self.step(Step::Suspend, || hv.suspend(instance)).await?;
-            self.suspended = Some(plan.original_state);
-            self.suspended_since = Some(since);
+            self.suspended = Some((plan.original_state, since));
         }
         Ok(())
     }
@@ -484,14 +480,12 @@ impl Job<'_> {
     }
 
     async fn resume(&mut self, deadline: Option<Instant>) -> Result<(), SnapshotError> {
-        if let Some(state) = self.suspended {
+        if let Some((state, since)) = self.suspended {
             let (hv, instance) = (&self.b.hypervisor, self.instance());
             let paused = state == PowerState::Paused;
             self.fenced(Step::Resume, deadline, || hv.resume(instance, paused)).await?;
             self.suspended = None;
-            if let Some(since) = self.suspended_since.take() {
-                self.held.add_suspended(since.elapsed());
-            }
+            self.held.add_suspended(since.elapsed());
         }
         Ok(())
     }
