@@ -250,6 +250,73 @@ async fn with_quorum_queues_novasnap_started_first_also_takes_the_snapshots() {
     }
 }
 
+/// `os_require_quiesce=yes` on a server's image (which declares the agent) and the agent
+/// stopped inside the guest: the snapshot fails cleanly, as Nova's does —
+/// `InstanceQuiesceFailed`, the image deleted, task_state back to none, the action's event
+/// in error, the guest running — and the cast is settled, not handed back for ever.
+#[tokio::test]
+async fn with_os_require_quiesce_and_the_agent_stopped_the_snapshot_fails_cleanly() {
+    let base = env("SERVER1_IMAGE");
+    let required = ImageProperty::set(&base, "os_require_quiesce", "yes").await;
+    let server = create_server(&base).await;
+    // Nova copied the image's properties into the instance's system_metadata.
+    drop(required);
+    // Stopped for good: init's respawn finds a binary that exits at once.
+    let stop = r#"q=$(command -v qemu-ga) && mount --bind /bin/false "$q" && killall qemu-ga"#;
+    let exec = serde_json::json!({"execute": "guest-exec", "arguments": {"path": "/bin/sh", "arg": ["-c", stop]}});
+    server.agent(&exec).await.unwrap();
+    let ping = serde_json::json!({"execute": "guest-ping"});
+    wait_until(LIMIT, || async { server.agent(&ping).await.is_err_and(|e| e.contains("not connected")) })
+        .await
+        .unwrap_or_else(|| panic!("the agent of {} stopped", server.domain));
+
+    let config = TestConfig::beside_nova(&[]);
+    let worker = WorkerProcess::start(&config).await;
+    let image = openstack(&["server", "image", "create", "--name", &unique("test-require-quiesce"), &server.id]).await;
+    let image_id = image["id"].as_str().unwrap().to_string();
+    wait_until(LIMIT, || async { glance_image(&image_id).await.is_none() })
+        .await
+        .unwrap_or_else(|| panic!("the image is deleted:\n{}", worker.log_text()));
+    server.wait_idle(LIMIT).await;
+    let log = worker.log_text();
+    let action = server.action(&server.last_request("createImage").await).await;
+    let event = action["events"].as_array().unwrap().iter().find(|e| e["event"] == "compute_snapshot_instance");
+    assert_eq!(event.map(|e| e["result"].clone()), Some("Error".into()), "{action:#}\n{log}");
+    assert!(log.contains("Failed to quiesce instance") && log.contains("not connected"), "{log}");
+    assert!(!log.contains("handing the cast back"), "the cast is settled:\n{log}");
+    assert_eq!(domain_state(&server.domain).await, "running");
+    assert!(worker.stop().await.success());
+}
+
+/// An image property set for one test, unset when dropped, however the test ends.
+struct ImageProperty {
+    image: String,
+    name: &'static str,
+}
+
+impl ImageProperty {
+    async fn set(image: &str, name: &'static str, value: &str) -> Self {
+        assert!(glance_admin(&["image", "set", "--property", &format!("{name}={value}"), image]), "image set {name}");
+        Self { image: image.to_string(), name }
+    }
+}
+
+impl Drop for ImageProperty {
+    fn drop(&mut self) {
+        let unset = glance_admin(&["image", "unset", "--property", self.name, &self.image]);
+        assert!(unset || std::thread::panicking(), "image unset {}", self.name);
+    }
+}
+
+/// `openstack ARGS` as the admin, for the image commands that print nothing; whether it worked.
+fn glance_admin(args: &[&str]) -> bool {
+    std::process::Command::new(env("OPENSTACK"))
+        .args(["--os-username", "admin", "--os-project-name", "admin", "--os-password", &env("OS_ADMIN_PASSWORD")])
+        .args(args)
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
 /// A stack setting (`NOVASNAP_STACK_*`) for one test: `scripts/stack up <component>` with it,
 /// and without it again when the test ends, however it ends.
 struct StackSetting {
