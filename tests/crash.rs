@@ -108,3 +108,18 @@ async fn crash_after_upload_before_cleanup() {
 async fn crash_while_the_guest_is_frozen() {
     crash_then_recover_casting("while-frozen", &[], &["--system-metadata", "image_hw_qemu_guest_agent=yes"]).await;
 }
+
+/// Cold snapshots (`[workarounds] disable_libvirt_livesnapshot`): the guest is in managed
+/// save only while its disk snapshot is made. Killed right then, the worker leaves it
+/// suspended; the next one resumes it as soon as it finds it so, and finishes.
+const COLD: (&str, &str, &str) = ("workarounds", "disable_libvirt_livesnapshot", "true");
+
+#[tokio::test]
+async fn crash_while_the_guest_is_suspended_on_a_cold_snapshot() {
+    crash_then_recover("while-suspended", &[COLD]).await;
+}
+
+#[tokio::test]
+async fn crash_mid_flatten_on_a_cold_snapshot() {
+    crash_then_recover("mid-flatten", &[COLD]).await;
+}

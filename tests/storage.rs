@@ -13,7 +13,7 @@ use futures::TryStreamExt;
 use novasnap::config::RbdConfig;
 use novasnap::storage::ledger::{done_object, RadosLedger};
 use novasnap::storage::rbd::CephRbd;
-use novasnap::storage::{BlockStorage, CloneParent, RbdImage, WorkLedger};
+use novasnap::storage::{BlockStorage, CloneParent, CloneState, RbdImage, WorkLedger};
 use tokio::process::Command;
 
 fn rbd_config() -> RbdConfig {
@@ -83,10 +83,13 @@ async fn snapshot_clone_flatten_read_and_clean_up_idempotently() {
 
     let last = Arc::new(AtomicU8::new(0));
     let seen = last.clone();
-    rbd.flatten(&copy, Arc::new(move |p| seen.store(p, Ordering::Relaxed))).await.unwrap();
+    // A fresh clone's object map is trusted: flattened with it on, it stays valid.
+    rbd.flatten(&copy, CloneState::Fresh, Arc::new(move |p| seen.store(p, Ordering::Relaxed))).await.unwrap();
     assert_eq!(last.load(Ordering::Relaxed), 100);
     assert_eq!(rbd.parent(&copy).await.unwrap(), None);
-    rbd.flatten(&copy, Arc::new(|_| {})).await.unwrap();
+    let info = rbd_json(&["info", &copy.to_string()]).await;
+    assert_eq!(info["flags"], serde_json::json!([]), "the object map is valid: {info}");
+    rbd.flatten(&copy, CloneState::MaybePartlyFlattened, Arc::new(|_| {})).await.unwrap();
 
     for _ in 0..2 {
         rbd.remove_snapshot(&disk, "s1").await.unwrap();
@@ -140,7 +143,7 @@ async fn flatten_copies_up_an_object_the_object_map_wrongly_marks_present() {
     let before: Vec<bytes::Bytes> = rbd.read(&copy, None).try_collect().await.unwrap();
     assert_eq!(before.concat(), data, "before flatten the parent fills in the missing object");
 
-    rbd.flatten(&copy, Arc::new(|_| {})).await.unwrap();
+    rbd.flatten(&copy, CloneState::MaybePartlyFlattened, Arc::new(|_| {})).await.unwrap();
     assert_eq!(rbd.parent(&copy).await.unwrap(), None);
     let after: Vec<bytes::Bytes> = rbd.read(&copy, None).try_collect().await.unwrap();
     assert!(after.concat() == data, "after flatten the copy holds every byte of the parent");

@@ -9,6 +9,7 @@
 /// Where a crash can be injected; the names are what `NOVASNAP_CRASH_AT` takes.
 pub const POINTS: &[&str] = &[
     "while-frozen",
+    "while-suspended",
     "after-disk-snapshot",
     "after-clone",
     "mid-flatten",

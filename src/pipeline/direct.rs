@@ -14,7 +14,7 @@ use super::{crash, Fault, Job, SnapshotError, Step};
 use crate::hypervisor::{DiskSource, Guest};
 use crate::image::{parse_rbd_url, ImageError, ImageProperties};
 use crate::messaging::TaskState;
-use crate::storage::{BlockStorage, CloneParent, RbdImage, StorageError};
+use crate::storage::{BlockStorage, CloneParent, CloneState, RbdImage, StorageError};
 
 /// The snapshot novasnap keeps on the instance disk while it copies it. Deterministic, so a
 /// retry finds it and reclamation recognises it as novasnap's.
@@ -122,12 +122,20 @@ impl DirectSnapshot<'_, '_> {
                 }
                 report(percent)
             });
-            let flattened = job.step(Step::Flatten, || storage.flatten(&copy, progress.clone())).await;
+            // Only the first attempt on a clone this try made may trust its object map.
+            let mut clone = if copy_exists { CloneState::MaybePartlyFlattened } else { CloneState::Fresh };
+            let flattened = job
+                .step(Step::Flatten, || {
+                    let state = std::mem::replace(&mut clone, CloneState::MaybePartlyFlattened);
+                    storage.flatten(&copy, state, progress.clone())
+                })
+                .await;
             reporter.finish().await;
             flattened?;
             crash::point("after-flatten");
         }
-        job.step(Step::RemoveDiskSnapshot, || storage.remove_snapshot(&disk, &snap)).await?;
+        // The disk snapshot is no longer the copy's parent; it is removed once the image is
+        // active and announced (`Job::remove_disk_snapshot`), off the image's critical path.
         job.step(Step::ImageSnapshot, || storage.create_snapshot(&copy, IMAGE_SNAPSHOT)).await?;
         job.step(Step::ImageSnapshot, || storage.protect_snapshot(&copy, IMAGE_SNAPSHOT)).await?;
         // Glance owns the copy from here: reverting a failed location import, it removes the

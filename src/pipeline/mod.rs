@@ -398,12 +398,15 @@ impl Job<'_> {
 
         // 8. The guest back as it was (if no step has brought it back), task_state none, the end.
         self.resume_if_suspended().await?;
-        self.forget_work().await;
         self.set_task_state(None).await?;
         let held = self.held.held();
         self.notify(SnapshotEvent::End { held }).await;
         info!(%instance, image = %image_id, direct, frozen_ms = held.frozen_ms, suspended_ms = held.suspended_ms,
               "snapshot image upload complete");
+        // 9. What only the making of the image needed.
+        if self.remove_disk_snapshot().await {
+            self.forget_work().await;
+        }
 
         if let SnapshotKind::Backup { backup_type, rotation } = &req.kind {
             backup::rotate(self, backup_type, *rotation).await?;
@@ -447,6 +450,24 @@ impl Job<'_> {
             return Ok(direct::Direct::Unavailable("no Ceph cluster configured".into()));
         };
         direct::DirectSnapshot { job: self, storage: storage.as_ref(), guest, plan }.run(metadata).await
+    }
+
+    /// Removes the disk snapshot this request made its point in time with, once the image
+    /// no longer needs it (flattened, or uploaded). Its removal waits on the monitors (a
+    /// paxos round: up to `paxos_propose_interval`, a second by default), so it comes after
+    /// the image is active and announced, before the cast is acknowledged; a worker that
+    /// dies first leaves it to the redelivery, which finds the image active, or to
+    /// reclamation. A failure is logged and left to reclamation. Whether it is gone.
+    async fn remove_disk_snapshot(&self) -> bool {
+        let (Some(storage), Some(disk)) = (&self.b.storage, &self.rbd_disk) else { return true };
+        let snap = direct::disk_snapshot_name(self.image());
+        match self.step(Step::RemoveDiskSnapshot, || storage.remove_snapshot(disk, &snap)).await {
+            Ok(()) => true,
+            Err(e) => {
+                warn!(instance = %self.instance(), image = %self.image(), error = %e, "the disk snapshot is left to reclamation");
+                false
+            }
+        }
     }
 
     /// Forgets the note for reclamation: nothing of this request is left. A note left behind
@@ -505,6 +526,9 @@ impl Job<'_> {
         if !existing.iter().any(|s| s.name == snap) {
             self.suspend_if_needed(plan).await?;
             self.at_point_in_time(plan, self.step(Step::DiskSnapshot, || storage.create_snapshot(disk, snap))).await?;
+            if self.suspended.is_some() {
+                crash::point("while-suspended");
+            }
         }
         self.resume_if_suspended().await
     }

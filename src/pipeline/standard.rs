@@ -87,7 +87,6 @@ impl StandardSnapshot<'_, '_> {
             job.upload_file(&out).await?;
         }
         crash::point("after-upload");
-        job.step(Step::RemoveDiskSnapshot, || storage.remove_snapshot(&disk, &snap)).await?;
         job.remove_temp_files().await;
         Ok(())
     }

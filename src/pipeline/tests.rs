@@ -22,7 +22,7 @@ use crate::nova::{Expected, InstanceRecord, NovaError};
 use crate::reclaim::Scope;
 use crate::request::{Instance, RequestContext, SnapshotKind, SnapshotRequest};
 use crate::storage::{
-    BlockStorage, CloneParent, InstanceLease, NotedWork, RbdImage, SnapshotInfo, StorageError, WorkLedger,
+    BlockStorage, CloneParent, CloneState, InstanceLease, NotedWork, RbdImage, SnapshotInfo, StorageError, WorkLedger,
 };
 
 const FSID: &str = "0a1b2c3d-0000-4000-8000-000000000001";
@@ -246,8 +246,8 @@ impl BlockStorage for FakeStorage {
         });
         Ok(())
     }
-    async fn flatten(&self, image: &RbdImage, progress: Progress) -> Result<(), StorageError> {
-        self.change("flatten", image)?;
+    async fn flatten(&self, image: &RbdImage, clone: CloneState, progress: Progress) -> Result<(), StorageError> {
+        self.change("flatten", format!("{image} {clone:?}"))?;
         progress(50);
         progress(100);
         self.images.lock().unwrap().get_mut(image).ok_or_else(|| Self::missing(image))?.parent = None;
@@ -723,6 +723,48 @@ fn queued_image(id: Uuid, created_at: &str) -> Image {
 
 fn ts(old: Option<TaskState>, new: Option<TaskState>) -> SnapshotEvent {
     SnapshotEvent::TaskState { old, new }
+}
+
+/// The image's critical path is the disk snapshot, the clone, the flatten and `snap` on the
+/// copy: the disk snapshot, a monitor round of its own, is removed once the image is
+/// active, and a fresh clone's object map is trusted by its first flatten.
+#[tokio::test]
+async fn the_disk_snapshot_is_removed_after_the_image_is_made() {
+    let w = World::clone_backed(FakeImages::default());
+    w.pipeline(|_| {}).run(&w.req).await.unwrap();
+    let timeline = w.timeline.lock().unwrap().clone();
+    let at = |what: &str| timeline.iter().position(|t| t.starts_with(what)).unwrap_or(usize::MAX);
+    let copy_snap = format!("storage create_snapshot {}", w.copy());
+    let removal = format!("storage remove_snapshot {}", w.disk);
+    assert!(at(&copy_snap) < at(&removal) && at(&removal) < usize::MAX, "{timeline:?}");
+    assert!(timeline.contains(&format!("storage flatten {} Fresh", w.copy())), "{timeline:?}");
+    assert!(w.disk_snapshots().is_empty() && w.noted().await.is_empty());
+}
+
+/// A disk snapshot that cannot be removed once the image is made fails nothing: the image
+/// is active and announced, and the note stays for reclamation to remove it.
+#[tokio::test]
+async fn a_disk_snapshot_left_after_the_image_is_made_is_left_to_reclamation() {
+    let w = World::clone_backed(FakeImages::default());
+    w.storage.inject("remove_snapshot", libc::EPERM, 100);
+    let outcome = w.pipeline(|_| {}).run(&w.req).await.unwrap();
+    assert_eq!(outcome, Outcome::Completed { direct: true });
+    assert_eq!(w.images.image(w.req.image_id).unwrap().status, ImageStatus::Active);
+    assert!(matches!(w.events().last(), Some(SnapshotEvent::End { .. })), "{:?}", w.events());
+    assert_eq!(w.disk_snapshots().len(), 1);
+    assert_eq!(w.noted().await, vec![w.req.image_id], "noted for reclamation");
+}
+
+/// A retried flatten does not trust the object map: the first attempt may have stopped
+/// mid-way, leaving objects marked that were never written.
+#[tokio::test]
+async fn a_retried_flatten_distrusts_the_object_map() {
+    let w = World::clone_backed(FakeImages::default());
+    w.storage.inject("flatten", libc::ETIMEDOUT, 1);
+    w.pipeline(|_| {}).run(&w.req).await.unwrap();
+    let flattens: Vec<String> =
+        w.timeline.lock().unwrap().iter().filter(|t| t.starts_with("storage flatten")).cloned().collect();
+    assert_eq!(flattens, [format!("storage flatten {} MaybePartlyFlattened", w.copy())], "the failed attempt made no change");
 }
 
 #[tokio::test]

@@ -107,6 +107,18 @@ impl Classify for StorageError {
 
 /// Ceph RBD operations, each idempotent where the pipeline repeats it on a retry:
 /// creating what exists, or removing what is gone, succeeds.
+/// What a flatten may assume of a clone's object map.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloneState {
+    /// Cloned by this very attempt, no flatten begun on it: its object map marks only the
+    /// objects that exist (none), so Ceph 16's flatten, which skips the objects the map
+    /// marks, may trust it.
+    Fresh,
+    /// A clone an earlier attempt may have begun to flatten: a flatten stopped mid-way can
+    /// leave objects marked that were never written, so the map is not trusted.
+    MaybePartlyFlattened,
+}
+
 #[async_trait]
 pub trait BlockStorage: Send + Sync {
     /// The cluster's fsid, as written in `rbd://<fsid>/…` locations.
@@ -139,7 +151,7 @@ pub trait BlockStorage: Send + Sync {
 
     /// Copies the parent's data into the clone and detaches it. Reports progress;
     /// succeeds on an image that has no parent.
-    async fn flatten(&self, image: &RbdImage, progress: Progress) -> Result<(), StorageError>;
+    async fn flatten(&self, image: &RbdImage, clone: CloneState, progress: Progress) -> Result<(), StorageError>;
 
     /// Sets image metadata `key` (librbd's per-image key/value store); overwriting is fine.
     async fn set_metadata(&self, image: &RbdImage, key: &str, value: &str) -> Result<(), StorageError>;

@@ -9,7 +9,7 @@ use bytes::Bytes;
 use futures::stream::BoxStream;
 use tracing::debug;
 
-use super::{BlockStorage, CloneParent, RbdImage, SnapshotInfo, StorageError};
+use super::{BlockStorage, CloneParent, CloneState, RbdImage, SnapshotInfo, StorageError};
 use crate::config::RbdConfig;
 use crate::ffi::rados::Cluster;
 use crate::ffi::rbd::{self as ffi, Errno};
@@ -132,16 +132,22 @@ impl Inner {
         }
     }
 
-    /// Flattens `image` without trusting its object map, then restores the map.
+    /// Flattens `image`, trusting its object map only when the clone is [`CloneState::Fresh`].
     ///
     /// Ceph 16's flatten skips every object the object map marks as present (fixed later
     /// by ceph PR #61129, tracker 68998). A flatten killed mid-way can leave an object
     /// marked that was never copied up; resumed, it would leave a hole of zeros there and
     /// detach the parent. A rebuild does not help, as the map may mark more than exists.
-    /// So the map is off while flattening, recorded in the image's metadata so that a retry
-    /// after any crash turns it back on, and rebuilt from the objects once all exist.
-    /// `progress` returns false to stop the flatten (ECANCELED).
-    fn flatten(&self, image: &RbdImage, progress: &mut dyn FnMut(u64, u64) -> bool) -> Result<(), StorageError> {
+    /// So unless the clone is fresh, the map is off while flattening, recorded in the image's
+    /// metadata so that a retry after any crash turns it back on, and rebuilt from the
+    /// objects once all exist (the features toggled and the rebuild cost a fresh clone's
+    /// flatten nothing). `progress` returns false to stop the flatten (ECANCELED).
+    fn flatten(
+        &self,
+        image: &RbdImage,
+        clone: CloneState,
+        progress: &mut dyn FnMut(u64, u64) -> bool,
+    ) -> Result<(), StorageError> {
         let look = self.open_read_only(image, None)?;
         let has_parent = self.parent(&look, image)?.is_some();
         let features = look.features().map_err(rbd_error("get features", image))?;
@@ -153,7 +159,7 @@ impl Inner {
         let handle = self.open_writable(image)?;
         if has_parent {
             let map_features = features & (FEATURE_OBJECT_MAP | FEATURE_FAST_DIFF);
-            if map_features != 0 {
+            if map_features != 0 && (clone != CloneState::Fresh || off.is_some()) {
                 let record = map_features.to_string();
                 handle.metadata_set(OBJECT_MAP_OFF_KEY, &record).map_err(rbd_error("set metadata", image))?;
                 handle.update_features(map_features, false).map_err(rbd_error("disable object map", image))?;
@@ -332,7 +338,7 @@ impl BlockStorage for CephRbd {
         .await
     }
 
-    async fn flatten(&self, image: &RbdImage, progress: Progress) -> Result<(), StorageError> {
+    async fn flatten(&self, image: &RbdImage, clone: CloneState, progress: Progress) -> Result<(), StorageError> {
         let image = image.clone();
         let stop = inflight::stop_signal().unwrap_or_default();
         self.blocking(move |inner| {
@@ -340,7 +346,7 @@ impl BlockStorage for CephRbd {
                 progress((done.saturating_mul(100) / total.max(1)).min(100) as u8);
                 !stop.is_cancelled()
             };
-            inner.flatten(&image, &mut report)?;
+            inner.flatten(&image, clone, &mut report)?;
             progress(100);
             Ok(())
         })
