@@ -236,6 +236,9 @@ impl OpenHandle {
 /// How long an image's handles stay open after the last call on any of them.
 const QUIET: Duration = Duration::from_secs(1);
 
+/// The same for an image no other client watches (see [`DeferredClose::settle_own`]).
+const OWN_QUIET: Duration = Duration::from_millis(100);
+
 /// Which image a handle is open on: its pool's ioctx and its name.
 type ImageKey = (usize, CString);
 
@@ -259,8 +262,8 @@ struct ImageHandles {
 
 impl ImageHandles {
     /// When its idle handles may close: never while one is in use.
-    fn quiet_at(&self) -> Option<Instant> {
-        (self.in_use == 0).then_some(self.last_used + QUIET)
+    fn quiet_at(&self, quiet: Duration) -> Option<Instant> {
+        (self.in_use == 0).then_some(self.last_used + quiet)
     }
 
     fn close_idle(&mut self) {
@@ -341,14 +344,14 @@ impl Shared {
     /// Closes the idle handles of every image quiet by now; returns when the next one will be.
     fn close_quiet(handles: &mut Handles) -> Option<Instant> {
         let now = Instant::now();
-        handles.images.retain(|_, image| match image.quiet_at() {
+        handles.images.retain(|_, image| match image.quiet_at(QUIET) {
             Some(at) if at <= now => {
                 image.close_idle();
                 false
             }
             _ => true,
         });
-        handles.images.values().filter_map(ImageHandles::quiet_at).min()
+        handles.images.values().filter_map(|image| image.quiet_at(QUIET)).min()
     }
 }
 
@@ -414,12 +417,27 @@ impl DeferredClose {
     /// Returns once no handle of ours is open on `name` in `pool`, its idle ones closed when
     /// the image has gone quiet: an image cannot be removed while one of them still watches it.
     pub fn settle(&self, pool: &Pool, name: &str) {
+        self.settle_after(pool, name, QUIET);
+    }
+
+    /// [`settle`](Self::settle) for an image only novasnap's handles watch and no other
+    /// client holds the lock of (a copy novasnap made, before it hands it to Glance): every
+    /// notification about it came from a call of ours, and librbd sends a header update with
+    /// a synchronous `notify2`, which returns once every watcher, our own included, has
+    /// acknowledged it. What is left in flight is our watcher's own bookkeeping after its
+    /// acknowledgement, which [`OWN_QUIET`] outlasts; the second [`QUIET`] is for images
+    /// whose lock owner (QEMU) acts for us and notifies when it pleases.
+    pub fn settle_own(&self, pool: &Pool, name: &str) {
+        self.settle_after(pool, name, OWN_QUIET);
+    }
+
+    fn settle_after(&self, pool: &Pool, name: &str, quiet: Duration) {
         let Ok(name) = cstr(name) else { return };
         let key = closer_key(pool, &name);
         let mut handles = self.state.lock();
         loop {
             let Some(image) = handles.images.get_mut(&key) else { return };
-            let quiet_at = image.quiet_at();
+            let quiet_at = image.quiet_at(quiet);
             if quiet_at.is_some_and(|at| at <= Instant::now()) {
                 image.close_idle();
                 handles.images.remove(&key);

@@ -160,7 +160,8 @@ pub trait BlockStorage: Send + Sync {
     async fn metadata(&self, image: &RbdImage, key: &str) -> Result<Option<String>, StorageError>;
 
     /// Returns once no handle this process opened on `image` is open any more: before
-    /// another service (Glance) takes the image over, and may remove it.
+    /// another service (Glance) takes the image over, and may remove it. Only for an image
+    /// this process made and no other client has opened (its lock is ours alone).
     async fn release(&self, image: &RbdImage) -> Result<(), StorageError>;
 
     /// Removes `image` and all its snapshots (unprotecting them); succeeds if it is gone.
