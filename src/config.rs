@@ -269,6 +269,8 @@ pub struct WorkerConfig {
     /// `[novasnap] direct_snapshot`: false forces the standard path (benchmarks, or a
     /// Glance that must own its bytes).
     pub direct_snapshot: bool,
+    /// `[novasnap] image_layout`: how a direct snapshot's image holds its bytes.
+    pub image_layout: ImageLayout,
     /// `[novasnap] retry_*`: the one retry policy for transient faults.
     pub retry: RetryPolicy,
     /// `[novasnap] reclaim_interval`: how often dead work's leftovers are looked for.
@@ -448,6 +450,7 @@ impl Config {
         let worker = WorkerConfig {
             max_concurrent_snapshots,
             direct_snapshot: r.parse("novasnap", "direct_snapshot", true)?,
+            image_layout: r.parse("novasnap", "image_layout", ImageLayout::Flattened)?,
             retry: RetryPolicy {
                 initial_delay: Duration::from_millis(r.parse("novasnap", "retry_initial_delay_ms", 500)?),
                 max_delay: r.seconds("novasnap", "retry_max_delay", 30)?,
@@ -635,6 +638,30 @@ impl Reader<'_> {
             return Err(self.invalid(section, key, "0", "must be more than 0 (0 means no bound)".into()));
         }
         Ok(value)
+    }
+}
+
+/// How a direct snapshot's image holds its bytes (`[novasnap] image_layout`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ImageLayout {
+    /// `flattened` (the default, Nova's): the image holds every byte of the disk and
+    /// depends on nothing.
+    Flattened,
+    /// `on_base` (opt-in): for an instance disk Nova cloned from a Glance image, the image is
+    /// a clone of that same base image holding only what the instance wrote; Ceph writes
+    /// only those bytes and the image is usable at once whatever the disk's size. The base
+    /// image then cannot be deleted from Glance while such images exist, as it cannot while
+    /// instances built from it do; the instance disk can be deleted at any time.
+    OnBase,
+}
+
+impl ConfigValue for ImageLayout {
+    fn parse(s: &str) -> Result<Self, String> {
+        match s {
+            "flattened" => Ok(Self::Flattened),
+            "on_base" => Ok(Self::OnBase),
+            _ => Err("expected flattened or on_base".into()),
+        }
     }
 }
 

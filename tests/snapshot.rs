@@ -48,8 +48,15 @@ async fn assert_no_leftovers(guest: &DemoGuest) {
 }
 
 /// Snapshots `guest` through a fresh worker and checks everything a snapshot must leave:
-/// an active image with the disk's bytes, nothing stray, the notifications in order.
+/// an active image with the disk's bytes, nothing stray, the notifications in order; then
+/// deletes the image.
 async fn snapshot_and_check(guest_n: u8, overrides: &[(&str, &str, &str)], expect_direct: bool) {
+    let image_id = snapshot_checked(guest_n, overrides, expect_direct).await;
+    glance_delete(&image_id).await;
+}
+
+/// The same, keeping the image: its id.
+async fn snapshot_checked(guest_n: u8, overrides: &[(&str, &str, &str)], expect_direct: bool) -> String {
     let guest = guest(guest_n);
     let config = TestConfig::new(overrides);
     let state_before = domain_state(&guest.domain).await;
@@ -107,7 +114,7 @@ async fn snapshot_and_check(guest_n: u8, overrides: &[(&str, &str, &str)], expec
     }
 
     assert!(worker.stop().await.success(), "SIGTERM ends the worker with status 0");
-    glance_delete(&image_id).await;
+    image_id
 }
 
 #[tokio::test]
@@ -178,3 +185,22 @@ async fn a_guest_with_the_agent_is_quiesced_and_its_image_fscks_clean() {
     assert!(worker.stop().await.success());
     glance_delete(&image_id).await;
 }
+
+/// `[novasnap] image_layout = on_base`: the image of a Nova-built server (its disk a clone of
+/// the Glance image it booted from) is a clone of that same image holding only what the
+/// instance wrote: Ceph stores a fraction of the disk, and the image reads as the disk did.
+#[tokio::test]
+async fn on_base_the_image_holds_only_what_the_instance_wrote() {
+    let image_id = snapshot_checked(1, &[("novasnap", "image_layout", "on_base")], true).await;
+    let copy = format!("images/{image_id}");
+    let info = rbd_json(&["info", &copy]).await;
+    let base = env("SERVER1_IMAGE");
+    assert_eq!(info["parent"]["image"], base.as_str(), "a clone of the base image: {info:#}");
+    assert_eq!(info["parent"]["snapshot"], "snap", "{info:#}");
+    let du = rbd_json(&["du", &copy]).await;
+    let used = du["images"].as_array().unwrap().iter().find(|i| i["snapshot"].is_null()).unwrap()["used_size"].as_u64();
+    let provisioned = info["size"].as_u64().unwrap();
+    assert!(used.is_some_and(|u| u < provisioned / 4), "only the instance's own extents: {du:#}");
+    glance_delete(&image_id).await;
+}
+

@@ -22,6 +22,7 @@ use super::{check, cstr};
 
 type RbdImageT = *mut c_void;
 type ProgressFn = extern "C" fn(offset: u64, total: u64, data: *mut c_void) -> c_int;
+type DiffFn = extern "C" fn(offset: u64, len: usize, exists: c_int, data: *mut c_void) -> c_int;
 
 /// `RBD_SNAP_NAMESPACE_TYPE_USER` of librbd.h's `rbd_snap_namespace_type_t`.
 const RBD_SNAP_NAMESPACE_TYPE_USER: c_int = 0;
@@ -73,6 +74,18 @@ extern "C" {
     fn rbd_remove(io: rados_ioctx_t, name: *const c_char) -> c_int;
     fn rbd_list(io: rados_ioctx_t, names: *mut c_char, size: *mut usize) -> c_int;
     fn rbd_read(image: RbdImageT, ofs: u64, len: usize, buf: *mut c_char) -> isize;
+    fn rbd_write(image: RbdImageT, ofs: u64, len: usize, buf: *const c_char) -> isize;
+    fn rbd_resize(image: RbdImageT, size: u64) -> c_int;
+    fn rbd_diff_iterate2(
+        image: RbdImageT,
+        fromsnapname: *const c_char,
+        ofs: u64,
+        len: u64,
+        include_parent: u8,
+        whole_object: u8,
+        cb: DiffFn,
+        arg: *mut c_void,
+    ) -> c_int;
     fn rbd_metadata_set(image: RbdImageT, key: *const c_char, value: *const c_char) -> c_int;
     fn rbd_metadata_get(image: RbdImageT, key: *const c_char, value: *mut c_char, len: *mut usize) -> c_int;
     fn rbd_metadata_remove(image: RbdImageT, key: *const c_char) -> c_int;
@@ -624,6 +637,44 @@ impl Image {
             return Err(Errno(-ret as i32));
         }
         Ok(ret as usize)
+    }
+
+    /// Writes all of `buf` at `offset`.
+    pub fn write(&self, offset: u64, buf: &[u8]) -> Result<(), Errno> {
+        // SAFETY: open handle; buf is readable for its full length and outlives the call.
+        let ret = unsafe { rbd_write(self.handle, offset, buf.len(), buf.as_ptr().cast()) };
+        match ret {
+            n if n < 0 => Err(Errno(-n as i32)),
+            n if n as usize != buf.len() => Err(Errno(libc::EIO)),
+            _ => Ok(()),
+        }
+    }
+
+    pub fn resize(&self, size: u64) -> Result<(), Errno> {
+        // SAFETY: open handle; a plain value.
+        self.check(unsafe { rbd_resize(self.handle, size) }).map(drop)
+    }
+
+    /// Every whole object the image (at the snapshot it was opened at) holds itself, from
+    /// the beginning of time and without its parent's, as `(offset, len, exists)`: what a
+    /// clone changed over its parent. `exists` false marks an extent discarded in the image
+    /// (it reads as zeros, not as the parent's data).
+    pub fn own_extents(&self) -> Result<Vec<(u64, u64, bool)>, Errno> {
+        extern "C" fn collect(offset: u64, len: usize, exists: c_int, data: *mut c_void) -> c_int {
+            // SAFETY: `data` is the Vec passed below, alive for the whole rbd_diff_iterate2
+            // call, during which librbd reports one extent at a time. Nothing but a push
+            // happens here: librbd may call from a thread of its own, where I/O could deadlock.
+            let extents = unsafe { &mut *(data as *mut Vec<(u64, u64, bool)>) };
+            extents.push((offset, len as u64, exists != 0));
+            0
+        }
+        let size = self.size()?;
+        let mut extents: Vec<(u64, u64, bool)> = Vec::new();
+        let data = &mut extents as *mut Vec<(u64, u64, bool)> as *mut c_void;
+        // SAFETY: open handle; a null from-snapshot means from the beginning of time; `data`
+        // outlives the call (see `collect`).
+        self.check(unsafe { rbd_diff_iterate2(self.handle, std::ptr::null(), 0, size, 0, 1, collect, data) })?;
+        Ok(extents)
     }
 
     pub fn metadata_set(&self, key: &str, value: &str) -> Result<(), Errno> {

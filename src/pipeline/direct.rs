@@ -9,11 +9,10 @@ use tracing::{info, warn};
 use uuid::Uuid;
 
 use super::plan::SnapshotPlan;
-use super::progress::ProgressReporter;
 use super::{crash, Fault, Job, SnapshotError, Step};
 use crate::hypervisor::{DiskSource, Guest};
 use crate::image::{parse_rbd_url, ImageError, ImageProperties};
-use crate::messaging::TaskState;
+use crate::config::ImageLayout;
 use crate::storage::{BlockStorage, CloneParent, CloneState, RbdImage, StorageError};
 
 /// The snapshot novasnap keeps on the instance disk while it copies it. Deterministic, so a
@@ -59,20 +58,32 @@ impl DirectSnapshot<'_, '_> {
         let disk = RbdImage::new(pool.clone(), image.clone());
         let image_id = job.req.image_id;
         let fsid = job.step(Step::DiskSnapshot, || storage.fsid()).await?;
-        let Some(image_pool) = image_pool(job, storage, &disk, &fsid).await? else {
+        let disk_parent = job.step(Step::DiskSnapshot, || storage.parent(&disk)).await?;
+        let Some(image_pool) = image_pool(job, disk_parent.as_ref(), &fsid).await? else {
             return Ok(Direct::Unavailable("cannot tell which pool Glance stores images in".into()));
         };
         let copy = RbdImage::new(image_pool.clone(), image_id.to_string());
         let snap = disk_snapshot_name(image_id);
         job.rbd_disk = Some(disk.clone());
+        // `on_base`: the copy is a clone of the Glance image the disk was cloned from, and
+        // gets only what the instance wrote; a disk with no such parent is copied whole.
+        let base = match job.settings.image_layout {
+            ImageLayout::OnBase => disk_parent.filter(|parent| parent.image.pool == image_pool),
+            ImageLayout::Flattened => None,
+        };
+        if job.settings.image_layout == ImageLayout::OnBase && base.is_none() {
+            info!(instance = %job.req.instance.uuid, image = %image_id, %disk,
+                  "the disk is not a clone of an image in Glance's pool: its image is flattened");
+        }
 
         // An earlier try may have got as far as the clone, or past the flatten: an image of
-        // that name is used, and ever removed, only once proven to be that copy.
+        // that name is used, and ever removed, only once proven to be that copy (an image
+        // named after this snapshot's new image id, cloned from what this try clones).
         let copy_exists = job.step(Step::Clone, || storage.exists(&copy)).await?;
         let needs_flatten = if copy_exists {
             let parent = job.step(Step::Clone, || storage.parent(&copy)).await?;
             let owner = job.step(Step::Clone, || storage.metadata(&copy, OWNER_METADATA_KEY)).await?;
-            let ours = CloneParent { image: disk.clone(), snapshot: snap.clone() };
+            let ours = base.clone().unwrap_or(CloneParent { image: disk.clone(), snapshot: snap.clone() });
             if owner.as_deref() != Some(image_id.to_string().as_str()) && parent.as_ref() != Some(&ours) {
                 return Err(job.fail_at(
                     Step::Clone,
@@ -86,16 +97,23 @@ impl DirectSnapshot<'_, '_> {
             // The point in time exists already: a guest an earlier try left suspended runs
             // again before the rest of the work.
             job.resume_if_suspended().await?;
-            parent.is_some()
+            parent.is_some() && base.is_none()
         } else {
             job.disk_snapshot(storage, &disk, &snap, plan).await?;
-            job.step(Step::DiskSnapshot, || storage.protect_snapshot(&disk, &snap)).await?;
+            let (parent, parent_snap) = match &base {
+                Some(base) => (&base.image, base.snapshot.as_str()),
+                // Cloned from: protected, as librbd wants a clone's parent snapshot.
+                None => {
+                    job.step(Step::DiskSnapshot, || storage.protect_snapshot(&disk, &snap)).await?;
+                    (&disk, snap.as_str())
+                }
+            };
             crash::point("after-disk-snapshot");
-            match job.step(Step::Clone, || storage.clone_image(&disk, &snap, &copy)).await {
+            match job.step(Step::Clone, || storage.clone_image(parent, parent_snap, &copy)).await {
                 Ok(()) => {
                     job.rbd_copy = Some(copy.clone());
                     crash::point("after-clone");
-                    true
+                    base.is_none()
                 }
                 // librbd removes a clone it could not finish: there is no copy to remove.
                 Err(e) if is_refused(&e.fault) => {
@@ -107,14 +125,17 @@ impl DirectSnapshot<'_, '_> {
         };
         let owner = image_id.to_string();
         job.step(Step::Clone, || storage.set_metadata(&copy, OWNER_METADATA_KEY, &owner)).await?;
-        if needs_flatten {
-            let reporter = ProgressReporter::start(
-                job.b.notifier.clone(),
-                job.req,
-                TaskState::ImageUploading,
-                "flatten",
-                job.settings.progress_interval,
-            );
+        if base.is_some() {
+            // Written again by a redelivery, whatever an earlier try wrote: the same bytes.
+            let reporter = job.progress_reporter("copy");
+            let progress = reporter.callback();
+            let copied =
+                job.step(Step::CopyOwnExtents, || storage.copy_own_extents(&disk, &snap, &copy, progress.clone())).await;
+            reporter.finish().await;
+            let written = copied?;
+            info!(instance = %job.req.instance.uuid, image = %image_id, written, "the instance's own extents copied onto its base");
+        } else if needs_flatten {
+            let reporter = job.progress_reporter("flatten");
             let report = reporter.callback();
             let progress: crate::hypervisor::Progress = std::sync::Arc::new(move |percent| {
                 if percent >= 50 {
@@ -176,14 +197,9 @@ impl DirectSnapshot<'_, '_> {
 
 /// Glance's pool: the pool the instance disk was cloned from, else the pool of the first
 /// location of the base image that lives in this cluster.
-async fn image_pool(
-    job: &Job<'_>,
-    storage: &dyn BlockStorage,
-    disk: &RbdImage,
-    fsid: &str,
-) -> Result<Option<String>, SnapshotError> {
-    if let Some(parent) = job.step(Step::DiskSnapshot, || storage.parent(disk)).await? {
-        return Ok(Some(parent.image.pool));
+async fn image_pool(job: &Job<'_>, disk_parent: Option<&CloneParent>, fsid: &str) -> Result<Option<String>, SnapshotError> {
+    if let Some(parent) = disk_parent {
+        return Ok(Some(parent.image.pool.clone()));
     }
     let Some(base) = job.req.instance.image_ref.as_deref().and_then(|r| Uuid::parse_str(r).ok()) else {
         return Ok(None);

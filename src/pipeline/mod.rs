@@ -53,6 +53,8 @@ pub struct PipelineSettings {
     pub plan: PlanSettings,
     /// False forces the standard path.
     pub direct_snapshot: bool,
+    /// How a direct snapshot's image holds its bytes.
+    pub image_layout: crate::config::ImageLayout,
     /// Where the standard path may write temporary files.
     pub snapshots_directory: PathBuf,
     /// Ceph config qemu-img needs to read an RBD disk (non-raw RBD snapshots).
@@ -82,6 +84,7 @@ impl PipelineSettings {
                 ephemeral_encryption: config.libvirt.ephemeral_encryption,
             },
             direct_snapshot: config.worker.direct_snapshot,
+            image_layout: config.worker.image_layout,
             snapshots_directory: config.libvirt.snapshots_directory.clone(),
             ceph_conf: config.rbd.ceph_conf.clone(),
             retry: config.worker.retry.clone(),

@@ -21,6 +21,7 @@ use crate::messaging::{MessagingError, Notifier, SnapshotEvent, TaskState};
 use crate::nova::{Expected, InstanceRecord, NovaError};
 use crate::reclaim::Scope;
 use crate::request::{Instance, RequestContext, SnapshotKind, SnapshotRequest};
+use crate::config::ImageLayout;
 use crate::storage::{
     BlockStorage, CloneParent, CloneState, InstanceLease, NotedWork, RbdImage, SnapshotInfo, StorageError, WorkLedger,
 };
@@ -252,6 +253,20 @@ impl BlockStorage for FakeStorage {
         progress(100);
         self.images.lock().unwrap().get_mut(image).ok_or_else(|| Self::missing(image))?.parent = None;
         Ok(())
+    }
+    async fn copy_own_extents(
+        &self,
+        disk: &RbdImage,
+        snap: &str,
+        copy: &RbdImage,
+        progress: Progress,
+    ) -> Result<u64, StorageError> {
+        self.change("copy_own_extents", copy)?;
+        let mut images = self.images.lock().unwrap();
+        let data = images.get(disk).and_then(|d| d.snaps.get(snap)).ok_or_else(|| Self::missing(disk))?.1.clone();
+        images.get_mut(copy).ok_or_else(|| Self::missing(copy))?.data = data.clone();
+        progress(100);
+        Ok(data.len() as u64)
     }
     async fn set_metadata(&self, image: &RbdImage, key: &str, value: &str) -> Result<(), StorageError> {
         self.change("set_metadata", image)?;
@@ -647,6 +662,7 @@ impl World {
             host: "host1".into(),
             made_by: "novasnap test".into(),
             max_freeze: Duration::from_secs(10),
+            image_layout: ImageLayout::Flattened,
         };
         settings(&mut s);
         let timeout = s.snapshot_timeout;
@@ -723,6 +739,49 @@ fn queued_image(id: Uuid, created_at: &str) -> Image {
 
 fn ts(old: Option<TaskState>, new: Option<TaskState>) -> SnapshotEvent {
     SnapshotEvent::TaskState { old, new }
+}
+
+/// `on_base`: the image is a clone of the Glance image the disk was cloned from, holding
+/// what the instance wrote; nothing is flattened and the disk snapshot is never cloned from.
+#[tokio::test]
+async fn on_base_the_image_is_a_clone_of_the_base_with_the_instance_s_own_bytes() {
+    let w = World::clone_backed(FakeImages::default());
+    let outcome = w.pipeline(|s| s.image_layout = ImageLayout::OnBase).run(&w.req).await.unwrap();
+    assert_eq!(outcome, Outcome::Completed { direct: true });
+    let image = w.images.image(w.req.image_id).unwrap();
+    assert_eq!(image.status, ImageStatus::Active);
+    assert_eq!(image.locations, vec![format!("rbd://{FSID}/images/{}/snap", w.req.image_id)]);
+    let copy = w.storage.get(&w.copy()).unwrap();
+    assert_eq!(copy.data, DISK_DATA, "the disk's bytes as of its snapshot");
+    assert_eq!(copy.parent, Some(CloneParent { image: w.base.clone(), snapshot: "snap".into() }));
+    assert_eq!(copy.snaps.get("snap").map(|s| s.0), Some(true));
+    let timeline = w.timeline.lock().unwrap().clone();
+    assert!(!timeline.iter().any(|t| t.starts_with("storage flatten") || t.starts_with("storage protect_snapshot vms/")));
+    assert!(w.disk_snapshots().is_empty() && w.noted().await.is_empty());
+}
+
+/// A redelivery finds what a worker killed right after the clone left: the disk snapshot
+/// and a clone of the base with no owner metadata yet. It is proven this snapshot's by its
+/// parent, and the instance's extents are written into it.
+#[tokio::test]
+async fn on_base_a_redelivery_finishes_the_copy_an_earlier_try_cloned() {
+    let w = World::clone_backed(FakeImages::default());
+    let snap = crate::pipeline::direct::disk_snapshot_name(w.req.image_id);
+    w.storage.images.lock().unwrap().get_mut(&w.disk).unwrap().snaps.insert(snap, (false, DISK_DATA.to_vec()));
+    w.storage.images.lock().unwrap().insert(
+        w.copy(),
+        FakeRbd {
+            data: b"base".to_vec(),
+            parent: Some(CloneParent { image: w.base.clone(), snapshot: "snap".into() }),
+            snaps: BTreeMap::new(),
+            metadata: BTreeMap::new(),
+        },
+    );
+    w.pipeline(|s| s.image_layout = ImageLayout::OnBase).run(&w.req).await.unwrap();
+    assert_eq!(w.storage.get(&w.copy()).unwrap().data, DISK_DATA);
+    assert_eq!(w.images.image(w.req.image_id).unwrap().status, ImageStatus::Active);
+    let cloned = w.timeline.lock().unwrap().iter().any(|t| t.starts_with("storage clone_image"));
+    assert!(!cloned, "the earlier try's clone is used");
 }
 
 /// The image's critical path is the disk snapshot, the clone, the flatten and `snap` on the

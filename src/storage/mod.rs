@@ -156,6 +156,18 @@ pub trait BlockStorage: Send + Sync {
     /// Sets image metadata `key` (librbd's per-image key/value store); overwriting is fine.
     async fn set_metadata(&self, image: &RbdImage, key: &str, value: &str) -> Result<(), StorageError>;
 
+    /// Makes `copy`, a clone of the parent `disk` was cloned from, hold what `disk@snap`
+    /// holds: grown to the disk's size, then every extent the disk holds itself (what the
+    /// instance wrote, not read through from the parent) written into it. Reports progress;
+    /// returns the bytes written. Safe to repeat.
+    async fn copy_own_extents(
+        &self,
+        disk: &RbdImage,
+        snap: &str,
+        copy: &RbdImage,
+        progress: Progress,
+    ) -> Result<u64, StorageError>;
+
     /// Image metadata `key`, or None if it is not set.
     async fn metadata(&self, image: &RbdImage, key: &str) -> Result<Option<String>, StorageError>;
 

@@ -364,6 +364,51 @@ impl BlockStorage for CephRbd {
         .await
     }
 
+    async fn copy_own_extents(
+        &self,
+        disk: &RbdImage,
+        snap: &str,
+        copy: &RbdImage,
+        progress: Progress,
+    ) -> Result<u64, StorageError> {
+        let (disk, snap, copy) = (disk.clone(), snap.to_string(), copy.clone());
+        let stop = inflight::stop_signal().unwrap_or_default();
+        self.blocking(move |inner| {
+            let source_name = format!("{disk}@{snap}");
+            let source = inner.open_read_only(&disk, Some(&snap))?;
+            let size = source.size().map_err(rbd_error("get size", &source_name))?;
+            let extents = source.own_extents().map_err(rbd_error("list own extents", &source_name))?;
+            let target = inner.open_writable(&copy)?;
+            if target.size().map_err(rbd_error("get size", &copy))? < size {
+                target.resize(size).map_err(rbd_error("resize", &copy))?;
+            }
+            let total: u64 = extents.iter().map(|(_, len, _)| len).sum();
+            let (mut written, mut buf) = (0u64, vec![0u8; READ_CHUNK]);
+            for (offset, len, exists) in extents {
+                let mut at = offset;
+                while at < offset + len {
+                    if stop.is_cancelled() {
+                        return Err(rbd_error("copy own extents", &copy)(Errno(libc::ECANCELED)));
+                    }
+                    let chunk = &mut buf[..READ_CHUNK.min((offset + len - at) as usize)];
+                    if exists {
+                        let n = source.read(at, chunk).map_err(rbd_error("read", &source_name))?;
+                        chunk[n..].fill(0);
+                    } else {
+                        chunk.fill(0);
+                    }
+                    target.write(at, chunk).map_err(rbd_error("write", &copy))?;
+                    at += chunk.len() as u64;
+                    written += chunk.len() as u64;
+                    progress((written.saturating_mul(100) / total.max(1)).min(100) as u8);
+                }
+            }
+            progress(100);
+            Ok(written)
+        })
+        .await
+    }
+
     async fn metadata(&self, image: &RbdImage, key: &str) -> Result<Option<String>, StorageError> {
         let (image, key) = (image.clone(), key.to_string());
         self.blocking(move |inner| {
