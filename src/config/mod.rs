@@ -1235,4 +1235,150 @@ mod tests {
         let c = load("[oslo_messaging_notifications]\ndriver = messaging\n").unwrap();
         assert!(c.notifications.enabled && !c.notifications.envelope_v2);
     }
+
+    fn read_files(texts: &[&str], env: &[(&str, &str)]) -> Result<(Config, Report), ConfigError> {
+        let files = texts
+            .iter()
+            .enumerate()
+            .map(|(i, text)| oslo::ConfigFile::parse(Path::new(&format!("/etc/nova/{i}.conf")), text).unwrap())
+            .collect();
+        Config::read(&Namespace::new(files, env.iter().map(|(k, v)| (k.to_string(), v.to_string()))))
+    }
+
+    #[test]
+    fn files_and_repeated_blocks_merge_as_oslo_merges_them() {
+        let (c, report) = read_files(
+            &[
+                "[DEFAULT]\nhost = first\n[libvirt]\nimages_rbd_pool = a\n[DEFAULT]\nhost = second\n\
+                 [oslo_messaging_notifications]\ndriver = messagingv2\n",
+                "[LIBVIRT]\nimages_rbd_pool = b\nimages_rbd_pool = c\n[oslo_messaging_notifications]\ndriver = log\n\
+                 driver = messaging\n[default]\nhost = ignored\n",
+            ],
+            &[],
+        )
+        .unwrap();
+        assert_eq!(c.host, "second", "the last value of the files that set it");
+        assert_eq!(c.rbd.pool, "c", "a later file wins, its last value; [LIBVIRT] is [libvirt]");
+        assert!(c.notifications.enabled && !c.notifications.envelope_v2, "every driver line counts");
+        let driver = report.settings.iter().find(|s| s.option == "driver").unwrap();
+        assert_eq!(driver.value, Value::List(vec!["messagingv2".into(), "log".into(), "messaging".into()]));
+        assert_eq!(driver.origins.len(), 3);
+        assert_eq!(report.unused["default"].keys().collect::<Vec<_>>(), ["host"], "[default] is not [DEFAULT]");
+    }
+
+    #[test]
+    fn deprecated_names_are_read_and_the_current_name_wins_in_a_file() {
+        let (c, _) = read_files(
+            &[
+                "[ssl]\nca_file = /ca.pem\n[glance]\napi_insecure = true\n[DEFAULT]\nnotification_format = versioned\n\
+                 logfile = old.log\n[service_user]\nauth_plugin = password\nauth_url = http://k/v3\nuser_name = nova\n\
+                 password = p\nuser_domain_id = default\ntenant_name = service\n",
+                "[DEFAULT]\nlog_file = new.log\nlogfile = deprecated-loses.log\n",
+            ],
+            &[],
+        )
+        .unwrap();
+        assert_eq!(c.glance.session.cafile, Some(PathBuf::from("/ca.pem")));
+        assert!(c.glance.session.insecure);
+        assert_eq!(c.notifications.format, NotificationFormat::Versioned);
+        assert_eq!(c.logging.file, Some(PathBuf::from("new.log")));
+        let auth = c.identity.service_user.auth.unwrap();
+        assert_eq!((auth.username.as_deref(), auth.project_name.as_deref()), (Some("nova"), Some("service")));
+    }
+
+    #[test]
+    fn values_are_substituted_as_oslo_substitutes_them() {
+        let (c, _) = read_files(
+            &["[DEFAULT]\nstate_path = /srv/nova\nmy_ip = 10.0.0.9\nhost = ${my_ip}\n\
+               [libvirt]\nimages_rbd_pool = $host-pool\nrbd_user = a$$b\\$c\\x\n\
+               [novasnap]\nstate_directory = $state_path/$rpc_response_timeout/$debug/$libvirt.images_rbd_pool\n"],
+            &[],
+        )
+        .unwrap();
+        assert_eq!(c.host, "10.0.0.9", "a Nova option novasnap does not read, as the file sets it");
+        assert_eq!(c.rbd.pool, "10.0.0.9-pool");
+        assert_eq!(c.rbd.user.as_deref(), Some("a$b$c\\x"), "$$ and \\$ are $; other backslashes are kept");
+        assert_eq!(c.libvirt.snapshots_directory, PathBuf::from("/srv/nova/instances/snapshots"), "defaults too");
+        assert_eq!(c.worker.state_directory, PathBuf::from("/srv/nova/60/False/10.0.0.9-pool"), "Python's str()");
+        for (text, expected) in [
+            ("[libvirt]\nrbd_user = $nosuch\n", "$nosuch: no such option"),
+            ("[libvirt]\nrbd_user = $DEFAULT.host\n", "$DEFAULT.host: no such option"),
+            ("[libvirt]\nrbd_user = $images_rbd_pool\nimages_rbd_pool = $rbd_user\n", "refers to itself"),
+        ] {
+            let err = read_files(&[text], &[]).unwrap_err().to_string();
+            assert!(err.contains("/etc/nova/0.conf:") && err.contains(expected), "{text:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn the_environment_wins_over_every_file() {
+        let (c, report) =
+            read_files(&["[libvirt]\nimages_rbd_pool = file\n"], &[("OS_LIBVIRT__IMAGES_RBD_POOL", "env-$host")])
+                .unwrap();
+        assert_eq!(c.rbd.pool, format!("env-{}", c.host));
+        let pool = report.settings.iter().find(|s| s.option == "images_rbd_pool").unwrap();
+        assert_eq!(pool.origins, [Origin::Environment("OS_LIBVIRT__IMAGES_RBD_POOL".into())]);
+    }
+
+    #[test]
+    fn auth_section_moves_the_credentials_but_not_the_session() {
+        let (c, _) = read_files(
+            &["[service_user]\nauth_section = keystone_authtoken\ninsecure = true\n\
+               [keystone_authtoken]\nauth_type = password\nauth_url = http://k/v3\nuser_id = 42\npassword = p\n"],
+            &[],
+        )
+        .unwrap();
+        let auth = c.identity.service_user.auth.unwrap();
+        assert_eq!((auth.section.as_str(), auth.user_id.as_deref()), ("keystone_authtoken", Some("42")));
+        assert!(auth.session.insecure, "Nova loads the session from [service_user]");
+    }
+
+    #[test]
+    fn numbers_are_read_with_their_upstream_types() {
+        let err = read_files(&["[DEFAULT]\nrpc_response_timeout = 1.5\n"], &[]).unwrap_err().to_string();
+        assert!(err.contains("[DEFAULT] rpc_response_timeout") && err.contains("int()"), "an IntOpt: {err}");
+        let err = read_files(&["[oslo_messaging_rabbit]\nrabbit_transient_queues_ttl = -1\n"], &[]).unwrap_err();
+        assert!(err.to_string().contains("greater than or equal to 0"), "{err}");
+        let err = read_files(&["[novasnap]\nconfirm_timeout =\n"], &[]).unwrap_err().to_string();
+        assert!(err.contains("empty"), "oslo's None is no number: {err}");
+        let (c, _) = read_files(&["[novasnap]\nconfirm_timeout = 1_5\nrelay_prefetch = \" +7 \"\n"], &[]).unwrap();
+        assert_eq!((c.messaging.confirm_timeout, c.messaging.relay_prefetch), (Duration::from_secs(15), 7));
+    }
+
+    #[test]
+    fn logs_go_where_oslo_log_would_put_them() {
+        let logging = |text: &str| read_files(&[text], &[]).unwrap().0.logging;
+        assert_eq!(logging("").file, None);
+        assert_eq!(logging("[DEFAULT]\nlog_dir = /var/log/nova\n").file, Some("/var/log/nova/novasnap.log".into()));
+        let both = logging("[DEFAULT]\nlog_dir = /var/log/nova\nlog_file = n.log\ndebug = yes\nuse_json = 1\n");
+        assert_eq!(
+            both,
+            LoggingConfig { debug: true, file: Some("/var/log/nova/n.log".into()), json: true, stderr: false }
+        );
+        assert_eq!(logging("[DEFAULT]\nlog_dir = /x\nlog_file = /abs.log\n").file, Some("/abs.log".into()));
+    }
+
+    #[test]
+    fn check_config_shows_sources_hides_secrets_and_lists_what_it_ignores() {
+        let (_, report) = read_files(
+            &[
+                "[DEFAULT]\ntransport_url = rabbit://nova:s3cret@h1:5672,nova:s3cret@h2:5672/\nmy_ip = 1.2.3.4\n\
+                 [placement]\nauth_type = password\n[ssl]\nca_file = /ca.pem\n",
+                "[novasnap_service_user]\nauth_type = password\nauth_url = http://k/v3\nuser_id = 1\npassword = hunter2\n",
+            ],
+            &[],
+        )
+        .unwrap();
+        let text = report.text(false);
+        assert!(!text.contains("s3cret") && !text.contains("hunter2"), "{text}");
+        assert!(text
+            .contains("[DEFAULT] transport_url = rabbit://nova:***@h1:5672,nova:***@h2:5672/  (/etc/nova/0.conf:2)"));
+        assert!(text.contains("[glance] cafile = /ca.pem  (/etc/nova/0.conf:7, as [ssl] ca_file)"), "{text}");
+        assert!(text.contains("[libvirt] images_rbd_pool = rbd  (default)"), "{text}");
+        assert!(text.contains("[DEFAULT] my_ip\n") && text.contains("[placement] auth_type\n"), "{text}");
+        assert!(report.text(true).contains("hunter2"));
+        let json = report.json(false);
+        let password = json["options"].as_array().unwrap().iter().find(|o| o["option"] == "password").unwrap();
+        assert_eq!((password["value"].as_str(), password["secret"].as_bool()), (Some("***"), Some(true)));
+    }
 }

@@ -29,7 +29,7 @@ pub struct Setting {
 pub struct Report {
     /// The files read, in order.
     pub files: Vec<PathBuf>,
-    /// In the order read, each option once.
+    /// Each option once, by section.
     pub settings: Vec<Setting>,
     /// Section → key → where it is (first) set, for what the files set and novasnap ignores.
     pub unused: BTreeMap<String, BTreeMap<String, Origin>>,
@@ -38,7 +38,10 @@ pub struct Report {
 impl Report {
     pub fn new(namespace: &Namespace, settings: Vec<Setting>, looked_up: &HashSet<(String, String)>) -> Self {
         let mut seen = HashSet::new();
-        let settings = settings.into_iter().filter(|s| seen.insert((s.section.clone(), s.option.clone()))).collect();
+        let mut settings: Vec<Setting> =
+            settings.into_iter().filter(|s| seen.insert((s.section.clone(), s.option.clone()))).collect();
+        // By section, [DEFAULT] first, as nova.conf is laid out; read order within one.
+        settings.sort_by_key(|s| (s.section != "DEFAULT", s.section.clone()));
         Self {
             files: namespace.files.iter().map(|f| f.path.clone()).collect(),
             settings,
