@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use serde_json::{Map, Value as Json};
 use tracing::{Event, Subscriber};
 use tracing_appender::non_blocking::{NonBlockingBuilder, WorkerGuard};
+use tracing_log::NormalizeEvent;
 use tracing_subscriber::fmt::format::{JsonFields, Writer};
 use tracing_subscriber::fmt::writer::{BoxMakeWriter, MakeWriterExt};
 use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields, FormattedFields};
@@ -90,7 +91,9 @@ where
     N: for<'w> FormatFields<'w> + 'static,
 {
     fn format_event(&self, ctx: &FmtContext<'_, S, N>, mut writer: Writer<'_>, event: &Event<'_>) -> std::fmt::Result {
-        let metadata = event.metadata();
+        // Records of the `log` crate (rustls, …) carry their own target in `log.*` fields.
+        let normalized = event.normalized_metadata();
+        let metadata = normalized.as_ref().unwrap_or_else(|| event.metadata());
         let mut line = Map::new();
         line.insert("timestamp".into(), chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true).into());
         line.insert("level".into(), metadata.level().as_str().into());
@@ -103,6 +106,9 @@ where
         let mut fields = String::new();
         ctx.format_fields(Writer::new(&mut fields), event)?;
         merge(&mut line, &fields);
+        if normalized.is_some() {
+            line.retain(|key, _| !key.starts_with("log."));
+        }
         writeln!(writer, "{}", Json::Object(line))
     }
 }

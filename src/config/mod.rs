@@ -932,7 +932,8 @@ impl<'a> Reader<'a> {
     }
 
     fn duration(&self, section: &str, key: &str, value: &Value) -> Result<Duration, ConfigError> {
-        let secs = f64::from_value(value).map_err(|reason| self.invalid(section, key, "", reason))?;
+        let secs =
+            f64::from_value(value).map_err(|reason| self.invalid(section, key, &value.to_python_str(), reason))?;
         if !secs.is_finite() || secs < 0.0 {
             return Err(self.invalid(
                 section,
