@@ -729,6 +729,10 @@ impl<'a> Reader<'a> {
         stack: &mut Vec<(String, String)>,
     ) -> Result<Option<String>, ConfigError> {
         let (namespace, registry) = self.sources.expect("resolving needs sources");
+        // oslo finds a group by its exact name: `$LIBVIRT.x` names no group.
+        if oslo::normalize_section(group) != group {
+            return Ok(None);
+        }
         if let Some(r) = registry.get(&(group.to_string(), option.to_string())) {
             let (value, _) = self.resolve(&r.group, &r.name, r.kind, &r.declared, &r.default, stack)?;
             return Ok(Some(value.to_python_str()));

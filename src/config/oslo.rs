@@ -546,8 +546,8 @@ pub fn to_list(text: &str) -> Vec<String> {
 }
 
 /// `types.HostDomain`: an IPv4 or IPv6 address, else a host name whose labels match
-/// `(?!-)[A-Z0-9-_]{1,63}(?<!-)$` (any case; note that `9-_` in that class is a range, as
-/// Python reads it) and whose last label holds a letter or `-`; a trailing dot is dropped.
+/// `(?!-)[A-Z0-9-_]{1,63}(?<!-)$` (any case) and whose last label holds a letter or `-`; a
+/// trailing dot is dropped.
 pub fn to_host_domain(text: &str) -> Result<String, String> {
     let invalid = || format!("{text} is not a valid host address");
     if text.parse::<std::net::Ipv4Addr>().is_ok() || text.parse::<std::net::Ipv6Addr>().is_ok() {
@@ -566,7 +566,7 @@ pub fn to_host_domain(text: &str) -> Result<String, String> {
         (1..=63).contains(&len)
             && !label.starts_with('-')
             && !label.ends_with('-')
-            && label.chars().all(|c| c.is_ascii_alphabetic() || c == '-' || ('0'..='_').contains(&c))
+            && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
     };
     if name.split('.').all(label_ok) {
         Ok(name.to_string())
@@ -724,7 +724,7 @@ mod tests {
         assert_eq!(to_list(" , "), Vec::<String>::new());
         assert_eq!(to_host_domain("cmp1."), Ok("cmp1".into()));
         assert_eq!(to_host_domain("a_b.example"), Ok("a_b.example".into()));
-        assert!(to_host_domain("10.0.0").is_err() && to_host_domain("-a").is_err());
+        assert!(to_host_domain("10.0.0").is_err() && to_host_domain("-a").is_err() && to_host_domain("a@b").is_err());
         assert_eq!(Value::Float(1e16).to_python_str(), "1e+16");
         assert_eq!(Value::Float(1.5e-5).to_python_str(), "1.5e-05");
         assert_eq!(Value::Float(30.0).to_python_str(), "30.0");
