@@ -184,7 +184,9 @@ class Worker:
         self.conf = os.path.join(self.dir, "novasnap.conf")
         open(self.conf, "w").write(conf)
         self.log = os.path.join(self.dir, "worker.log")
-        self.proc = subprocess.Popen([BIN, "serve", "--config", self.conf], stderr=open(self.log, "w"),
+        # Logs go to stdout (no log file in the config, as oslo.log does), panics to stderr.
+        self.proc = subprocess.Popen([BIN, "serve", "--config-file", self.conf], stdout=open(self.log, "w"),
+                                     stderr=subprocess.STDOUT,
                                      env=dict(ENV, NOVASNAP_LOG=log_level))
         deadline = time.time() + 60
         while f"novasnap-relay-{host}-" not in sh("rabbitmqctl", "-q", "list_consumers", "consumer_tag"):

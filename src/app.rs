@@ -2,17 +2,18 @@
 //!
 //! This is the only place that knows which implementation sits behind each trait.
 
-use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::Context;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::config::Config;
+use crate::config::oslo::{ConfigSelection, Namespace};
+use crate::config::{Config, ConfigError, Report};
 use crate::hypervisor::libvirt::LibvirtHypervisor;
 use crate::identity::Identity;
 use crate::image::glance::GlanceClient;
+use crate::logging;
 use crate::messaging::{consumer, notifier::AmqpNotifier, rpc::RpcClient};
 use crate::nova::{conductor::Conductor, InstanceRecord, Unrecorded};
 use crate::pipeline::{Boundaries, PipelineSettings, SnapshotPipeline};
@@ -22,8 +23,13 @@ use crate::storage::rbd::CephRbd;
 use crate::storage::{BlockStorage, WorkLedger};
 use crate::worker::Worker;
 
-fn load(path: &Path) -> anyhow::Result<Config> {
-    Config::load(path).map_err(anyhow::Error::from)
+fn read(selection: &ConfigSelection) -> Result<(Config, Report), ConfigError> {
+    Config::read(&Namespace::load(selection)?)
+}
+
+/// The files a config was read from, for the start-up line.
+fn files(report: &Report) -> String {
+    report.files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>().join(", ")
 }
 
 /// Ceph, when instance disks are on RBD (`[libvirt] images_type = rbd`).
@@ -75,9 +81,10 @@ fn reclaimer(
     }
 }
 
-pub async fn serve(path: &Path) -> anyhow::Result<()> {
-    let config = load(path)?;
-    info!(host = %config.host, config = %path.display(), "novasnap starting");
+pub async fn serve(selection: &ConfigSelection) -> anyhow::Result<()> {
+    let (config, report) = read(selection)?;
+    let _logs = logging::init(&config.logging, logging::Stream::Stdout)?;
+    info!(host = %config.host, config = %files(&report), "novasnap starting");
     let ceph = connect_storage(&config).await?;
     let ledger = open_ledger(&config, ceph.as_deref()).await?;
     let storage = ceph.map(|c| c as Arc<dyn BlockStorage>);
@@ -138,8 +145,10 @@ async fn reclaim_periodically(reclaimer: Reclaimer, interval: std::time::Duratio
     }
 }
 
-pub async fn reclaim(path: &Path, dry_run: bool, scope: Scope) -> anyhow::Result<()> {
-    let config = load(path)?;
+pub async fn reclaim(selection: &ConfigSelection, dry_run: bool, scope: Scope) -> anyhow::Result<()> {
+    let (config, _) = read(selection)?;
+    // Its findings go to stdout; its logs where oslo.log says, else stderr.
+    let _logs = logging::init(&config.logging, logging::Stream::Stderr)?;
     let ceph = connect_storage(&config).await?;
     let ledger = open_ledger(&config, ceph.as_deref()).await?;
     let storage = ceph.map(|c| c as Arc<dyn BlockStorage>);
@@ -154,8 +163,32 @@ pub async fn reclaim(path: &Path, dry_run: bool, scope: Scope) -> anyhow::Result
     Ok(())
 }
 
-pub fn check_config(path: &Path) -> anyhow::Result<()> {
-    let config = load(path)?;
-    println!("{config:#?}");
-    Ok(())
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum ConfigFormat {
+    /// `[section] option = value  (file:line)`, for people.
+    Text,
+    /// One JSON object: files, options (value, default, type, sources), unused options; on
+    /// failure `{"error": …}`.
+    Json,
+}
+
+pub fn check_config(selection: &ConfigSelection, format: ConfigFormat, show_secrets: bool) -> anyhow::Result<()> {
+    let result = read(selection);
+    match (format, &result) {
+        (ConfigFormat::Text, Ok((_, report))) => print!("{}", report.text(show_secrets)),
+        (ConfigFormat::Json, Ok((_, report))) => println!("{}", report.json(show_secrets)),
+        (ConfigFormat::Json, Err(e)) => println!("{}", error_json(e)),
+        (ConfigFormat::Text, Err(_)) => {}
+    }
+    result.map(|_| ()).map_err(anyhow::Error::from)
+}
+
+fn error_json(error: &ConfigError) -> serde_json::Value {
+    let mut json = serde_json::json!({ "message": error.to_string() });
+    if let ConfigError::Invalid { location, section, key, .. } = error {
+        json["location"] = location.as_str().into();
+        json["section"] = section.as_str().into();
+        json["option"] = key.as_str().into();
+    }
+    serde_json::json!({ "error": json })
 }

@@ -22,6 +22,7 @@ pub mod hypervisor;
 pub mod identity;
 pub mod image;
 pub mod inflight;
+pub mod logging;
 pub mod messaging;
 pub mod nova;
 pub mod pipeline;

@@ -184,11 +184,13 @@ async fn novasnap_first_then_nova_compute(nova: &StackSetting) {
 
     let mut worker = tokio::process::Command::new(env!("CARGO_BIN_EXE_novasnap"));
     let log = config.path.with_extension("first.log");
+    let log_file = std::fs::File::create(&log).unwrap();
     let mut child = worker
-        .args(["serve", "--config"])
+        .args(["serve", "--config-file"])
         .arg(&config.path)
         .env("NOVASNAP_LOG", "info,novasnap=debug")
-        .stderr(std::fs::File::create(&log).unwrap())
+        .stdout(log_file.try_clone().unwrap())
+        .stderr(log_file)
         .kill_on_drop(true)
         .spawn()
         .unwrap();

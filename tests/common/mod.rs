@@ -229,12 +229,16 @@ impl WorkerProcess {
     /// Starts a worker with extra environment, e.g. `NOVASNAP_CRASH_AT`.
     pub async fn start_with(config: &TestConfig, envs: &[(&str, &str)]) -> Self {
         let log = config.path.with_extension(format!("{}.log", uuid::Uuid::new_v4().simple()));
+        // The stack's nova-cpu.conf sets no log file and `use_stderr = False`: novasnap logs
+        // to stdout, as oslo.log does; panics go to stderr.
+        let log_file = std::fs::File::create(&log).unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_novasnap"))
             .args(["serve", "--config"])
             .arg(&config.path)
             .env("NOVASNAP_LOG", "info,novasnap=debug")
             .envs(envs.iter().copied())
-            .stderr(std::fs::File::create(&log).unwrap())
+            .stdout(log_file.try_clone().unwrap())
+            .stderr(log_file)
             .kill_on_drop(true)
             .spawn()
             .unwrap();

@@ -1,26 +1,36 @@
-//! Every option novasnap reads, in one place.
+//! Every option novasnap reads, in one place, read as oslo.config reads them.
 //!
-//! The file is nova.conf-style INI, so an operator can point novasnap at the nova.conf
-//! they already have: the options Nova defines keep Nova's sections, names and defaults;
-//! novasnap's own live in `[novasnap]`. Unknown sections and keys are ignored (a real
-//! nova.conf has hundreds); a value that does not parse is an error naming file, section
-//! and key.
+//! An operator points novasnap at the nova.conf they already have (or lets it find Nova's
+//! files, as Nova's services do): the options Nova, oslo.messaging, oslo.log and
+//! keystoneauth define keep their sections, names, deprecated names, types and defaults;
+//! novasnap's own live in `[novasnap]`. How files are found, merged and substituted is
+//! [`oslo`]'s; what upstream declares beyond the obvious is [`declared`]'s. Options set but
+//! not read are listed by `check-config`; a value that does not convert is an error naming
+//! file, line, section and key.
 
+pub mod declared;
+pub mod oslo;
+pub mod report;
+
+use std::cell::RefCell;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
 use std::time::Duration;
 
-use ini::Ini;
 use secrecy::SecretString;
 
 use crate::retry::RetryPolicy;
+use declared::{Declared, Kind};
+use oslo::{ConfigSelection, Namespace, Origin, Piece, Value};
+pub use report::{Report, Setting};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read config file {file}: {reason}")]
-    Read { file: PathBuf, reason: String },
-    #[error("{file}: [{section}] {key} = {value:?}: {reason}")]
-    Invalid { file: PathBuf, section: String, key: String, value: String, reason: String },
+    #[error(transparent)]
+    Source(#[from] oslo::SourceError),
+    /// `location` is `file:line`, `environment OS_…` or `default`.
+    #[error("{location}: [{section}] {key} = {value:?}: {reason}")]
+    Invalid { location: String, section: String, key: String, value: String, reason: String },
 }
 
 #[derive(Debug, Clone)]
@@ -34,6 +44,7 @@ pub struct Config {
     pub glance: GlanceConfig,
     pub identity: IdentityConfig,
     pub worker: WorkerConfig,
+    pub logging: LoggingConfig,
 }
 
 /// One broker from `transport_url`, as an AMQP URI lapin understands.
@@ -305,16 +316,32 @@ pub struct WorkerConfig {
 }
 
 impl Config {
+    /// One file, as `--config-file PATH` gives it (with Nova's default directories, as oslo).
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let ini = Ini::load_from_file(path)
-            .map_err(|e| ConfigError::Read { file: path.to_owned(), reason: e.to_string() })?;
-        Self::from_ini(&ini, path)
+        Self::load_from(&ConfigSelection::file(path))
     }
 
-    pub fn from_ini(ini: &Ini, file: &Path) -> Result<Self, ConfigError> {
-        let r = Reader { ini, file };
-        let host = r.string("DEFAULT", "host", "")?;
-        let host = if host.is_empty() { hostname() } else { host };
+    pub fn load_from(selection: &ConfigSelection) -> Result<Self, ConfigError> {
+        Ok(Self::read(&Namespace::load(selection)?)?.0)
+    }
+
+    /// The config and how each option was read. Two passes, as oslo registers options
+    /// before it reads any: the first learns every option's type and default, so that a
+    /// `$name` in the second can stand for an option not set in any file.
+    pub fn read(namespace: &Namespace) -> Result<(Self, Report), ConfigError> {
+        let registering = Reader::new(None);
+        Self::build(&registering)?;
+        let registry = registering.registry();
+        let reader = Reader::new(Some((namespace, &registry)));
+        let config = Self::build(&reader)?;
+        if let Some(error) = reader.deferred.take() {
+            return Err(error);
+        }
+        Ok((config, reader.report(namespace)))
+    }
+
+    fn build(r: &Reader) -> Result<Self, ConfigError> {
+        let host = r.string("DEFAULT", "host", &hostname())?;
 
         let transport_url = r.string("DEFAULT", "transport_url", "rabbit://guest:guest@127.0.0.1:5672/")?;
         let brokers = parse_transport_url(&transport_url)
@@ -349,8 +376,8 @@ impl Config {
             ));
         }
 
-        let drivers = r.list("oslo_messaging_notifications", "driver", &[])?;
-        let format = match r.string("notifications", "notification_format", "both")?.as_str() {
+        let drivers = r.multi("oslo_messaging_notifications", "driver", &[])?;
+        let format = match r.string("notifications", "notification_format", "unversioned")?.as_str() {
             "both" => NotificationFormat::Both,
             "versioned" => NotificationFormat::Versioned,
             "unversioned" => NotificationFormat::Unversioned,
@@ -377,25 +404,24 @@ impl Config {
             progress_interval: r.seconds("novasnap", "progress_interval", 3)?,
         };
 
-        let instances_path = r.string("DEFAULT", "instances_path", "/var/lib/nova/instances")?;
+        // Read for what `snapshots_directory`'s default stands for: `$instances_path`, whose
+        // default is `$state_path/instances`. Nova's `state_path` default is `$pybasedir`,
+        // where its Python code is installed; distributions set `/var/lib/nova`, novasnap's.
+        r.string("DEFAULT", "state_path", "/var/lib/nova")?;
+        r.string("DEFAULT", "instances_path", "$state_path/instances")?;
         let connection_uri = r.string("libvirt", "connection_uri", "")?;
-        let snapshot_image_format = r.string("libvirt", "snapshot_image_format", "")?;
-        if !matches!(snapshot_image_format.as_str(), "" | "raw" | "qcow2" | "vmdk" | "vdi" | "ploop") {
-            return Err(r.invalid(
-                "libvirt",
-                "snapshot_image_format",
-                &snapshot_image_format,
-                "expected raw, qcow2, vmdk, vdi or ploop".into(),
-            ));
-        }
+        // Nova's choices (`raw`, `qcow2`, `vmdk`, `vdi`) are checked as the value is read.
+        let snapshot_image_format = r.optional("libvirt", "snapshot_image_format");
         let libvirt = LibvirtConfig {
             connection_uri: if connection_uri.is_empty() { "qemu:///system".into() } else { connection_uri },
             images_type: r.string("libvirt", "images_type", "default")?,
-            snapshot_image_format: Some(snapshot_image_format).filter(|f| !f.is_empty()),
-            snapshots_directory: PathBuf::from(
-                r.string("libvirt", "snapshots_directory", "$instances_path/snapshots")?
-                    .replace("$instances_path", &instances_path),
-            ),
+            snapshot_image_format,
+            // Nova's defaults, substituted as oslo substitutes them.
+            snapshots_directory: PathBuf::from(r.string(
+                "libvirt",
+                "snapshots_directory",
+                "$instances_path/snapshots",
+            )?),
             disable_live_snapshot: r.parse("workarounds", "disable_libvirt_livesnapshot", false)?,
             ephemeral_encryption: r.parse("ephemeral_storage_encryption", "enabled", false)?,
             block_copy_timeout: r.seconds("novasnap", "block_copy_timeout", 3600)?,
@@ -405,7 +431,7 @@ impl Config {
         let ceph_conf = r.string("libvirt", "images_rbd_ceph_conf", "")?;
         let rbd_user = r.string("libvirt", "rbd_user", "")?;
         let rbd = RbdConfig {
-            state_pool: r.string("novasnap", "state_pool", &pool)?,
+            state_pool: r.optional("novasnap", "state_pool").unwrap_or_else(|| pool.clone()),
             glance_pools: r.list("novasnap", "glance_pools", &["images"])?,
             pool,
             ceph_conf: Some(PathBuf::from(ceph_conf)).filter(|p| !p.as_os_str().is_empty()),
@@ -450,7 +476,13 @@ impl Config {
         let worker = WorkerConfig {
             max_concurrent_snapshots,
             direct_snapshot: r.parse("novasnap", "direct_snapshot", true)?,
-            image_layout: r.parse("novasnap", "image_layout", ImageLayout::Flattened)?,
+            image_layout: match r.string("novasnap", "image_layout", "flattened")?.as_str() {
+                "flattened" => ImageLayout::Flattened,
+                "on_base" => ImageLayout::OnBase,
+                other => {
+                    return Err(r.invalid("novasnap", "image_layout", other, "expected flattened or on_base".into()))
+                }
+            },
             retry: RetryPolicy {
                 initial_delay: Duration::from_millis(r.parse("novasnap", "retry_initial_delay_ms", 500)?),
                 max_delay: r.seconds("novasnap", "retry_max_delay", 30)?,
@@ -466,55 +498,334 @@ impl Config {
             nova_writeback: r.parse("novasnap", "nova_writeback", true)?,
         };
 
-        Ok(Self { host, messaging, notifications, libvirt, rbd, glance, identity, worker })
+        let logging = LoggingConfig::read(r)?;
+
+        Ok(Self { host, messaging, notifications, libvirt, rbd, glance, identity, worker, logging })
     }
 }
 
-struct Reader<'a> {
-    ini: &'a Ini,
-    file: &'a Path,
+/// oslo.log's options (`oslo_log/_options.py`), as `_setup_logging_from_conf` uses them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoggingConfig {
+    /// `[DEFAULT] debug`: DEBUG instead of INFO (`NOVASNAP_LOG` overrides both).
+    pub debug: bool,
+    /// `log_file` / `log_dir` as `_get_log_file_path` joins them; None: no file.
+    pub file: Option<PathBuf>,
+    /// `[DEFAULT] use_json`: one JSON object a line.
+    pub json: bool,
+    /// `[DEFAULT] use_stderr`: also to stderr. With neither a file nor stderr, oslo logs to
+    /// stdout.
+    pub stderr: bool,
 }
 
-impl Reader<'_> {
-    fn raw(&self, section: &str, key: &str) -> Option<&str> {
-        self.ini.section(Some(section)).and_then(|s| s.get(key)).map(str::trim)
+impl LoggingConfig {
+    fn read(r: &Reader) -> Result<Self, ConfigError> {
+        let (file, dir) = (r.optional("DEFAULT", "log_file"), r.optional("DEFAULT", "log_dir"));
+        Ok(Self {
+            debug: r.parse("DEFAULT", "debug", false)?,
+            // `os.path.join(log_dir, log_file)`: an absolute log_file ignores log_dir; alone,
+            // log_dir holds `<binary>.log`.
+            file: match (file, dir) {
+                (Some(file), Some(dir)) => Some(Path::new(&dir).join(file)),
+                (Some(file), None) => Some(file.into()),
+                (None, Some(dir)) => Some(Path::new(&dir).join(format!("{}.log", oslo::PROG))),
+                (None, None) => None,
+            },
+            json: r.parse("DEFAULT", "use_json", false)?,
+            stderr: r.parse("DEFAULT", "use_stderr", false)?,
+        })
+    }
+}
+
+/// An option's type and default, learnt in the registering pass.
+#[derive(Debug, Clone)]
+struct Registered {
+    group: String,
+    name: String,
+    kind: Kind,
+    default: Value,
+    declared: Declared,
+}
+
+type Registry = HashMap<(String, String), Registered>;
+
+/// Reads typed options from the merged files, recording what it read and from where.
+/// Without a namespace it registers: every read gives its default, unsubstituted.
+struct Reader<'a> {
+    sources: Option<(&'a Namespace, &'a Registry)>,
+    settings: RefCell<Vec<Setting>>,
+    /// Every (section, key) looked up, deprecated names included.
+    looked_up: RefCell<HashSet<(String, String)>>,
+    declarations: RefCell<Vec<Registered>>,
+    /// The first error of a read that cannot return one (`optional`).
+    deferred: RefCell<Option<ConfigError>>,
+}
+
+impl<'a> Reader<'a> {
+    fn new(sources: Option<(&'a Namespace, &'a Registry)>) -> Self {
+        Self {
+            sources,
+            settings: RefCell::default(),
+            looked_up: RefCell::default(),
+            declarations: RefCell::default(),
+            deferred: RefCell::default(),
+        }
+    }
+
+    /// What `$name` may stand for: every option read, under its own and deprecated names
+    /// (`ConfigOpts._find_deprecated_opts`).
+    fn registry(&self) -> Registry {
+        let mut registry = Registry::new();
+        for option in self.declarations.borrow().iter() {
+            for (group, name) in names(&option.group, &option.name, &option.declared) {
+                registry.entry((group, name)).or_insert_with(|| option.clone());
+            }
+        }
+        registry
+    }
+
+    fn report(&self, namespace: &Namespace) -> Report {
+        Report::new(namespace, self.settings.take(), &self.looked_up.borrow())
+    }
+
+    /// `ConfigOpts._do_get`: the environment, else the files, else the default; substituted,
+    /// then converted by the option's type.
+    fn value(
+        &self,
+        section: &str,
+        key: &str,
+        kind: Kind,
+        default: Value,
+        declared: Option<Declared>,
+    ) -> Result<Value, ConfigError> {
+        let declared = declared.unwrap_or_default();
+        let kind = declared.kind.unwrap_or(kind);
+        self.looked_up.borrow_mut().extend(names(section, key, &declared));
+        self.declarations.borrow_mut().push(Registered {
+            group: section.into(),
+            name: key.into(),
+            kind,
+            default: default.clone(),
+            declared,
+        });
+        let (value, origins) = match self.sources {
+            None => (default.clone(), Vec::new()),
+            Some(_) => self.resolve(section, key, kind, &declared, &default, &mut Vec::new())?,
+        };
+        self.settings.borrow_mut().push(Setting {
+            section: section.into(),
+            option: key.into(),
+            kind,
+            value: value.clone(),
+            default,
+            origins,
+            secret: declared.secret,
+        });
+        Ok(value)
+    }
+
+    fn resolve(
+        &self,
+        section: &str,
+        key: &str,
+        kind: Kind,
+        declared: &Declared,
+        default: &Value,
+        stack: &mut Vec<(String, String)>,
+    ) -> Result<(Value, Vec<Origin>), ConfigError> {
+        let (namespace, _) = self.sources.expect("resolving needs sources");
+        let names = names(section, key, declared);
+        let found = match namespace.environment(section, key) {
+            Some(variable) => vec![variable],
+            None if kind == Kind::Multi => namespace.file_values(&names),
+            None => namespace.file_value(&names).into_iter().collect(),
+        };
+        let origins = found.iter().map(|f| f.origin.clone()).collect();
+        if found.is_empty() {
+            let location = || "default".to_string();
+            let value = match default {
+                Value::Str(text) => Value::Str(self.substitute(text, section, key, &location, stack)?),
+                Value::List(items) => Value::List(
+                    items
+                        .iter()
+                        .map(|i| self.substitute(i, section, key, &location, stack))
+                        .collect::<Result<_, _>>()?,
+                ),
+                other => other.clone(),
+            };
+            return Ok((value, origins));
+        }
+        let mut texts = Vec::new();
+        for f in &found {
+            let location = || f.origin.to_string();
+            let text = self.substitute(&f.text, section, key, &location, stack)?;
+            texts.push((text, location()));
+        }
+        let value = if kind == Kind::Multi {
+            Value::List(texts.into_iter().map(|(text, _)| text).collect())
+        } else {
+            let (text, location) = texts.pop().expect("found one");
+            convert(kind, &text, declared).map_err(|reason| ConfigError::Invalid {
+                location,
+                section: section.into(),
+                key: key.into(),
+                value: text,
+                reason,
+            })?
+        };
+        Ok((value, origins))
+    }
+
+    /// `ConfigOpts._substitute` with `StrSubWrapper`: `$name` is the option `name` of the
+    /// same group, else of `[DEFAULT]`; `$group.name` names the group.
+    fn substitute(
+        &self,
+        text: &str,
+        section: &str,
+        key: &str,
+        location: &dyn Fn() -> String,
+        stack: &mut Vec<(String, String)>,
+    ) -> Result<String, ConfigError> {
+        let invalid = |reason: String| ConfigError::Invalid {
+            location: location(),
+            section: section.into(),
+            key: key.into(),
+            value: text.into(),
+            reason,
+        };
+        let mut out = String::new();
+        for piece in oslo::template(text) {
+            match piece {
+                Piece::Text(t) => out.push_str(&t),
+                Piece::Reference(name) => {
+                    let candidates = match name.split_once('.') {
+                        // `_get_group("DEFAULT")` fails: DEFAULT is not a group to oslo.
+                        Some(("DEFAULT", _)) => Vec::new(),
+                        Some((group, option)) => vec![(group.to_string(), option.to_string())],
+                        None => vec![(section.to_string(), name.clone()), ("DEFAULT".to_string(), name.clone())],
+                    };
+                    let mut resolved = None;
+                    for (group, option) in candidates {
+                        if stack.contains(&(group.clone(), option.clone())) {
+                            return Err(invalid(format!("${name} refers to itself")));
+                        }
+                        stack.push((group.clone(), option.clone()));
+                        let value = self.reference(&group, &option, stack);
+                        stack.pop();
+                        if let Some(value) = value? {
+                            resolved = Some(value);
+                            break;
+                        }
+                    }
+                    let value = resolved.ok_or_else(|| {
+                        invalid(format!(
+                            "${name}: no such option (novasnap resolves the options it reads, and others only where a file sets them)"
+                        ))
+                    })?;
+                    out.push_str(&value);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// What `$group.option` stands for: Python's `str()` of a registered option's value;
+    /// for an option novasnap does not read (Nova has hundreds), the value a file sets.
+    fn reference(
+        &self,
+        group: &str,
+        option: &str,
+        stack: &mut Vec<(String, String)>,
+    ) -> Result<Option<String>, ConfigError> {
+        let (namespace, registry) = self.sources.expect("resolving needs sources");
+        // oslo finds a group by its exact name: `$LIBVIRT.x` names no group.
+        if oslo::normalize_section(group) != group {
+            return Ok(None);
+        }
+        if let Some(r) = registry.get(&(group.to_string(), option.to_string())) {
+            let (value, _) = self.resolve(&r.group, &r.name, r.kind, &r.declared, &r.default, stack)?;
+            return Ok(Some(value.to_python_str()));
+        }
+        let set = namespace
+            .environment(group, option)
+            .or_else(|| namespace.file_value(&[(oslo::normalize_section(group), option.to_string())]));
+        match set {
+            Some(found) => {
+                let location = || found.origin.to_string();
+                Ok(Some(self.substitute(&found.text, group, option, &location, stack)?))
+            }
+            None => Ok(None),
+        }
     }
 
     fn invalid(&self, section: &str, key: &str, value: &str, reason: String) -> ConfigError {
-        ConfigError::Invalid {
-            file: self.file.to_owned(),
-            section: section.into(),
-            key: key.into(),
-            value: value.into(),
-            reason,
-        }
+        let location = self
+            .settings
+            .borrow()
+            .iter()
+            .rev()
+            .find(|s| s.section == section && s.option == key)
+            .and_then(|s| s.origins.last().map(Origin::to_string))
+            .unwrap_or_else(|| "default".into());
+        ConfigError::Invalid { location, section: section.into(), key: key.into(), value: value.into(), reason }
     }
 
     fn string(&self, section: &str, key: &str, default: &str) -> Result<String, ConfigError> {
-        Ok(self.raw(section, key).unwrap_or(default).to_owned())
+        match self.value(section, key, Kind::Str, Value::Str(default.into()), declared::declared(section, key))? {
+            Value::Str(s) => Ok(s),
+            other => Ok(other.to_python_str()),
+        }
     }
 
     fn list(&self, section: &str, key: &str, default: &[&str]) -> Result<Vec<String>, ConfigError> {
-        Ok(match self.raw(section, key) {
-            Some(v) => v.split(',').map(str::trim).filter(|s| !s.is_empty()).map(String::from).collect(),
-            None => default.iter().map(|s| s.to_string()).collect(),
-        })
+        self.strings(section, key, Kind::List, default)
+    }
+
+    /// A `MultiStrOpt`: every line of every file adds a value.
+    fn multi(&self, section: &str, key: &str, default: &[&str]) -> Result<Vec<String>, ConfigError> {
+        self.strings(section, key, Kind::Multi, default)
+    }
+
+    fn strings(&self, section: &str, key: &str, kind: Kind, default: &[&str]) -> Result<Vec<String>, ConfigError> {
+        let default = Value::List(default.iter().map(|s| s.to_string()).collect());
+        match self.value(section, key, kind, default, declared::declared(section, key))? {
+            Value::List(items) => Ok(items),
+            other => Err(self.invalid(section, key, &other.to_python_str(), "expected a list".into())),
+        }
     }
 
     fn parse<T: ConfigValue>(&self, section: &str, key: &str, default: T) -> Result<T, ConfigError> {
-        match self.raw(section, key) {
-            None => Ok(default),
-            Some(v) => T::parse(v).map_err(|reason| self.invalid(section, key, v, reason)),
-        }
+        let value = self.value(section, key, T::KIND, default.into_value(), declared::declared(section, key))?;
+        T::from_value(&value).map_err(|reason| self.invalid(section, key, &value.to_python_str(), reason))
     }
 
     /// A value that is set and not empty.
     fn optional(&self, section: &str, key: &str) -> Option<String> {
-        self.raw(section, key).filter(|v| !v.is_empty()).map(String::from)
+        self.optional_declared(section, key, declared::declared(section, key))
+    }
+
+    fn optional_declared(&self, section: &str, key: &str, declared: Option<Declared>) -> Option<String> {
+        match self.value(section, key, Kind::Str, Value::None, declared) {
+            Ok(Value::Str(s)) if !s.is_empty() => Some(s),
+            Ok(_) => None,
+            Err(e) => {
+                self.deferred.borrow_mut().get_or_insert(e);
+                None
+            }
+        }
+    }
+
+    /// A keystoneauth auth option of `section` (its deprecated names, its secrecy).
+    fn auth_option(&self, section: &str, key: &str) -> Option<String> {
+        self.optional_declared(section, key, declared::keystoneauth(key))
     }
 
     fn optional_seconds(&self, section: &str, key: &str) -> Result<Option<Duration>, ConfigError> {
-        self.raw(section, key).filter(|v| !v.is_empty()).map(|_| self.seconds(section, key, 0)).transpose()
+        let value = self.value(section, key, Kind::Float, Value::None, declared::declared(section, key))?;
+        match value {
+            Value::None => Ok(None),
+            value => self.duration(section, key, &value).map(Some),
+        }
     }
 
     /// keystoneauth Session options of `section`.
@@ -556,11 +867,15 @@ impl Reader<'_> {
         })
     }
 
-    /// keystoneauth auth options of `section`; None without `auth_type`. keystoneauth's
+    /// keystoneauth auth options of `section`, or of the section its `auth_section` names
+    /// (`loading/conf.py` `load_from_conf_options`); None without `auth_type`. keystoneauth's
     /// generic `default_domain_id` / `default_domain_name` stand in for unset user and
-    /// project domains.
+    /// project domains. The session options stay `section`'s, as Nova loads them.
     fn password_auth(&self, section: &str) -> Result<Option<PasswordAuthConfig>, ConfigError> {
-        let Some(auth_type) = self.optional(section, "auth_type") else { return Ok(None) };
+        let session_section = section;
+        let auth_section = self.auth_option(section, "auth_section");
+        let section = auth_section.as_deref().unwrap_or(section);
+        let Some(auth_type) = self.auth_option(section, "auth_type") else { return Ok(None) };
         if !matches!(auth_type.as_str(), "password" | "v3password") {
             return Err(self.invalid(
                 section,
@@ -570,20 +885,20 @@ impl Reader<'_> {
             ));
         }
         let required = |key: &str| {
-            self.optional(section, key)
+            self.auth_option(section, key)
                 .ok_or_else(|| self.invalid(section, key, "", format!("required with auth_type = {auth_type}")))
         };
         let auth_url = required("auth_url")?;
         url::Url::parse(&auth_url).map_err(|e| self.invalid(section, "auth_url", &auth_url, e.to_string()))?;
         let password = SecretString::from(required("password")?);
-        let (user_id, username) = (self.optional(section, "user_id"), self.optional(section, "username"));
+        let (user_id, username) = (self.auth_option(section, "user_id"), self.auth_option(section, "username"));
         if user_id.is_none() && username.is_none() {
             return Err(self.invalid(section, "username", "", "username or user_id is required".into()));
         }
-        let default_domain_id = self.optional(section, "default_domain_id");
-        let default_domain_name = self.optional(section, "default_domain_name");
+        let default_domain_id = self.auth_option(section, "default_domain_id");
+        let default_domain_name = self.auth_option(section, "default_domain_name");
         let domain = |id: &str, name: &str| {
-            let (id, name) = (self.optional(section, id), self.optional(section, name));
+            let (id, name) = (self.auth_option(section, id), self.auth_option(section, name));
             match (id, name) {
                 (None, None) => (default_domain_id.clone(), default_domain_name.clone()),
                 set => set,
@@ -607,24 +922,36 @@ impl Reader<'_> {
             user_domain_id,
             user_domain_name,
             password,
-            project_id: self.optional(section, "project_id"),
-            project_name: self.optional(section, "project_name"),
+            project_id: self.auth_option(section, "project_id"),
+            project_name: self.auth_option(section, "project_name"),
             project_domain_id,
             project_domain_name,
-            domain_id: self.optional(section, "domain_id"),
-            domain_name: self.optional(section, "domain_name"),
-            system_scope: self.optional(section, "system_scope"),
-            session: self.session(section)?,
+            domain_id: self.auth_option(section, "domain_id"),
+            domain_name: self.auth_option(section, "domain_name"),
+            system_scope: self.auth_option(section, "system_scope"),
+            session: self.session(session_section)?,
         }))
     }
 
+    /// A number of seconds: a `FloatOpt` unless upstream declares an `IntOpt`.
     fn seconds(&self, section: &str, key: &str, default: u64) -> Result<Duration, ConfigError> {
-        let secs: f64 = self.parse(section, key, default as f64)?;
+        let declared = declared::declared(section, key);
+        let default = match declared.and_then(|d| d.kind) {
+            Some(Kind::Int) => Value::Int(default as i64),
+            _ => Value::Float(default as f64),
+        };
+        let value = self.value(section, key, Kind::Float, default, declared)?;
+        self.duration(section, key, &value)
+    }
+
+    fn duration(&self, section: &str, key: &str, value: &Value) -> Result<Duration, ConfigError> {
+        let secs =
+            f64::from_value(value).map_err(|reason| self.invalid(section, key, &value.to_python_str(), reason))?;
         if !secs.is_finite() || secs < 0.0 {
             return Err(self.invalid(
                 section,
                 key,
-                &secs.to_string(),
+                &value.to_python_str(),
                 "expected a non-negative number of seconds".into(),
             ));
         }
@@ -655,41 +982,89 @@ pub enum ImageLayout {
     OnBase,
 }
 
-impl ConfigValue for ImageLayout {
-    fn parse(s: &str) -> Result<Self, String> {
-        match s {
-            "flattened" => Ok(Self::Flattened),
-            "on_base" => Ok(Self::OnBase),
-            _ => Err("expected flattened or on_base".into()),
+/// The names an option is looked up by: its own, then its deprecated ones
+/// (`Opt._get_from_namespace`), sections normalized as oslo normalizes them.
+fn names(section: &str, key: &str, declared: &Declared) -> Vec<(String, String)> {
+    std::iter::once((section, key))
+        .chain(declared.deprecated.iter().map(|(group, name)| (group.unwrap_or(section), *name)))
+        .map(|(group, name)| (oslo::normalize_section(group), name.to_string()))
+        .collect()
+}
+
+/// The option's type applied to its (substituted) text.
+fn convert(kind: Kind, text: &str, declared: &Declared) -> Result<Value, String> {
+    match kind {
+        Kind::Str if !declared.choices.is_empty() && !declared.choices.contains(&text) => {
+            Err(format!("Valid values are [{}], but found {text:?}", declared.choices.join(", ")))
         }
+        Kind::Str | Kind::Multi => Ok(Value::Str(text.to_string())),
+        Kind::HostDomain => oslo::to_host_domain(text).map(Value::Str),
+        Kind::Bool => oslo::to_bool(text).map(Value::Bool),
+        Kind::Int => match oslo::to_int(text)? {
+            Value::Int(i) if declared.min.is_some_and(|min| i < min) => {
+                Err(format!("Should be greater than or equal to {}", declared.min.unwrap_or_default()))
+            }
+            value => Ok(value),
+        },
+        Kind::Float => oslo::to_float(text),
+        Kind::List => Ok(Value::List(oslo::to_list(text))),
     }
 }
 
-/// How a value is written in an oslo.config file.
+/// A Rust type an option is read into, and the oslo type that reads it.
 trait ConfigValue: Sized {
-    fn parse(s: &str) -> Result<Self, String>;
+    const KIND: Kind;
+    fn into_value(self) -> Value;
+    fn from_value(value: &Value) -> Result<Self, String>;
 }
 
 impl ConfigValue for bool {
-    fn parse(s: &str) -> Result<Self, String> {
-        match s.to_ascii_lowercase().as_str() {
-            "true" | "1" | "yes" | "on" => Ok(true),
-            "false" | "0" | "no" | "off" => Ok(false),
-            _ => Err("expected true or false".into()),
+    const KIND: Kind = Kind::Bool;
+    fn into_value(self) -> Value {
+        Value::Bool(self)
+    }
+    fn from_value(value: &Value) -> Result<Self, String> {
+        match value {
+            Value::Bool(b) => Ok(*b),
+            other => Err(format!("expected true or false, not {}", other.to_python_str())),
         }
     }
 }
 
-macro_rules! from_str_value {
+impl ConfigValue for f64 {
+    const KIND: Kind = Kind::Float;
+    fn into_value(self) -> Value {
+        Value::Float(self)
+    }
+    fn from_value(value: &Value) -> Result<Self, String> {
+        match value {
+            Value::Float(f) => Ok(*f),
+            Value::Int(i) => Ok(*i as f64),
+            // oslo reads an empty number as None, which Nova's code would not take either.
+            Value::None => Err("empty: a number is needed".into()),
+            other => Err(format!("expected a number, not {}", other.to_python_str())),
+        }
+    }
+}
+
+macro_rules! integer_value {
     ($($t:ty),*) => {$(
         impl ConfigValue for $t {
-            fn parse(s: &str) -> Result<Self, String> {
-                <$t>::from_str(s).map_err(|e| e.to_string())
+            const KIND: Kind = Kind::Int;
+            fn into_value(self) -> Value {
+                Value::Int(i64::try_from(self).expect("defaults fit in an i64"))
+            }
+            fn from_value(value: &Value) -> Result<Self, String> {
+                match value {
+                    Value::Int(i) => <$t>::try_from(*i).map_err(|_| format!("{i} is out of range")),
+                    Value::None => Err("empty: a number is needed".into()),
+                    other => Err(format!("expected an integer, not {}", other.to_python_str())),
+                }
             }
         }
     )*};
 }
-from_str_value!(i32, u16, u32, u64, usize, f64);
+integer_value!(i32, u16, u32, u64, usize);
 
 /// Splits an oslo `transport_url` (`rabbit://u:p@h1:5672,u:p@h2:5672/vhost`) into one AMQP
 /// URI per host, as oslo's rabbit driver does when it fails over between them.
@@ -731,7 +1106,8 @@ mod tests {
     use secrecy::ExposeSecret;
 
     fn load(text: &str) -> Result<Config, ConfigError> {
-        Config::from_ini(&Ini::load_from_str(text).unwrap(), Path::new("nova.conf"))
+        let file = oslo::ConfigFile::parse(Path::new("nova.conf"), text).unwrap();
+        Ok(Config::read(&Namespace::new(vec![file], []))?.0)
     }
 
     #[test]
@@ -886,5 +1262,151 @@ mod tests {
         assert!(!c.notifications.enabled);
         let c = load("[oslo_messaging_notifications]\ndriver = messaging\n").unwrap();
         assert!(c.notifications.enabled && !c.notifications.envelope_v2);
+    }
+
+    fn read_files(texts: &[&str], env: &[(&str, &str)]) -> Result<(Config, Report), ConfigError> {
+        let files = texts
+            .iter()
+            .enumerate()
+            .map(|(i, text)| oslo::ConfigFile::parse(Path::new(&format!("/etc/nova/{i}.conf")), text).unwrap())
+            .collect();
+        Config::read(&Namespace::new(files, env.iter().map(|(k, v)| (k.to_string(), v.to_string()))))
+    }
+
+    #[test]
+    fn files_and_repeated_blocks_merge_as_oslo_merges_them() {
+        let (c, report) = read_files(
+            &[
+                "[DEFAULT]\nhost = first\n[libvirt]\nimages_rbd_pool = a\n[DEFAULT]\nhost = second\n\
+                 [oslo_messaging_notifications]\ndriver = messagingv2\n",
+                "[LIBVIRT]\nimages_rbd_pool = b\nimages_rbd_pool = c\n[oslo_messaging_notifications]\ndriver = log\n\
+                 driver = messaging\n[default]\nhost = ignored\n",
+            ],
+            &[],
+        )
+        .unwrap();
+        assert_eq!(c.host, "second", "the last value of the files that set it");
+        assert_eq!(c.rbd.pool, "c", "a later file wins, its last value; [LIBVIRT] is [libvirt]");
+        assert!(c.notifications.enabled && !c.notifications.envelope_v2, "every driver line counts");
+        let driver = report.settings.iter().find(|s| s.option == "driver").unwrap();
+        assert_eq!(driver.value, Value::List(vec!["messagingv2".into(), "log".into(), "messaging".into()]));
+        assert_eq!(driver.origins.len(), 3);
+        assert_eq!(report.unused["default"].keys().collect::<Vec<_>>(), ["host"], "[default] is not [DEFAULT]");
+    }
+
+    #[test]
+    fn deprecated_names_are_read_and_the_current_name_wins_in_a_file() {
+        let (c, _) = read_files(
+            &[
+                "[ssl]\nca_file = /ca.pem\n[glance]\napi_insecure = true\n[DEFAULT]\nnotification_format = versioned\n\
+                 logfile = old.log\n[service_user]\nauth_plugin = password\nauth_url = http://k/v3\nuser_name = nova\n\
+                 password = p\nuser_domain_id = default\ntenant_name = service\n",
+                "[DEFAULT]\nlog_file = new.log\nlogfile = deprecated-loses.log\n",
+            ],
+            &[],
+        )
+        .unwrap();
+        assert_eq!(c.glance.session.cafile, Some(PathBuf::from("/ca.pem")));
+        assert!(c.glance.session.insecure);
+        assert_eq!(c.notifications.format, NotificationFormat::Versioned);
+        assert_eq!(c.logging.file, Some(PathBuf::from("new.log")));
+        let auth = c.identity.service_user.auth.unwrap();
+        assert_eq!((auth.username.as_deref(), auth.project_name.as_deref()), (Some("nova"), Some("service")));
+    }
+
+    #[test]
+    fn values_are_substituted_as_oslo_substitutes_them() {
+        let (c, _) = read_files(
+            &["[DEFAULT]\nstate_path = /srv/nova\nmy_ip = 10.0.0.9\nhost = ${my_ip}\n\
+               [libvirt]\nimages_rbd_pool = $host-pool\nrbd_user = a$$b\\$c\\x\n\
+               [novasnap]\nstate_directory = $state_path/$rpc_response_timeout/$debug/$libvirt.images_rbd_pool\n"],
+            &[],
+        )
+        .unwrap();
+        assert_eq!(c.host, "10.0.0.9", "a Nova option novasnap does not read, as the file sets it");
+        assert_eq!(c.rbd.pool, "10.0.0.9-pool");
+        assert_eq!(c.rbd.user.as_deref(), Some("a$b$c\\x"), "$$ and \\$ are $; other backslashes are kept");
+        assert_eq!(c.libvirt.snapshots_directory, PathBuf::from("/srv/nova/instances/snapshots"), "defaults too");
+        assert_eq!(c.worker.state_directory, PathBuf::from("/srv/nova/60/False/10.0.0.9-pool"), "Python's str()");
+        for (text, expected) in [
+            ("[libvirt]\nrbd_user = $nosuch\n", "$nosuch: no such option"),
+            ("[libvirt]\nrbd_user = $DEFAULT.host\n", "$DEFAULT.host: no such option"),
+            ("[libvirt]\nrbd_user = $images_rbd_pool\nimages_rbd_pool = $rbd_user\n", "refers to itself"),
+        ] {
+            let err = read_files(&[text], &[]).unwrap_err().to_string();
+            assert!(err.contains("/etc/nova/0.conf:") && err.contains(expected), "{text:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn the_environment_wins_over_every_file() {
+        let (c, report) =
+            read_files(&["[libvirt]\nimages_rbd_pool = file\n"], &[("OS_LIBVIRT__IMAGES_RBD_POOL", "env-$host")])
+                .unwrap();
+        assert_eq!(c.rbd.pool, format!("env-{}", c.host));
+        let pool = report.settings.iter().find(|s| s.option == "images_rbd_pool").unwrap();
+        assert_eq!(pool.origins, [Origin::Environment("OS_LIBVIRT__IMAGES_RBD_POOL".into())]);
+    }
+
+    #[test]
+    fn auth_section_moves_the_credentials_but_not_the_session() {
+        let (c, _) = read_files(
+            &["[service_user]\nauth_section = keystone_authtoken\ninsecure = true\n\
+               [keystone_authtoken]\nauth_type = password\nauth_url = http://k/v3\nuser_id = 42\npassword = p\n"],
+            &[],
+        )
+        .unwrap();
+        let auth = c.identity.service_user.auth.unwrap();
+        assert_eq!((auth.section.as_str(), auth.user_id.as_deref()), ("keystone_authtoken", Some("42")));
+        assert!(auth.session.insecure, "Nova loads the session from [service_user]");
+    }
+
+    #[test]
+    fn numbers_are_read_with_their_upstream_types() {
+        let err = read_files(&["[DEFAULT]\nrpc_response_timeout = 1.5\n"], &[]).unwrap_err().to_string();
+        assert!(err.contains("[DEFAULT] rpc_response_timeout") && err.contains("int()"), "an IntOpt: {err}");
+        let err = read_files(&["[oslo_messaging_rabbit]\nrabbit_transient_queues_ttl = -1\n"], &[]).unwrap_err();
+        assert!(err.to_string().contains("greater than or equal to 0"), "{err}");
+        let err = read_files(&["[novasnap]\nconfirm_timeout =\n"], &[]).unwrap_err().to_string();
+        assert!(err.contains("empty"), "oslo's None is no number: {err}");
+        let (c, _) = read_files(&["[novasnap]\nconfirm_timeout = 1_5\nrelay_prefetch = \" +7 \"\n"], &[]).unwrap();
+        assert_eq!((c.messaging.confirm_timeout, c.messaging.relay_prefetch), (Duration::from_secs(15), 7));
+    }
+
+    #[test]
+    fn logs_go_where_oslo_log_would_put_them() {
+        let logging = |text: &str| read_files(&[text], &[]).unwrap().0.logging;
+        assert_eq!(logging("").file, None);
+        assert_eq!(logging("[DEFAULT]\nlog_dir = /var/log/nova\n").file, Some("/var/log/nova/novasnap.log".into()));
+        let both = logging("[DEFAULT]\nlog_dir = /var/log/nova\nlog_file = n.log\ndebug = yes\nuse_json = 1\n");
+        assert_eq!(
+            both,
+            LoggingConfig { debug: true, file: Some("/var/log/nova/n.log".into()), json: true, stderr: false }
+        );
+        assert_eq!(logging("[DEFAULT]\nlog_dir = /x\nlog_file = /abs.log\n").file, Some("/abs.log".into()));
+    }
+
+    #[test]
+    fn check_config_shows_sources_hides_secrets_and_lists_what_it_ignores() {
+        let (_, report) = read_files(
+            &[
+                "[DEFAULT]\ntransport_url = rabbit://nova:s3cret@h1:5672,nova:s3cret@h2:5672/\nmy_ip = 1.2.3.4\n\
+                 [placement]\nauth_type = password\n[ssl]\nca_file = /ca.pem\n",
+                "[novasnap_service_user]\nauth_type = password\nauth_url = http://k/v3\nuser_id = 1\npassword = hunter2\n",
+            ],
+            &[],
+        )
+        .unwrap();
+        let text = report.text(false);
+        assert!(!text.contains("s3cret") && !text.contains("hunter2"), "{text}");
+        assert!(text
+            .contains("[DEFAULT] transport_url = rabbit://nova:***@h1:5672,nova:***@h2:5672/  (/etc/nova/0.conf:2)"));
+        assert!(text.contains("[glance] cafile = /ca.pem  (/etc/nova/0.conf:7, as [ssl] ca_file)"), "{text}");
+        assert!(text.contains("[libvirt] images_rbd_pool = rbd  (default)"), "{text}");
+        assert!(text.contains("[DEFAULT] my_ip\n") && text.contains("[placement] auth_type\n"), "{text}");
+        assert!(report.text(true).contains("hunter2"));
+        let json = report.json(false);
+        let password = json["options"].as_array().unwrap().iter().find(|o| o["option"] == "password").unwrap();
+        assert_eq!((password["value"].as_str(), password["secret"].as_bool()), (Some("***"), Some(true)));
     }
 }
