@@ -1,0 +1,42 @@
+# shellcheck shell=bash
+# The stack's own certificate authority and the server certificate its TLS listeners share
+# (RabbitMQ on 5671, Keystone and Glance on https): made once with openssl, kept with the
+# state. The certificate names every way the tests reach the services: 127.0.0.1, ::1 and
+# localhost. `scripts/stack env` gives the CA as STACK_CA_FILE.
+
+TLS_DIR=$STATE/tls
+STACK_CA_FILE=$TLS_DIR/ca.pem
+STACK_CERT_FILE=$TLS_DIR/server.pem
+STACK_KEY_FILE=$TLS_DIR/server.key
+
+tls_healthy() {
+  [ -s "$STACK_CA_FILE" ] && [ -s "$STACK_KEY_FILE" ] &&
+    openssl verify -CAfile "$STACK_CA_FILE" "$STACK_CERT_FILE" >/dev/null 2>&1
+}
+
+tls_up() {
+  tls_healthy && return 0
+  say "tls: making the stack's CA and server certificate"
+  mkdir -p "$TLS_DIR"
+  (
+    umask 077
+    openssl req -x509 -newkey rsa:2048 -nodes -days 3650 -subj "/CN=novasnap stack CA" \
+      -keyout "$TLS_DIR/ca.key" -out "$STACK_CA_FILE" \
+      -addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign,cRLSign
+    openssl req -newkey rsa:2048 -nodes -subj "/CN=localhost" -keyout "$STACK_KEY_FILE" -out "$TLS_DIR/server.csr"
+    openssl x509 -req -in "$TLS_DIR/server.csr" -CA "$STACK_CA_FILE" -CAkey "$TLS_DIR/ca.key" \
+      -CAcreateserial -days 3650 -out "$STACK_CERT_FILE" -extfile <(printf '%s\n' \
+        "subjectAltName=DNS:localhost,IP:127.0.0.1,IP:::1" "extendedKeyUsage=serverAuth" \
+        "basicConstraints=CA:FALSE")
+  ) >>"$LOGS/tls.log" 2>&1 || die "tls: openssl failed; see $LOGS/tls.log"
+  chmod 644 "$STACK_CA_FILE" "$STACK_CERT_FILE"
+}
+
+tls_status() { tls_healthy; }
+
+# The CA stays with the state; `down` removes the state, and it.
+tls_stop() { :; }
+
+tls_env() {
+  echo "export STACK_CA_FILE=$STACK_CA_FILE"
+}
