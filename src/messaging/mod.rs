@@ -12,6 +12,7 @@ pub mod consumer;
 pub mod deadletter;
 pub mod dispatcher;
 pub mod envelope;
+mod heartbeatless;
 pub mod notifier;
 pub mod payload;
 pub mod relay;

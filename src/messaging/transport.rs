@@ -24,7 +24,7 @@ use rand::Rng;
 use tracing::{info, warn};
 
 use super::compression::compress;
-use super::{amqp, tls, MessagingError};
+use super::{amqp, heartbeatless, tls, MessagingError};
 use crate::config::{BrokerEndpoint, Compression, FailoverStrategy, LoginMethod, RabbitConfig};
 
 /// Bound on one connection attempt, so a black-holed broker does not hang start-up.
@@ -115,10 +115,15 @@ impl Transport {
                 ..Default::default()
             },
         };
-        let (host, port) = (broker.host.clone(), broker.port);
+        let (host, port, heartbeats) = (broker.host.clone(), broker.port, self.config.heartbeat.is_some());
+        let runtime = tokio::runtime::Handle::current();
         // lapin's own signature: the handshake error is its type, boxed or not.
         #[allow(clippy::result_large_err)]
         let connect = move |_: &AMQPUri| -> HandshakeResult {
+            if !heartbeats {
+                let stream = runtime.block_on(heartbeatless::connect(&host, port, tls))?;
+                return Ok(TcpStream::try_from(stream)?);
+            }
             // By host and port, not through a URL: an IPv6 address is no "domain" to the URL
             // parser lapin uses (it would connect to localhost).
             let stream = TcpStream::connect_timeout((host.as_str(), port), CONNECT_TIMEOUT)?;
