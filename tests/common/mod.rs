@@ -298,11 +298,12 @@ where
     None
 }
 
-fn peer_python() -> String {
+/// The peer venv's python (oslo.messaging 18.3.1, nova 34), for the scripts of tests/peer.
+pub fn peer_python() -> String {
     env("NOVASNAP_PEER_PYTHON")
 }
 
-fn peer_script(name: &str) -> PathBuf {
+pub fn peer_script(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/peer").join(name)
 }
 
