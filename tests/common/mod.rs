@@ -215,8 +215,9 @@ impl WorkerProcess {
         Self::start_with(config, &[]).await
     }
 
-    /// Starts a worker with extra environment, e.g. `NOVASNAP_CRASH_AT`.
-    pub async fn start_with(config: &TestConfig, envs: &[(&str, &str)]) -> Self {
+    /// A `novasnap serve` process, not waited for: a test of a worker that must not get
+    /// in front of nova-compute looks at its log.
+    pub fn spawn(config: &TestConfig, envs: &[(&str, &str)]) -> Self {
         let log = config.path.with_extension(format!("{}.log", uuid::Uuid::new_v4().simple()));
         let child = Command::new(env!("CARGO_BIN_EXE_novasnap"))
             .args(["serve", "--config"])
@@ -227,7 +228,12 @@ impl WorkerProcess {
             .kill_on_drop(true)
             .spawn()
             .unwrap();
-        let mut worker = Self { child, log };
+        Self { child, log }
+    }
+
+    /// Starts a worker with extra environment, e.g. `NOVASNAP_CRASH_AT`.
+    pub async fn start_with(config: &TestConfig, envs: &[(&str, &str)]) -> Self {
+        let mut worker = Self::spawn(config, envs);
         // Ready once its relay consumes compute.<host>: logged right after basic.consume is
         // confirmed (src/messaging/relay.rs; rabbitmqctl would cost seconds a look).
         let start = Instant::now();
