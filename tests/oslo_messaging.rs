@@ -224,3 +224,119 @@ async fn novasnap_declares_what_oslo_declares_for_each_option_set() {
         same_topology_as_oslo(tag, options).await;
     }
 }
+
+/// The worker's own connections (named after its host): (name, heartbeat timeout, the
+/// broker's address as the broker reports it: 4 numbers for IPv4, 8 for IPv6).
+async fn worker_connections(host: &str) -> Vec<(String, u64, Vec<u64>)> {
+    rabbitmqctl_json(&["-q", "list_connections", "client_properties", "timeout", "peer_host"])
+        .await
+        .iter()
+        .filter_map(|c| {
+            let name = c["client_properties"].as_array()?.iter().find(|p| p[0] == "connection_name")?[2].as_str()?;
+            let peer = c["peer_host"].as_array()?.iter().filter_map(Value::as_u64).collect();
+            name.ends_with(&format!(":{host}")).then(|| (name.to_string(), c["timeout"].as_u64().unwrap_or(0), peer))
+        })
+        .collect()
+}
+
+/// A cast for a guest that is not here, by Nova's own RPC API with `rabbit_options` as
+/// nova-api's: the worker takes it and reports `instance.snapshot.error`.
+async fn ghost_cast_is_handled(config: &TestConfig, worker: &WorkerProcess, rabbit_options: &[&str]) {
+    let mut listener = Listener::start(config).await;
+    let ghost = guest(1).clone_with_uuid(uuid::Uuid::new_v4());
+    let extra: Vec<&str> = rabbit_options.iter().flat_map(|o| ["--rabbit-option", o]).collect();
+    let image_id = nova_api(config, "snapshot", &ghost, &extra).await;
+    listener.wait_for("instance.snapshot.error", &image_id, Duration::from_secs(120)).await;
+    assert!(!worker.log_text().contains("refusing a cast"), "{}", worker.log_text());
+    glance_delete(&image_id).await;
+}
+
+#[tokio::test]
+async fn a_broker_on_ipv6_loopback_through_an_ipv6_transport_url() {
+    let config = TestConfig::new(&[("DEFAULT", "transport_url", "rabbit://guest:guest@[::1]:5672/")]);
+    let worker = WorkerProcess::start(&config).await;
+    let connections = worker_connections(&config.host).await;
+    let ipv6_loopback = [0, 0, 0, 0, 0, 0, 0, 1];
+    assert!(
+        !connections.is_empty() && connections.iter().all(|(_, _, peer)| peer == &ipv6_loopback),
+        "{connections:?}"
+    );
+    ghost_cast_is_handled(&config, &worker, &[]).await;
+    assert!(worker.stop().await.success());
+}
+
+#[tokio::test]
+async fn heartbeat_timeout_threshold_0_means_no_heartbeats_and_others_are_negotiated() {
+    for (threshold, expected) in [("0", 0), ("20", 20)] {
+        let config = TestConfig::new(&[("oslo_messaging_rabbit", "heartbeat_timeout_threshold", threshold)]);
+        let worker = WorkerProcess::start(&config).await;
+        let connections = worker_connections(&config.host).await;
+        assert!(connections.len() >= 2, "{connections:?}");
+        assert!(connections.iter().all(|(_, timeout, _)| *timeout == expected), "{threshold}: {connections:?}");
+        ghost_cast_is_handled(&config, &worker, &[]).await;
+        assert!(worker.stop().await.success());
+    }
+}
+
+#[tokio::test]
+async fn with_transient_queue_ttl_0_the_worker_consumes_and_calls_the_conductor() {
+    // nova_writeback on: the ghost's task_state goes to Nova's conductor through an RPC
+    // call, whose reply queue is declared with the TTL.
+    let config = TestConfig::new(&[
+        ("oslo_messaging_rabbit", "rabbit_transient_queues_ttl", "0"),
+        ("novasnap", "nova_writeback", "true"),
+    ]);
+    let worker = WorkerProcess::start(&config).await;
+    ghost_cast_is_handled(&config, &worker, &[]).await;
+    let log = worker.log_text();
+    assert!(!log.contains("x-expires"), "{log}");
+    assert!(worker.stop().await.success());
+}
+
+#[tokio::test]
+async fn compressed_casts_are_read_and_notifications_compressed_as_kombu_does() {
+    // In: nova-api compressing its casts (gzip, then bz2); the worker compresses nothing.
+    let config = TestConfig::new(&[]);
+    let worker = WorkerProcess::start(&config).await;
+    for method in ["gzip", "bzip2"] {
+        ghost_cast_is_handled(&config, &worker, &[&format!("kombu_compression={method}")]).await;
+    }
+    assert!(worker.stop().await.success());
+
+    // Out: a worker with kombu_compression; a stock oslo listener reads its notifications,
+    // and on the wire they carry kombu's header.
+    let config = TestConfig::new(&[("oslo_messaging_rabbit", "kombu_compression", "gzip")]);
+    let tap = unique("novasnap-test-tap");
+    tap_notifications(&config.notification_exchange, &tap).await;
+    let worker = WorkerProcess::start(&config).await;
+    ghost_cast_is_handled(&config, &worker, &[]).await;
+    let tapped = drain_queue(&tap).await;
+    assert!(!tapped.is_empty());
+    for (headers, body) in &tapped {
+        assert_eq!(headers.get("compression").map(String::as_str), Some("application/x-gzip"));
+        assert!(serde_json::from_slice::<Value>(body).is_err(), "the body is compressed");
+    }
+    assert!(worker.stop().await.success());
+    delete_queue(&tap).await;
+}
+
+/// A queue of the test's own bound to every routing key of the notification exchange
+/// (declared as oslo's notifier declares it).
+async fn tap_notifications(exchange: &str, queue: &str) {
+    use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
+    use lapin::types::FieldTable;
+    let conn = lapin::Connection::connect(&amqp_uri(), lapin::ConnectionProperties::default()).await.unwrap();
+    let channel = conn.create_channel().await.unwrap();
+    channel
+        .exchange_declare(
+            exchange,
+            lapin::ExchangeKind::Topic,
+            ExchangeDeclareOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    channel.queue_declare(queue, QueueDeclareOptions::default(), FieldTable::default()).await.unwrap();
+    channel.queue_bind(queue, exchange, "#", QueueBindOptions::default(), FieldTable::default()).await.unwrap();
+    conn.close(200, "tapped").await.unwrap();
+}
