@@ -313,6 +313,31 @@ pub fn peer_script(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/peer").join(name)
 }
 
+/// Waits (60 s at most) for a tests/peer script to print "ready" on its stderr, failing
+/// with what it printed instead; returns the rest of its stderr.
+pub async fn wait_peer_ready(
+    child: &mut Child,
+    peer: &str,
+) -> tokio::io::Lines<BufReader<tokio::process::ChildStderr>> {
+    let mut stderr = BufReader::new(child.stderr.take().expect("the peer's stderr is piped")).lines();
+    let said = tokio::time::timeout(Duration::from_secs(60), async {
+        let mut said = Vec::new();
+        while let Ok(Some(line)) = stderr.next_line().await {
+            if line.trim() == "ready" {
+                return None;
+            }
+            said.push(line);
+        }
+        Some(said.join("\n"))
+    })
+    .await;
+    match said {
+        Ok(None) => stderr,
+        Ok(Some(said)) => panic!("{peer} ended before it was ready:\n{said}"),
+        Err(_) => panic!("{peer} not ready within 60 s"),
+    }
+}
+
 /// A stock oslo.messaging notification listener on the config's exchange, in a listener
 /// pool of its own: oslo's default queue names (`notifications.info`, …) are shared by every
 /// listener on the broker, so another consumer of them (a demo, a benchmark, an operator's
@@ -339,18 +364,7 @@ impl Listener {
             .kill_on_drop(true)
             .spawn()
             .unwrap();
-        let mut stderr = BufReader::new(child.stderr.take().unwrap()).lines();
-        let ready = tokio::time::timeout(Duration::from_secs(60), async {
-            while let Ok(Some(line)) = stderr.next_line().await {
-                if line.trim() == "ready" {
-                    return true;
-                }
-                eprintln!("listener: {line}");
-            }
-            false
-        })
-        .await;
-        assert_eq!(ready, Ok(true), "oslo listener did not start");
+        let mut stderr = wait_peer_ready(&mut child, "oslo listener").await;
         let (tx, lines) = tokio::sync::mpsc::unbounded_channel();
         let mut stdout = BufReader::new(child.stdout.take().unwrap()).lines();
         tokio::spawn(async move {
