@@ -65,13 +65,12 @@ async fn worker_connections(host: &str) -> Vec<(String, bool)> {
         .collect()
 }
 
-#[tokio::test]
-async fn a_snapshot_with_rabbitmq_keystone_and_glance_over_tls() {
-    let ca = env("STACK_CA_FILE");
-    let config = config_with(&tls_overrides(&ca, &ca, &ca));
-    let mut listener = Listener::start(&config).await;
-    let worker = WorkerProcess::start(&config).await;
-    let image_id = nova_api(&config, "snapshot", &guest(1), &[]).await;
+/// A snapshot through a worker of `config`: the image active with the guest's records, and
+/// every connection the worker holds to RabbitMQ over TLS.
+async fn snapshot_over_tls(config: &TestConfig) {
+    let mut listener = Listener::start(config).await;
+    let worker = WorkerProcess::start(config).await;
+    let image_id = nova_api(config, "snapshot", &guest(1), &[]).await;
     listener.wait_for("instance.snapshot.end", &image_id, SNAPSHOT_LIMIT).await;
     let image = glance_image(&image_id).await.expect("the image exists");
     assert_eq!(image["status"], "active", "{image:#}");
@@ -86,6 +85,32 @@ async fn a_snapshot_with_rabbitmq_keystone_and_glance_over_tls() {
     assert!(log.contains("tls=true") && log.contains("127.0.0.1:5671"), "{log}");
     assert!(worker.stop().await.success());
     glance_delete(&image_id).await;
+}
+
+#[tokio::test]
+async fn a_snapshot_with_rabbitmq_keystone_and_glance_over_tls() {
+    let ca = env("STACK_CA_FILE");
+    snapshot_over_tls(&config_with(&tls_overrides(&ca, &ca, &ca))).await;
+}
+
+/// Without CA files: the system's CA store (which holds the stack's CA), for RabbitMQ with
+/// `?ssl=1` alone as for Keystone and Glance; and `insecure` trusting any certificate, as
+/// keystoneauth's `verify=False` does, even with a `cafile` that would refuse it.
+#[tokio::test]
+async fn the_system_ca_store_is_trusted_without_ca_files_and_insecure_trusts_anything() {
+    let without_ca_files: Vec<_> = tls_overrides("", "", "")
+        .into_iter()
+        .filter(|(_, k, _)| !k.ends_with("cafile") && *k != "ssl_ca_file")
+        .collect();
+    snapshot_over_tls(&config_with(&without_ca_files)).await;
+
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, wrong) = (env("STACK_CA_FILE"), wrong_ca(dir.path()));
+    let mut insecure = tls_overrides(&ca, &wrong, &wrong);
+    for section in ["service_user", "novasnap_service_user", "glance"] {
+        insecure.push((section, "insecure", "true".into()));
+    }
+    snapshot_over_tls(&config_with(&insecure)).await;
 }
 
 #[tokio::test]

@@ -2,20 +2,34 @@
 # The stack's own certificate authority and the server certificate its TLS listeners share
 # (RabbitMQ on 5671, Keystone and Glance on https): made once with openssl, kept with the
 # state. The certificate names every way the tests reach the services: 127.0.0.1, ::1 and
-# localhost. `scripts/stack env` gives the CA as STACK_CA_FILE.
+# localhost. `scripts/stack env` gives the CA as STACK_CA_FILE. The CA also joins the
+# system's CA store (as devstack's lib/tls installs its own), so clients that trust the
+# system store without a CA file of their own (`ssl = true` alone, https without `cafile`)
+# are tested too.
 
 TLS_DIR=$STATE/tls
 STACK_CA_FILE=$TLS_DIR/ca.pem
 STACK_CERT_FILE=$TLS_DIR/server.pem
 STACK_KEY_FILE=$TLS_DIR/server.key
+SYSTEM_CA_COPY=/usr/local/share/ca-certificates/novasnap-stack-ca.crt
 
-tls_healthy() {
+tls_made() {
   [ -s "$STACK_CA_FILE" ] && [ -s "$STACK_KEY_FILE" ] &&
     openssl verify -CAfile "$STACK_CA_FILE" "$STACK_CERT_FILE" >/dev/null 2>&1
 }
 
+tls_healthy() { tls_made && cmp -s "$STACK_CA_FILE" "$SYSTEM_CA_COPY"; }
+
 tls_up() {
-  tls_healthy && return 0
+  tls_made || tls_make
+  if ! cmp -s "$STACK_CA_FILE" "$SYSTEM_CA_COPY"; then
+    say "tls: adding the stack's CA to the system's CA store"
+    install -m 644 "$STACK_CA_FILE" "$SYSTEM_CA_COPY"
+    update-ca-certificates >>"$LOGS/tls.log" 2>&1 || die "tls: update-ca-certificates failed; see $LOGS/tls.log"
+  fi
+}
+
+tls_make() {
   say "tls: making the stack's CA and server certificate"
   mkdir -p "$TLS_DIR"
   (
@@ -34,8 +48,12 @@ tls_up() {
 
 tls_status() { tls_healthy; }
 
-# The CA stays with the state; `down` removes the state, and it.
-tls_stop() { :; }
+# `down` removes the state, the CA with it: out of the system's store too.
+tls_stop() {
+  [ -f "$SYSTEM_CA_COPY" ] || return 0
+  rm -f "$SYSTEM_CA_COPY"
+  update-ca-certificates --fresh >>"$LOGS/tls.log" 2>&1 || true
+}
 
 tls_env() {
   echo "export STACK_CA_FILE=$STACK_CA_FILE"
