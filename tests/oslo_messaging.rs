@@ -327,3 +327,45 @@ async fn tap_notifications(exchange: &str, queue: &str) {
     channel.queue_bind(queue, exchange, "#", QueueBindOptions::default(), FieldTable::default()).await.unwrap();
     conn.close(200, "tapped").await.unwrap();
 }
+
+#[tokio::test]
+async fn every_notification_driver_line_gets_every_notification() {
+    // `driver` is a MultiStrOpt: one line each, as oslo.config reads them.
+    let config = TestConfig::new(&[("oslo_messaging_notifications", "driver", "messagingv2")]);
+    let text = std::fs::read_to_string(&config.path).unwrap();
+    let three = "driver = messagingv2\ndriver = messaging\ndriver = log";
+    std::fs::write(&config.path, text.replacen("driver = messagingv2", three, 1)).unwrap();
+    let worker = WorkerProcess::start(&config).await;
+    let mut listener = Listener::start(&config).await;
+    let ghost = guest(1).clone_with_uuid(uuid::Uuid::new_v4());
+    let image_id = nova_api(&config, "snapshot", &ghost, &[]).await;
+    listener.wait_for("instance.snapshot.error", &image_id, Duration::from_secs(120)).await;
+    // The second copy, from the other messaging driver (format 1.0), follows.
+    let twice = wait_until(Duration::from_secs(30), || {
+        listener.collect();
+        let copies = listener
+            .received
+            .iter()
+            .filter(|n| n["event_type"] == "instance.snapshot.error" && n["payload"].to_string().contains(&image_id))
+            .count();
+        async move { copies == 2 }
+    })
+    .await;
+    assert!(twice.is_some(), "{:#?}", listener.event_types());
+    let log = worker.log_text();
+    assert!(log.contains("oslo.messaging.notification.instance.snapshot.error"), "the log driver: {log}");
+    glance_delete(&image_id).await;
+    assert!(worker.stop().await.success());
+}
+
+#[tokio::test]
+async fn a_broker_that_does_not_answer_is_passed_over_for_the_next() {
+    // Nothing listens on 5999: whichever comes first in the shuffled order, the worker
+    // ends up on 5672.
+    let url = "rabbit://guest:guest@127.0.0.1:5999,guest:guest@[::1]:5672/";
+    let config = TestConfig::new(&[("DEFAULT", "transport_url", url)]);
+    let worker = WorkerProcess::start(&config).await;
+    assert!(worker.log_text().contains("connected to RabbitMQ broker=[::1]:5672"), "{}", worker.log_text());
+    ghost_cast_is_handled(&config, &worker, &[]).await;
+    assert!(worker.stop().await.success());
+}

@@ -121,7 +121,9 @@ impl Transport {
         #[allow(clippy::result_large_err)]
         let connect = move |_: &AMQPUri| -> HandshakeResult {
             if !heartbeats {
-                let stream = runtime.block_on(heartbeatless::connect(&host, port, tls))?;
+                let stream = runtime
+                    .block_on(tokio::time::timeout(CONNECT_TIMEOUT, heartbeatless::connect(&host, port, tls)))
+                    .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connecting timed out"))??;
                 return Ok(TcpStream::try_from(stream)?);
             }
             // By host and port, not through a URL: an IPv6 address is no "domain" to the URL
@@ -227,6 +229,34 @@ pub async fn publish_confirmed(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Config;
+
+    fn transport(url: &str, strategy: &str) -> Transport {
+        let text = format!(
+            "[DEFAULT]\ntransport_url = {url}\n[oslo_messaging_rabbit]\nkombu_failover_strategy = {strategy}\n"
+        );
+        let config =
+            Config::from_ini(&ini::Ini::load_from_str(&text).unwrap(), std::path::Path::new("t.conf")).unwrap();
+        Transport::new(&config.messaging.transport)
+    }
+
+    #[test]
+    fn round_robin_visits_every_broker_once_a_round_from_a_shuffled_start() {
+        let t = transport("rabbit://u:p@a,u:p@b,u:p@c/", "round-robin");
+        let first: Vec<String> = (0..3).map(|_| t.next_broker().host).collect();
+        let mut seen = first.clone();
+        seen.sort();
+        assert_eq!(seen, ["a", "b", "c"]);
+        let second: Vec<String> = (0..3).map(|_| t.next_broker().host).collect();
+        assert_eq!(first, second, "the same order, round after round");
+    }
+
+    #[test]
+    fn shuffle_draws_a_broker_at_random_each_time() {
+        let t = transport("rabbit://u:p@a,u:p@b/", "shuffle");
+        let drawn: std::collections::BTreeSet<String> = (0..64).map(|_| t.next_broker().host).collect();
+        assert_eq!(drawn.len(), 2);
+    }
 
     #[test]
     fn waits_grow_linearly_to_the_maximum_as_kombu_s() {
