@@ -48,11 +48,24 @@ fn wrong_ca(dir: &Path) -> String {
     ca.display().to_string()
 }
 
+/// `client`'s certificate and key as every TLS client of the worker presents it.
+fn client_certificate(cert: &str, key: &str) -> Vec<(&'static str, &'static str, String)> {
+    let mut overrides = vec![
+        ("oslo_messaging_rabbit", "ssl_cert_file", cert.to_string()),
+        ("oslo_messaging_rabbit", "ssl_key_file", key.to_string()),
+    ];
+    for section in ["service_user", "novasnap_service_user", "glance"] {
+        overrides.push((section, "certfile", cert.to_string()));
+        overrides.push((section, "keyfile", key.to_string()));
+    }
+    overrides
+}
+
 /// `rabbitmqctl list_connections` of the worker's own connections (named after its host):
-/// (name, whether TLS).
-async fn worker_connections(host: &str) -> Vec<(String, bool)> {
+/// (name, whether TLS, the subject of the client certificate it presented, if any).
+async fn worker_connections(host: &str) -> Vec<(String, bool, String)> {
     let out = tokio::process::Command::new("rabbitmqctl")
-        .args(["-q", "list_connections", "client_properties", "ssl", "--formatter", "json"])
+        .args(["-q", "list_connections", "client_properties", "ssl", "peer_cert_subject", "--formatter", "json"])
         .output()
         .await
         .unwrap();
@@ -60,14 +73,16 @@ async fn worker_connections(host: &str) -> Vec<(String, bool)> {
     all.iter()
         .filter_map(|c| {
             let name = c["client_properties"].as_array()?.iter().find(|p| p[0] == "connection_name")?[2].as_str()?;
-            name.ends_with(&format!(":{host}")).then(|| (name.to_string(), c["ssl"] == true))
+            let subject = c["peer_cert_subject"].as_str().unwrap_or_default().to_string();
+            name.ends_with(&format!(":{host}")).then(|| (name.to_string(), c["ssl"] == true, subject))
         })
         .collect()
 }
 
 /// A snapshot through a worker of `config`: the image active with the guest's records, and
-/// every connection the worker holds to RabbitMQ over TLS.
-async fn snapshot_over_tls(config: &TestConfig) {
+/// every connection the worker holds to RabbitMQ over TLS, with `client_subject`'s
+/// certificate when given.
+async fn snapshot_over_tls(config: &TestConfig, client_subject: Option<&str>) {
     let mut listener = Listener::start(config).await;
     let worker = WorkerProcess::start(config).await;
     let image_id = nova_api(config, "snapshot", &guest(1), &[]).await;
@@ -77,10 +92,13 @@ async fn snapshot_over_tls(config: &TestConfig) {
     assert_image_holds_guest(&image_id).await;
 
     let connections = worker_connections(&config.host).await;
-    let names: Vec<&str> = connections.iter().map(|(n, _)| n.as_str()).collect();
+    let names: Vec<&str> = connections.iter().map(|(n, _, _)| n.as_str()).collect();
     assert!(names.contains(&format!("novasnap:{}", config.host).as_str()), "{connections:?}");
     assert!(names.contains(&format!("novasnap-notifier:{}", config.host).as_str()), "{connections:?}");
-    assert!(connections.iter().all(|(_, tls)| *tls), "every connection of the worker is TLS: {connections:?}");
+    assert!(connections.iter().all(|(_, tls, _)| *tls), "every connection of the worker is TLS: {connections:?}");
+    if let Some(subject) = client_subject {
+        assert!(connections.iter().all(|(_, _, s)| s.contains(subject)), "{connections:?}");
+    }
     let log = worker.log_text();
     assert!(log.contains("tls=true") && log.contains("127.0.0.1:5671"), "{log}");
     assert!(worker.stop().await.success());
@@ -90,7 +108,7 @@ async fn snapshot_over_tls(config: &TestConfig) {
 #[tokio::test]
 async fn a_snapshot_with_rabbitmq_keystone_and_glance_over_tls() {
     let ca = env("STACK_CA_FILE");
-    snapshot_over_tls(&config_with(&tls_overrides(&ca, &ca, &ca))).await;
+    snapshot_over_tls(&config_with(&tls_overrides(&ca, &ca, &ca)), None).await;
 }
 
 /// Without CA files: the system's CA store (which holds the stack's CA), for RabbitMQ with
@@ -102,7 +120,7 @@ async fn the_system_ca_store_is_trusted_without_ca_files_and_insecure_trusts_any
         .into_iter()
         .filter(|(_, k, _)| !k.ends_with("cafile") && *k != "ssl_ca_file")
         .collect();
-    snapshot_over_tls(&config_with(&without_ca_files)).await;
+    snapshot_over_tls(&config_with(&without_ca_files), None).await;
 
     let dir = tempfile::tempdir().unwrap();
     let (ca, wrong) = (env("STACK_CA_FILE"), wrong_ca(dir.path()));
@@ -110,7 +128,7 @@ async fn the_system_ca_store_is_trusted_without_ca_files_and_insecure_trusts_any
     for section in ["service_user", "novasnap_service_user", "glance"] {
         insecure.push((section, "insecure", "true".into()));
     }
-    snapshot_over_tls(&config_with(&insecure)).await;
+    snapshot_over_tls(&config_with(&insecure), None).await;
 }
 
 #[tokio::test]
@@ -143,4 +161,42 @@ async fn a_wrong_ca_fails_naming_the_endpoint_it_could_not_trust() {
         glance_delete(&image_id).await;
         delete_queue(&format!("novasnap.snapshots.{}", config.host)).await;
     }
+}
+
+/// The stack's listeners verify a client certificate when one is presented (RabbitMQ's
+/// `verify_peer`, gunicorn's `--cert-reqs 1`): the stack's own is accepted, one from another
+/// CA refused, which shows the worker presents the certificate it is given.
+#[tokio::test]
+async fn client_certificates_are_presented_to_rabbitmq_keystone_and_glance() {
+    let ca = env("STACK_CA_FILE");
+    let mut overrides = tls_overrides(&ca, &ca, &ca);
+    overrides.extend(client_certificate(&env("STACK_CLIENT_CERT_FILE"), &env("STACK_CLIENT_KEY_FILE")));
+    snapshot_over_tls(&config_with(&overrides), Some("novasnap stack client")).await;
+
+    let dir = tempfile::tempdir().unwrap();
+    let stranger = wrong_ca(dir.path());
+    let stranger_key = dir.path().join("wrong-ca.key").display().to_string();
+    let mut overrides = tls_overrides(&ca, &ca, &ca);
+    overrides.extend(client_certificate(&stranger, &stranger_key));
+    let config = config_with(&overrides);
+    let mut worker = WorkerProcess::spawn(&config, &[]);
+    assert!(!worker.wait_exit(Duration::from_secs(60)).await.success());
+    let log = worker.log_text();
+    assert!(log.contains("no broker reachable: 127.0.0.1:5671"), "{log}");
+
+    let mut overrides = tls_overrides(&ca, &ca, &ca);
+    overrides.push(("glance", "certfile", stranger.clone()));
+    overrides.push(("glance", "keyfile", stranger_key.clone()));
+    let config = config_with(&overrides);
+    let worker = WorkerProcess::start(&config).await;
+    let image_id = nova_api(&config, "snapshot", &guest(1), &[]).await;
+    let endpoint = env("GLANCE_HTTPS_URL");
+    wait_until(Duration::from_secs(120), || async {
+        worker.log_text().lines().any(|l| l.contains(&endpoint) && l.contains("UnknownCA"))
+    })
+    .await
+    .unwrap_or_else(|| panic!("no TLS error naming {endpoint}:\n{}", worker.log_text()));
+    assert!(worker.stop().await.success());
+    glance_delete(&image_id).await;
+    delete_queue(&format!("novasnap.snapshots.{}", config.host)).await;
 }
