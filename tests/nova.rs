@@ -169,18 +169,19 @@ async fn with_novasnap_stopped_nova_compute_serves_snapshots_again() {
     image_delete(&image_id).await;
 }
 
-/// novasnap first, nova-compute after: novasnap waits aside, nova-compute's RPC servers
-/// start, and novasnap then takes its place in front.
-#[tokio::test]
-async fn novasnap_started_before_nova_compute_waits_then_takes_the_snapshots() {
+/// novasnap first, nova-compute after, on a broker that has none of nova-compute's queues
+/// (as a fresh one): novasnap waits aside, declaring nothing that would keep nova-compute's
+/// RPC servers from starting, and takes its place in front once they run.
+async fn novasnap_first_then_nova_compute(nova: &StackSetting) {
     let server = server(1);
     let compute_pid = format!("{}/run/nova-compute.pid", env("NOVASNAP_STACK_STATE"));
     let pid = std::fs::read_to_string(&compute_pid).unwrap();
     tokio::process::Command::new("kill").arg(pid.trim()).status().await.unwrap();
     wait_until(LIMIT, || async { !std::path::Path::new(&format!("/proc/{}", pid.trim())).exists() }).await.unwrap();
-    // The queues nova-compute declared stay; its consumers are gone. A fresh broker has
-    // none of them: novasnap must not declare compute-alt for it.
     let config = TestConfig::beside_nova(&[]);
+    delete_nova_compute_topology(&config).await;
+    let compute_log_before = stack_log("nova-compute").len();
+
     let mut worker = tokio::process::Command::new(env!("CARGO_BIN_EXE_novasnap"));
     let log = config.path.with_extension("first.log");
     let mut child = worker
@@ -191,12 +192,14 @@ async fn novasnap_started_before_nova_compute_waits_then_takes_the_snapshots() {
         .kill_on_drop(true)
         .spawn()
         .unwrap();
-    stack(&["up", "nova"]).await;
+    nova.up().await;
     let text = || std::fs::read_to_string(&log).unwrap_or_default();
     wait_until(LIMIT, || async { text().contains("in front of nova-compute") })
         .await
         .unwrap_or_else(|| panic!("novasnap took its place once nova-compute was up:\n{}", text()));
-    assert!(!stack_log("nova-compute").contains("PRECONDITION_FAILED"), "nova-compute's RPC servers started cleanly");
+    let compute_log = stack_log("nova-compute");
+    let since = compute_log.get(compute_log_before..).unwrap_or(&compute_log);
+    assert!(!since.contains("PRECONDITION_FAILED"), "nova-compute's RPC servers started cleanly:\n{since}");
     server.wait_idle(LIMIT).await;
     let image_id = server.image_create(&unique("test-order")).await;
     assert!(image_show(&image_id).await["novasnap_made_by"].is_string(), "{}", text());
@@ -205,28 +208,156 @@ async fn novasnap_started_before_nova_compute_waits_then_takes_the_snapshots() {
     image_delete(&image_id).await;
 }
 
-/// Restores the stack's token lifetime when the test ends, however it ends.
-struct TokenLifetime;
+/// What nova-compute's two RPC servers declare (`compute`, `compute-alt`: a topic queue, a
+/// server queue and a fanout exchange each), deleted while it is stopped, on the broker its
+/// nova-cpu.conf names.
+async fn delete_nova_compute_topology(config: &TestConfig) {
+    let conn = lapin::Connection::connect(&config.amqp_uri(), lapin::ConnectionProperties::default()).await.unwrap();
+    let channel = conn.create_channel().await.unwrap();
+    let host = env("NOVASNAP_HOST");
+    for topic in ["compute", "compute-alt"] {
+        for queue in [topic.to_string(), format!("{topic}.{host}")] {
+            channel.queue_delete(&queue, Default::default()).await.unwrap();
+        }
+        channel.exchange_delete(&format!("{topic}_fanout"), Default::default()).await.unwrap();
+    }
+    let _ = conn.close(200, "done").await;
+}
 
-impl TokenLifetime {
-    async fn set(seconds: u64) -> Self {
-        let script = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/stack");
-        let out = tokio::process::Command::new(&script)
-            .args(["up", "keystone"])
-            .env("NOVASNAP_STACK_TOKEN_LIFETIME", seconds.to_string())
-            .output()
-            .await
-            .unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        Self
+#[tokio::test]
+async fn novasnap_started_before_nova_compute_waits_then_takes_the_snapshots() {
+    novasnap_first_then_nova_compute(&StackSetting::unchanged("nova")).await;
+}
+
+/// The same with `[oslo_messaging_rabbit] rabbit_quorum_queue` on, on a fresh vhost: Nova's
+/// exchanges durable and its queues quorum queues, novasnap's declarations equal to theirs.
+#[tokio::test]
+async fn with_quorum_queues_novasnap_started_first_also_takes_the_snapshots() {
+    let quorum = StackSetting::set("nova", "NOVASNAP_STACK_RABBIT_QUEUES", "quorum").await;
+    let conf = std::fs::read_to_string(env("NOVA_CONF")).unwrap();
+    assert!(conf.contains("rabbit_quorum_queue = True"), "{conf}");
+    novasnap_first_then_nova_compute(&quorum).await;
+    let out = tokio::process::Command::new("rabbitmqctl")
+        .args(["-q", "list_queues", "-p", "novasnap-quorum", "name", "type"])
+        .output()
+        .await
+        .unwrap();
+    let queues = String::from_utf8_lossy(&out.stdout);
+    let host = env("NOVASNAP_HOST");
+    for queue in [format!("compute.{host}"), format!("compute-alt.{host}"), format!("novasnap.snapshots.{host}")] {
+        let quorum = queues.lines().any(|l| l.split_whitespace().eq([queue.as_str(), "quorum"]));
+        assert!(quorum, "{queue} is a quorum queue:\n{queues}");
     }
 }
 
-impl Drop for TokenLifetime {
-    fn drop(&mut self) {
-        let script = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/stack");
-        let _ = std::process::Command::new(script).args(["up", "keystone"]).output();
+/// `os_require_quiesce=yes` on a server's image (which declares the agent) and the agent
+/// stopped inside the guest: the snapshot fails cleanly, as Nova's does —
+/// `InstanceQuiesceFailed`, the image deleted, task_state back to none, the action's event
+/// in error, the guest running — and the cast is settled, not handed back for ever.
+#[tokio::test]
+async fn with_os_require_quiesce_and_the_agent_stopped_the_snapshot_fails_cleanly() {
+    let base = env("SERVER1_IMAGE");
+    let required = ImageProperty::set(&base, "os_require_quiesce", "yes").await;
+    let server = create_server(&base).await;
+    // Nova copied the image's properties into the instance's system_metadata.
+    drop(required);
+    // Stopped for good: init's respawn finds a binary that exits at once.
+    let stop = r#"q=$(command -v qemu-ga) && mount --bind /bin/false "$q" && killall qemu-ga"#;
+    let exec = serde_json::json!({"execute": "guest-exec", "arguments": {"path": "/bin/sh", "arg": ["-c", stop]}});
+    server.agent(&exec).await.unwrap();
+    let ping = serde_json::json!({"execute": "guest-ping"});
+    wait_until(LIMIT, || async { server.agent(&ping).await.is_err_and(|e| e.contains("not connected")) })
+        .await
+        .unwrap_or_else(|| panic!("the agent of {} stopped", server.domain));
+
+    let config = TestConfig::beside_nova(&[]);
+    let worker = WorkerProcess::start(&config).await;
+    let image = openstack(&["server", "image", "create", "--name", &unique("test-require-quiesce"), &server.id]).await;
+    let image_id = image["id"].as_str().unwrap().to_string();
+    wait_until(LIMIT, || async { glance_image(&image_id).await.is_none() })
+        .await
+        .unwrap_or_else(|| panic!("the image is deleted:\n{}", worker.log_text()));
+    server.wait_idle(LIMIT).await;
+    let log = worker.log_text();
+    let action = server.action(&server.last_request("createImage").await).await;
+    let event = action["events"].as_array().unwrap().iter().find(|e| e["event"] == "compute_snapshot_instance");
+    assert_eq!(event.map(|e| e["result"].clone()), Some("Error".into()), "{action:#}\n{log}");
+    assert!(log.contains("Failed to quiesce instance") && log.contains("not connected"), "{log}");
+    assert!(!log.contains("handing the cast back"), "the cast is settled:\n{log}");
+    assert_eq!(domain_state(&server.domain).await, "running");
+    assert!(worker.stop().await.success());
+}
+
+/// An image property set for one test, unset when dropped, however the test ends.
+struct ImageProperty {
+    image: String,
+    name: &'static str,
+}
+
+impl ImageProperty {
+    async fn set(image: &str, name: &'static str, value: &str) -> Self {
+        assert!(glance_admin(&["image", "set", "--property", &format!("{name}={value}"), image]), "image set {name}");
+        Self { image: image.to_string(), name }
     }
+}
+
+impl Drop for ImageProperty {
+    fn drop(&mut self) {
+        let unset = glance_admin(&["image", "unset", "--property", self.name, &self.image]);
+        assert!(unset || std::thread::panicking(), "image unset {}", self.name);
+    }
+}
+
+/// `openstack ARGS` as the admin, for the image commands that print nothing; whether it worked.
+fn glance_admin(args: &[&str]) -> bool {
+    std::process::Command::new(env("OPENSTACK"))
+        .args(["--os-username", "admin", "--os-project-name", "admin", "--os-password", &env("OS_ADMIN_PASSWORD")])
+        .args(args)
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// A stack setting (`NOVASNAP_STACK_*`) for one test: `scripts/stack up <component>` with it,
+/// and without it again when the test ends, however it ends.
+struct StackSetting {
+    component: &'static str,
+    setting: Option<(&'static str, String)>,
+}
+
+impl StackSetting {
+    async fn set(component: &'static str, name: &'static str, value: &str) -> Self {
+        let setting = Self { component, setting: Some((name, value.to_string())) };
+        setting.up().await;
+        setting
+    }
+
+    /// The stack as it is.
+    fn unchanged(component: &'static str) -> Self {
+        Self { component, setting: None }
+    }
+
+    /// `scripts/stack up <component>` with the setting: starts what is not running.
+    async fn up(&self) {
+        let mut command = tokio::process::Command::new(stack_script());
+        command.args(["up", self.component]);
+        if let Some((name, value)) = &self.setting {
+            command.env(name, value);
+        }
+        let out = command.output().await.unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+}
+
+impl Drop for StackSetting {
+    fn drop(&mut self) {
+        if self.setting.is_some() {
+            let _ = std::process::Command::new(stack_script()).args(["up", self.component]).output();
+        }
+    }
+}
+
+fn stack_script() -> std::path::PathBuf {
+    std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/stack")
 }
 
 /// Keystone tokens that live 60 s, and a snapshot that takes longer (held 65 s after its
@@ -236,7 +367,7 @@ impl Drop for TokenLifetime {
 async fn a_snapshot_outliving_the_users_token_still_succeeds() {
     let server = server(1);
     server.wait_idle(LIMIT).await;
-    let _lifetime = TokenLifetime::set(60).await;
+    let _lifetime = StackSetting::set("keystone", "NOVASNAP_STACK_TOKEN_LIFETIME", "60").await;
     let config = TestConfig::beside_nova(&[]);
     let worker = WorkerProcess::start_with(&config, &[("NOVASNAP_DELAY_AT", "after-clone:65")]).await;
     let started = std::time::Instant::now();

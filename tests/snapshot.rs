@@ -158,7 +158,21 @@ async fn a_guest_with_the_agent_is_quiesced_and_its_image_fscks_clean() {
     assert_eq!(check.status, 0, "a quiesced snapshot fscks clean: {}\n{log}", check.output);
     assert!(check.clean() && check.unbroken(), "{}", check.output);
     let end = listener.received.iter().find(|n| n["event_type"] == "compute.instance.snapshot.end").unwrap();
-    assert!(end["payload"]["frozen_ms"].as_u64().is_some(), "time frozen on the end notification: {end:#}");
+    let frozen_ms = end["payload"]["frozen_ms"].as_u64();
+    let frozen_ms = frozen_ms.unwrap_or_else(|| panic!("time frozen on the end notification: {end:#}"));
+    // The guest went on writing once thawed: right after the image's last record, no gap in
+    // the live disk's records longer than the freeze it reported, the writer's own interval
+    // (200 ms) and a margin for a guest under TCG on a busy host.
+    let (seq, started) = (check.last_record().to_string(), std::time::Instant::now());
+    let gap = loop {
+        let live = common::openstack::check_image_with(&guest.disk, &["--gap-after", &seq]).await;
+        if let Some(gap) = live.fields.get("gap_after_ms").and_then(|g| g.parse::<f64>().ok()) {
+            break gap;
+        }
+        assert!(started.elapsed() < Duration::from_secs(60), "the guest wrote on after the snapshot: {}", live.output);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    };
+    assert!(gap <= (frozen_ms + 200 + 300) as f64, "held {gap} ms, reported frozen {frozen_ms} ms:\n{log}");
     assert_no_leftovers(&guest).await;
     assert_eq!(domain_state(&guest.domain).await, "running");
     assert!(worker.stop().await.success());

@@ -13,6 +13,18 @@ NOVA_URL=http://127.0.0.1:8774/v2.1
 # The compute host: nova-compute's `[DEFAULT] host`, and so the host novasnap serves.
 COMPUTE_HOST=compute1
 NOVA_DAEMONS=(nova-conductor nova-scheduler nova-compute)
+# Nova's RPC queues, a stack setting: `classic` (oslo.messaging's default) on the broker's
+# `/`, or `quorum` (`[oslo_messaging_rabbit] rabbit_quorum_queue`) on a vhost of its own,
+# made afresh each time the setting is switched on (an exchange or queue cannot change its
+# type in place: oslo's docs ask for a fresh broker). Tests switch it with
+# `NOVASNAP_STACK_RABBIT_QUEUES=quorum scripts/stack up nova`, and back without it.
+NOVA_RABBIT_QUEUES=${NOVASNAP_STACK_RABBIT_QUEUES:-classic}
+NOVA_QUORUM_VHOST=novasnap-quorum
+case $NOVA_RABBIT_QUEUES in
+  classic) NOVA_TRANSPORT_URL=$TRANSPORT_URL ;;
+  quorum) NOVA_TRANSPORT_URL=${TRANSPORT_URL%/}/$NOVA_QUORUM_VHOST ;;
+  *) die "NOVASNAP_STACK_RABBIT_QUEUES=$NOVA_RABBIT_QUEUES: expected classic or quorum" ;;
+esac
 
 nova_manage() {
   "$OPENSTACK_VENV/bin/nova-manage" --config-file "$NOVA_CONTROL_CONF" "$@" >>"$LOGS/nova-manage.log" 2>&1
@@ -20,11 +32,15 @@ nova_manage() {
 
 nova_api_healthy() { curl -fsS -m 5 "http://127.0.0.1:8774/" >/dev/null 2>&1; }
 
+nova_rabbit_conf() {
+  if [ "$NOVA_RABBIT_QUEUES" = quorum ]; then printf '\n[oslo_messaging_rabbit]\nrabbit_quorum_queue = True\n'; fi
+}
+
 # What both files say the same way; the arguments are more [DEFAULT] lines.
 nova_common_conf() {
   cat <<EOC
 [DEFAULT]
-transport_url = $TRANSPORT_URL
+transport_url = $NOVA_TRANSPORT_URL
 state_path = $NOVA_DIR
 my_ip = 127.0.0.1
 use_stderr = False
@@ -35,6 +51,7 @@ lock_path = $NOVA_DIR/locks
 
 [oslo_messaging_notifications]
 driver = messagingv2
+$(nova_rabbit_conf)
 
 [notifications]
 notification_format = both
@@ -143,17 +160,39 @@ compute_registered() {
     grep -qx "$COMPUTE_HOST up"
 }
 
+# The quorum vhost, made afresh (switching to quorum queues) or removed (switching back).
+nova_rabbit_vhost() {
+  rabbitmqctl -q delete_vhost "$NOVA_QUORUM_VHOST" >/dev/null 2>&1 || true
+  [ "$NOVA_RABBIT_QUEUES" = quorum ] || return 0
+  rabbitmqctl -q add_vhost "$NOVA_QUORUM_VHOST" >/dev/null
+  rabbitmqctl -q set_permissions -p "$NOVA_QUORUM_VHOST" guest '.*' '.*' '.*' >/dev/null
+}
+
+# cell1's mapping carries the transport URL nova-api and nova-conductor cast to compute hosts
+# through (the one `create_cell` was given, not the config file's): it follows the setting.
+nova_cell1_transport() {
+  local cell1
+  cell1=$("$OPENSTACK_VENV/bin/nova-manage" --config-file "$NOVA_CONTROL_CONF" cell_v2 list_cells 2>/dev/null |
+    awk -F'|' '$2 ~ /^ *cell1 *$/ {gsub(/ /, "", $3); print $3}')
+  [ -n "$cell1" ] || die "nova: cell1 is not mapped; see $LOGS/nova-manage.log"
+  nova_manage cell_v2 update_cell --cell_uuid "$cell1" --transport-url "$NOVA_TRANSPORT_URL" ||
+    die "nova-manage cell_v2 update_cell failed; see $LOGS/nova-manage.log"
+}
+
 nova_up() {
-  local t0=$SECONDS d
+  local t0=$SECONDS d changed=
   if write_nova_confs; then
+    changed=1
     local running=
     for d in "${NOVA_DAEMONS[@]}" nova-api; do pid_alive "$STATE/run/$d.pid" && running=1; done
     if [ -n "$running" ]; then
       say "nova: its configuration changed, restarting Nova"
       nova_stop
     fi
+    nova_rabbit_vhost
   fi
   nova_databases
+  [ -z "$changed" ] || nova_cell1_transport
   for d in nova-conductor nova-scheduler; do nova_daemon_start "$d"; done
   # The API reads only files: its log file is set in one of its own.
   printf '[DEFAULT]\nlog_file = %s\n' "$LOGS/nova-api.log" >"$NOVA_DIR/etc/nova-api-log.conf"

@@ -422,14 +422,21 @@ impl Hypervisor for LibvirtHypervisor {
 }
 
 /// A libvirt error of a guest agent call as what it says of the agent: not configured in
-/// the domain (VIR_ERR_ARGUMENT_UNSUPPORTED), or not answering or failing (the
-/// VIR_ERR_AGENT_* codes). Any other (a libvirtd restarting, a guest gone) is unchanged.
+/// the domain (VIR_ERR_ARGUMENT_UNSUPPORTED), not connected (libvirt's
+/// `qemuDomainAgentAvailable` refuses before sending anything while the guest end of the
+/// channel is closed), or not answering or failing (the VIR_ERR_AGENT_* codes). Any other
+/// (a libvirtd restarting, a guest gone) is unchanged.
 fn agent_error(e: HypervisorError) -> HypervisorError {
     match e {
         HypervisorError::Libvirt { operation, uuid, code, message }
             if code == sys::VIR_ERR_ARGUMENT_UNSUPPORTED as i32 =>
         {
             HypervisorError::AgentNotConfigured { operation, uuid, message }
+        }
+        HypervisorError::Libvirt { operation, uuid, code, message }
+            if code == sys::VIR_ERR_AGENT_UNRESPONSIVE as i32 && message.contains("agent is not connected") =>
+        {
+            HypervisorError::AgentNotConnected { operation, uuid, message }
         }
         HypervisorError::Libvirt { operation, uuid, code, message }
             if [

@@ -67,8 +67,13 @@ pub enum HypervisorError {
     /// guest agent is not configured"): nothing in the guest can have been frozen.
     #[error("libvirt {operation} on {uuid}: the QEMU guest agent is not configured: {message}")]
     AgentNotConfigured { operation: &'static str, uuid: Uuid, message: String },
-    /// The guest agent did not answer (not connected, unsynced, timed out) or answered with
-    /// an error (the guest could not freeze a filesystem).
+    /// The domain has an agent channel but no agent on its guest end (libvirt's
+    /// VIR_ERR_AGENT_UNRESPONSIVE, "QEMU guest agent is not connected"): libvirt refused the
+    /// command without sending it, so it froze nothing. The agent may be starting, or stopped.
+    #[error("libvirt {operation} on {uuid}: the QEMU guest agent is not connected: {message}")]
+    AgentNotConnected { operation: &'static str, uuid: Uuid, message: String },
+    /// The guest agent did not answer (unsynced, timed out) or answered with an error (the
+    /// guest could not freeze a filesystem).
     #[error("libvirt {operation} on {uuid}: the QEMU guest agent failed: {message} (code {code})")]
     Agent { operation: &'static str, uuid: Uuid, code: i32, message: String },
 }
@@ -93,7 +98,7 @@ impl Classify for HypervisorError {
             // VIR_ERR_AGENT_UNRESPONSIVE (86), VIR_ERR_AGENT_UNSYNCED (97) and
             // VIR_ERR_AGENT_COMMAND_TIMEOUT (112): an agent still starting, or busy. An error
             // the agent answered (VIR_ERR_AGENT_COMMAND_FAILED, 113) is the guest's answer.
-            Self::Agent { code: 86 | 97 | 112, .. } => Disposition::Transient,
+            Self::Agent { code: 86 | 97 | 112, .. } | Self::AgentNotConnected { .. } => Disposition::Transient,
             Self::Connection(_) | Self::BlockJobTimeout { .. } => Disposition::Transient,
             Self::GuestNotFound(_) | Self::NoRootDisk { .. } | Self::AgentNotConfigured { .. } | Self::Agent { .. } => {
                 Disposition::Permanent

@@ -173,9 +173,14 @@ impl Job<'_> {
                 info!(%instance, filesystems, "guest filesystems frozen");
                 return Ok(Some(frozen));
             }
-            // The agent may have frozen some before it failed, or answered late.
+            // The agent may have frozen some before it failed, or answered late; but one
+            // that was never asked (no channel, or nothing on its guest end) froze nothing,
+            // and a thaw could not reach it either.
             Err(e) => {
-                let needs_thaw = !matches!(e, HypervisorError::AgentNotConfigured { .. });
+                let needs_thaw = !matches!(
+                    e,
+                    HypervisorError::AgentNotConfigured { .. } | HypervisorError::AgentNotConnected { .. }
+                );
                 frozen.armed = needs_thaw;
                 // `_set_quiesced`'s message.
                 format!("Error from libvirt while quiescing {instance}: {e}")

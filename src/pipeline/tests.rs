@@ -1381,12 +1381,23 @@ fn with_agent(req: &SnapshotRequest, required: bool) -> SnapshotRequest {
     req
 }
 
-/// The guest agent answers nothing: libvirt's VIR_ERR_AGENT_UNRESPONSIVE.
+/// The guest agent took the command and did not answer in time: libvirt's
+/// VIR_ERR_AGENT_COMMAND_TIMEOUT. It may have frozen the guest all the same.
 fn agent_unresponsive() -> HypervisorError {
     HypervisorError::Agent {
         operation: "freeze filesystems",
         uuid: Uuid::nil(),
-        code: 86,
+        code: 112,
+        message: "Guest agent not available for now".into(),
+    }
+}
+
+/// Nothing runs on the guest's end of the agent channel (the agent stopped inside the
+/// guest): libvirt refuses every agent command at once, the thaw as well as the freeze.
+fn agent_not_connected() -> HypervisorError {
+    HypervisorError::AgentNotConnected {
+        operation: "freeze filesystems",
+        uuid: Uuid::nil(),
         message: "Guest agent is not responding: QEMU guest agent is not connected".into(),
     }
 }
@@ -1456,6 +1467,23 @@ async fn a_failing_freeze_under_os_require_quiesce_fails_cleanly_as_nova_does() 
     assert!(
         matches!(w.events().last(), Some(SnapshotEvent::Error { exception, .. }) if exception == "InstanceQuiesceFailed")
     );
+}
+
+/// The agent stopped inside the guest: the freeze was never sent, so nothing is frozen and
+/// nothing needs thawing (a thaw would be refused too, and the cast handed back for ever).
+#[tokio::test]
+async fn a_guest_whose_agent_is_stopped_fails_cleanly_under_os_require_quiesce() {
+    let w = World::clone_backed(FakeImages::default());
+    w.hv.faults.pass("thaw_filesystems", 1); // the thaw before the snapshot: only logged
+    w.hv.faults.inject("freeze_filesystems", 100, agent_not_connected);
+    w.hv.faults.inject("thaw_filesystems", 100, agent_not_connected);
+    let failure = w.pipeline(|_| {}).run(&with_agent(&w.req, true)).await.unwrap_err();
+    assert_eq!((failure.error.step, failure.error.exception_name()), (Step::Quiesce, "InstanceQuiesceFailed"));
+    assert_eq!(failure.unsettled, None, "settled: the cast is not handed back");
+    let thawed = from_the_freeze(&w).iter().any(|t| t == "hypervisor thaw");
+    assert!(!thawed, "no thaw after a freeze that was never sent: {:?}", from_the_freeze(&w));
+    assert!(w.disk_snapshots().is_empty() && w.images.image(w.req.image_id).is_none());
+    assert_eq!(w.nova.task_state(), None);
 }
 
 #[tokio::test]

@@ -148,6 +148,17 @@ impl TestConfig {
         std::fs::write(&path, text).unwrap();
         Self { host: host.to_string(), notification_exchange, path, _dir: dir }
     }
+
+    /// The broker of this config's `[DEFAULT] transport_url` (the stack's Nova may run on a
+    /// vhost of its own), as an AMQP URI for lapin.
+    pub fn amqp_uri(&self) -> String {
+        let text = std::fs::read_to_string(&self.path).unwrap();
+        let url = text
+            .lines()
+            .find_map(|l| l.split_once('=').filter(|(k, _)| k.trim() == "transport_url").map(|(_, v)| v.trim()))
+            .expect("transport_url in the config");
+        amqp_uri_of(url)
+    }
 }
 
 /// `text` (an INI file) with `[section] key = value` set: replaced where the key is, added to
@@ -737,7 +748,12 @@ where
 
 /// The stack's broker as an AMQP URI for lapin.
 pub fn amqp_uri() -> String {
-    let uri = env("TRANSPORT_URL").replacen("rabbit://", "amqp://", 1);
+    amqp_uri_of(&env("TRANSPORT_URL"))
+}
+
+/// An oslo `rabbit://` transport URL with one host as an AMQP URI for lapin.
+fn amqp_uri_of(transport_url: &str) -> String {
+    let uri = transport_url.replacen("rabbit://", "amqp://", 1);
     if uri.ends_with('/') {
         format!("{uri}%2f")
     } else {

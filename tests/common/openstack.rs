@@ -143,12 +143,71 @@ impl Server {
         }
     }
 
+    /// A command to the guest agent (`virsh qemu-agent-command`, e.g. `{"execute":
+    /// "guest-ping"}`): its answer, or libvirt's error.
+    pub async fn agent(&self, command: &Value) -> Result<Value, String> {
+        let out = Command::new("virsh")
+            .args(["-c", "qemu:///system", "qemu-agent-command", &self.domain, &command.to_string()])
+            .output()
+            .await
+            .unwrap();
+        match out.status.success() {
+            true => Ok(serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)),
+            false => Err(String::from_utf8_lossy(&out.stderr).into_owned()),
+        }
+    }
+
     /// `openstack server image create --wait`: Nova's snapshot, as a user asks for it. Returns
     /// the image's id.
     pub async fn image_create(&self, name: &str) -> String {
         let image = openstack(&["server", "image", "create", "--wait", "--name", name, &self.id]).await;
         image["id"].as_str().unwrap().to_string()
     }
+}
+
+/// A server Nova built for one test, deleted when dropped, however the test ends.
+pub struct TestServer(Server);
+
+impl std::ops::Deref for TestServer {
+    type Target = Server;
+    fn deref(&self) -> &Server {
+        &self.0
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        let _ = openstack_command(false, &["server", "delete", "--wait", &self.0.id]).as_std_mut().output();
+    }
+}
+
+/// A server Nova builds for one test (`openstack server create --wait`, no network, the
+/// stack's flavor) from Glance image `image`, once its guest agent answers.
+pub async fn create_server(image: &str) -> TestServer {
+    let created = openstack(&[
+        "--os-compute-api-version",
+        "2.37",
+        "server",
+        "create",
+        "--wait",
+        "--image",
+        image,
+        "--flavor",
+        "novasnap.tiny",
+        "--nic",
+        "none",
+        &super::unique("test-server"),
+    ])
+    .await;
+    assert_eq!(created["status"], "ACTIVE", "{created:#}");
+    let id = created["id"].as_str().unwrap().to_string();
+    let shown = openstack_admin(&["server", "show", &id]).await;
+    let domain = shown["OS-EXT-SRV-ATTR:instance_name"].as_str().unwrap().to_string();
+    let server = TestServer(Server { disk: format!("rbd:vms/{id}_disk"), id, domain, image: image.to_string() });
+    let ping = serde_json::json!({"execute": "guest-ping"});
+    let answered = super::wait_until(Duration::from_secs(120), || async { server.agent(&ping).await.is_ok() }).await;
+    assert!(answered.is_some(), "the guest agent of {} answered within 120 s of ACTIVE", server.domain);
+    server
 }
 
 /// The image as Glance's API shows it to the admin: custom properties at the top level.
@@ -185,11 +244,12 @@ impl Check {
 
 /// Runs the stack's checker on `spec` (a file, or `rbd:pool/image[@snap]`).
 pub async fn check_image(spec: &str, require_clean: bool) -> Check {
-    let mut command = Command::new(env("CHECK_IMAGE"));
-    if require_clean {
-        command.arg("--require-clean");
-    }
-    let out = command.arg(spec).output().await.unwrap();
+    check_image_with(spec, if require_clean { &["--require-clean"] } else { &[] }).await
+}
+
+/// The same with the checker's options `args` (see `scripts/check-image --help`).
+pub async fn check_image_with(spec: &str, args: &[&str]) -> Check {
+    let out = Command::new(env("CHECK_IMAGE")).args(args).arg(spec).output().await.unwrap();
     let output = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     let last = String::from_utf8_lossy(&out.stdout).lines().last().unwrap_or_default().to_string();
     let fields =
