@@ -121,8 +121,11 @@ impl Transport {
         #[allow(clippy::result_large_err)]
         let connect = move |_: &AMQPUri| -> HandshakeResult {
             if !heartbeats {
+                // The timer is made inside the runtime: this thread is lapin's, not tokio's.
+                let bounded =
+                    async { tokio::time::timeout(CONNECT_TIMEOUT, heartbeatless::connect(&host, port, tls)).await };
                 let stream = runtime
-                    .block_on(tokio::time::timeout(CONNECT_TIMEOUT, heartbeatless::connect(&host, port, tls)))
+                    .block_on(bounded)
                     .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connecting timed out"))??;
                 return Ok(TcpStream::try_from(stream)?);
             }
