@@ -212,16 +212,29 @@ async fn novasnap_declares_what_oslo_declares_for_each_option_set() {
     }
 }
 
-/// The worker's own connections (named after its host): (name, heartbeat timeout, the
-/// broker's address as the broker reports it: 4 numbers for IPv4, 8 for IPv6).
-async fn worker_connections(host: &str) -> Vec<(String, u64, Vec<u64>)> {
-    rabbitmqctl_json(&["-q", "list_connections", "client_properties", "timeout", "peer_host"])
+/// One connection of the worker's, as the broker reports it.
+#[derive(Debug)]
+struct WorkerConnection {
+    name: String,
+    heartbeat: u64,
+    /// The broker's address: 4 numbers for IPv4, 8 for IPv6.
+    peer: Vec<u64>,
+    auth_mechanism: String,
+}
+
+/// The worker's own connections (named after its host).
+async fn worker_connections(host: &str) -> Vec<WorkerConnection> {
+    rabbitmqctl_json(&["-q", "list_connections", "client_properties", "timeout", "peer_host", "auth_mechanism"])
         .await
         .iter()
         .filter_map(|c| {
             let name = c["client_properties"].as_array()?.iter().find(|p| p[0] == "connection_name")?[2].as_str()?;
-            let peer = c["peer_host"].as_array()?.iter().filter_map(Value::as_u64).collect();
-            name.ends_with(&format!(":{host}")).then(|| (name.to_string(), c["timeout"].as_u64().unwrap_or(0), peer))
+            name.ends_with(&format!(":{host}")).then(|| WorkerConnection {
+                name: name.to_string(),
+                heartbeat: c["timeout"].as_u64().unwrap_or(0),
+                peer: c["peer_host"].as_array().into_iter().flatten().filter_map(Value::as_u64).collect(),
+                auth_mechanism: c["auth_mechanism"].as_str().unwrap_or_default().to_string(),
+            })
         })
         .collect()
 }
@@ -244,10 +257,7 @@ async fn a_broker_on_ipv6_loopback_through_an_ipv6_transport_url() {
     let worker = WorkerProcess::start(&config).await;
     let connections = worker_connections(&config.host).await;
     let ipv6_loopback = [0, 0, 0, 0, 0, 0, 0, 1];
-    assert!(
-        !connections.is_empty() && connections.iter().all(|(_, _, peer)| peer == &ipv6_loopback),
-        "{connections:?}"
-    );
+    assert!(!connections.is_empty() && connections.iter().all(|c| c.peer == ipv6_loopback), "{connections:?}");
     ghost_cast_is_handled(&config, &worker, &[]).await;
     assert!(worker.stop().await.success());
 }
@@ -258,8 +268,12 @@ async fn heartbeat_timeout_threshold_0_means_no_heartbeats_and_others_are_negoti
         let config = TestConfig::new(&[("oslo_messaging_rabbit", "heartbeat_timeout_threshold", threshold)]);
         let worker = WorkerProcess::start(&config).await;
         let connections = worker_connections(&config.host).await;
-        assert!(connections.len() >= 2, "{connections:?}");
-        assert!(connections.iter().all(|(_, timeout, _)| *timeout == expected), "{threshold}: {connections:?}");
+        let named = |prefix: &str| connections.iter().any(|c| c.name.starts_with(prefix));
+        assert!(
+            named("novasnap:") && named("novasnap-notifier:"),
+            "the consumer's and the notifier's: {connections:?}"
+        );
+        assert!(connections.iter().all(|c| c.heartbeat == expected), "{threshold}: {connections:?}");
         ghost_cast_is_handled(&config, &worker, &[]).await;
         assert!(worker.stop().await.success());
     }
@@ -368,4 +382,17 @@ async fn a_broker_that_does_not_answer_is_passed_over_for_the_next() {
     assert!(worker.log_text().contains("connected to RabbitMQ broker=[::1]:5672"), "{}", worker.log_text());
     ghost_cast_is_handled(&config, &worker, &[]).await;
     assert!(worker.stop().await.success());
+}
+
+#[tokio::test]
+async fn the_login_method_is_oslo_s_amqplain_unless_configured() {
+    for (method, expected) in [(None, "AMQPLAIN"), (Some("PLAIN"), "PLAIN")] {
+        let overrides: Vec<(&str, &str, &str)> =
+            method.map(|m| ("oslo_messaging_rabbit", "rabbit_login_method", m)).into_iter().collect();
+        let config = TestConfig::new(&overrides);
+        let worker = WorkerProcess::start(&config).await;
+        let connections = worker_connections(&config.host).await;
+        assert!(connections.len() >= 2 && connections.iter().all(|c| c.auth_mechanism == expected), "{connections:?}");
+        assert!(worker.stop().await.success());
+    }
 }
