@@ -279,18 +279,39 @@ async fn heartbeat_timeout_threshold_0_means_no_heartbeats_and_others_are_negoti
     }
 }
 
+/// The prefetch counts of the channels of the worker's connection named `name`.
+async fn channel_prefetch_counts(name: &str) -> Vec<u64> {
+    let connections = rabbitmqctl_json(&["-q", "list_connections", "pid", "client_properties"]).await;
+    let pid = connections
+        .iter()
+        .find(|c| {
+            c["client_properties"].as_array().into_iter().flatten().any(|p| p[0] == "connection_name" && p[2] == name)
+        })
+        .and_then(|c| c["pid"].as_str().map(String::from))
+        .unwrap_or_else(|| panic!("no connection {name}"));
+    rabbitmqctl_json(&["-q", "list_channels", "connection", "prefetch_count"])
+        .await
+        .iter()
+        .filter(|c| c["connection"] == pid.as_str())
+        .filter_map(|c| c["prefetch_count"].as_u64())
+        .collect()
+}
+
 #[tokio::test]
 async fn with_transient_queue_ttl_0_the_worker_consumes_and_calls_the_conductor() {
     // nova_writeback on: the ghost's task_state goes to Nova's conductor through an RPC
-    // call, whose reply queue is declared with the TTL.
+    // call, whose reply queue is declared with the TTL and consumed with oslo's prefetch.
     let config = TestConfig::new(&[
         ("oslo_messaging_rabbit", "rabbit_transient_queues_ttl", "0"),
+        ("oslo_messaging_rabbit", "rabbit_qos_prefetch_count", "7"),
         ("novasnap", "nova_writeback", "true"),
     ]);
     let worker = WorkerProcess::start(&config).await;
     ghost_cast_is_handled(&config, &worker, &[]).await;
     let log = worker.log_text();
     assert!(!log.contains("x-expires"), "{log}");
+    let prefetch = channel_prefetch_counts(&format!("novasnap-rpc:{}", config.host)).await;
+    assert_eq!(prefetch, [7], "the reply queue's channel");
     assert!(worker.stop().await.success());
 }
 
