@@ -417,3 +417,19 @@ async fn the_login_method_is_oslo_s_amqplain_unless_configured() {
         assert!(worker.stop().await.success());
     }
 }
+
+#[tokio::test]
+async fn consumers_ask_for_cancel_on_ha_failover_when_enabled() {
+    let config = TestConfig::new(&[("oslo_messaging_rabbit", "enable_cancel_on_failover", "true")]);
+    let worker = WorkerProcess::start(&config).await;
+    let consumers = rabbitmqctl_json(&["-q", "list_consumers", "queue_name", "arguments"]).await;
+    for queue in [format!("compute.{}", config.host), format!("novasnap.snapshots.{}", config.host)] {
+        let arguments = consumers
+            .iter()
+            .find(|c| c["queue_name"] == queue.as_str())
+            .map(|c| c["arguments"].to_string())
+            .unwrap_or_else(|| panic!("no consumer on {queue}"));
+        assert!(arguments.contains(r#"["x-cancel-on-ha-failover","bool",true]"#), "{queue}: {arguments}");
+    }
+    assert!(worker.stop().await.success());
+}
