@@ -203,4 +203,3 @@ async fn on_base_the_image_holds_only_what_the_instance_wrote() {
     assert!(used.is_some_and(|u| u < provisioned / 4), "only the instance's own extents: {du:#}");
     glance_delete(&image_id).await;
 }
-

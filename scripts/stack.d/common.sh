@@ -80,16 +80,24 @@ write_if_changed() {
 # 127.0.0.1:PORT (gthread workers: a long request holds a thread, not the worker's
 # heartbeat), loaded through stack.d/wsgi_app.py, with its pid in $STATE/run/NAME.pid and
 # logs under $LOGS. CONFIG_ENV are VAR=value pairs the application reads its configuration
-# location from. WSGI_WORKERS sets the number of worker processes (default 2).
+# location from. WSGI_WORKERS sets the number of worker processes (default 2); WSGI_TLS=1
+# serves https with the stack's certificate (stack.d/tls.sh), gunicorn's own TLS, verifying a
+# client certificate against the stack's CA when one is presented (`--cert-reqs 1`).
 wsgi_start() {
   local name=$1 port=$2 module=$3; shift 3
   mkdir -p "$STATE/run"
   pid_alive "$STATE/run/$name.pid" && return 0
+  local tls=()
+  [ -n "${WSGI_TLS:-}" ] && tls=(--certfile "$STACK_CERT_FILE" --keyfile "$STACK_KEY_FILE"
+    --ca-certs "$STACK_CA_FILE" --cert-reqs 1)
   env "$@" STACK_WSGI_APP="$module" "$OPENSTACK_VENV/bin/gunicorn" --daemon --pid "$STATE/run/$name.pid" \
-    --bind "127.0.0.1:$port" --workers "${WSGI_WORKERS:-2}" --worker-class gthread --threads 8 --timeout 300 \
+    --bind "127.0.0.1:$port" "${tls[@]}" --workers "${WSGI_WORKERS:-2}" --worker-class gthread --threads 8 --timeout 300 \
     --error-logfile "$LOGS/$name-gunicorn.log" --access-logfile "$LOGS/$name-access.log" \
     --pythonpath "$(dirname "${BASH_SOURCE[0]}")" wsgi_app:application 9>&-
 }
+
+# https_healthy URL: answers with success over TLS, its certificate checked against the stack's CA.
+https_healthy() { curl -fsS -m 5 --cacert "$STACK_CA_FILE" "$1" >/dev/null 2>&1; }
 
 # http_up URL: something answers HTTP there (any status).
 http_up() { curl -s -o /dev/null -m 5 "$1"; }

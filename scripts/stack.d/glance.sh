@@ -7,6 +7,8 @@
 
 GLANCE_DIR=$STATE/glance
 GLANCE_URL=http://127.0.0.1:9292
+# The same Glance over https (its own gunicorn with the stack's certificate).
+GLANCE_HTTPS_URL=https://127.0.0.1:9293
 
 glance_healthy() { curl -fsS -m 5 "$GLANCE_URL/versions" >/dev/null 2>&1; }
 
@@ -72,9 +74,17 @@ glance_up() {
   fi
   wsgi_start glance 9292 glance.wsgi.api:application OS_GLANCE_CONFIG_DIR="$GLANCE_DIR/etc"
   wait_until 60 glance "$LOGS/glance-gunicorn.log and $LOGS/glance-api.log" glance_healthy
+  WSGI_WORKERS=1 WSGI_TLS=1 wsgi_start glance-tls 9293 glance.wsgi.api:application \
+    OS_GLANCE_CONFIG_DIR="$GLANCE_DIR/etc"
+  wait_until 60 "glance over https" "$LOGS/glance-tls-gunicorn.log" https_healthy "$GLANCE_HTTPS_URL/versions"
   say "glance up ($((SECONDS - t0))s)"
 }
 
-glance_status() { pid_alive "$STATE/run/glance.pid" && glance_healthy; }
+glance_status() {
+  pid_alive "$STATE/run/glance.pid" && glance_healthy && https_healthy "$GLANCE_HTTPS_URL/versions"
+}
 
-glance_stop() { stop_pidfile "$STATE/run/glance.pid"; }
+glance_stop() {
+  stop_pidfile "$STATE/run/glance-tls.pid"
+  stop_pidfile "$STATE/run/glance.pid"
+}

@@ -5,6 +5,9 @@
 
 KEYSTONE_DIR=$STATE/keystone
 KEYSTONE_URL=http://127.0.0.1:5000/v3
+# The same Keystone over https (its own gunicorn with the stack's certificate), for clients
+# that reach Keystone through TLS.
+KEYSTONE_HTTPS_URL=https://127.0.0.1:5001/v3
 REGION=RegionOne
 # How long a token lives, in seconds: a stack setting (`NOVASNAP_STACK_TOKEN_LIFETIME=60
 # scripts/stack up keystone` restarts Keystone with it; tests shorten it).
@@ -136,6 +139,9 @@ keystone_up() {
   fi
   wsgi_start keystone 5000 keystone.wsgi.api:application OS_KEYSTONE_CONFIG_DIR="$KEYSTONE_DIR/etc"
   wait_until 60 keystone "$LOGS/keystone-gunicorn.log and $LOGS/keystone.log" keystone_healthy
+  WSGI_WORKERS=1 WSGI_TLS=1 wsgi_start keystone-tls 5001 keystone.wsgi.api:application \
+    OS_KEYSTONE_CONFIG_DIR="$KEYSTONE_DIR/etc"
+  wait_until 60 "keystone over https" "$LOGS/keystone-tls-gunicorn.log" https_healthy "$KEYSTONE_HTTPS_URL"
   # What was populated, so that a changed population (users, roles) runs again.
   local population
   population="${SERVICE_USERS[*]} novasnap-admin"
@@ -146,9 +152,14 @@ keystone_up() {
   say "keystone up ($((SECONDS - t0))s)"
 }
 
-keystone_status() { pid_alive "$STATE/run/keystone.pid" && keystone_healthy; }
+keystone_status() {
+  pid_alive "$STATE/run/keystone.pid" && keystone_healthy && https_healthy "$KEYSTONE_HTTPS_URL"
+}
 
-keystone_stop() { stop_pidfile "$STATE/run/keystone.pid"; }
+keystone_stop() {
+  stop_pidfile "$STATE/run/keystone-tls.pid"
+  stop_pidfile "$STATE/run/keystone.pid"
+}
 
 # keystone_auth_section USER: the keystoneauth options a service uses to reach the others.
 keystone_auth_section() {
@@ -166,6 +177,7 @@ EOC
 
 keystone_env() {
   echo "export OS_AUTH_URL=$KEYSTONE_URL"
+  echo "export KEYSTONE_HTTPS_URL=$KEYSTONE_HTTPS_URL"
   echo "export OS_IDENTITY_API_VERSION=3"
   echo "export OS_USERNAME=demo"
   echo "export OS_PASSWORD=$(cat "$KEYSTONE_DIR/passwords/demo" 2>/dev/null)"

@@ -24,6 +24,12 @@ use declared::{Declared, Kind};
 use oslo::{ConfigSelection, Namespace, Origin, Piece, Value};
 pub use report::{Report, Setting};
 
+mod oslo_messaging;
+pub use oslo_messaging::{
+    BrokerEndpoint, Compression, FailoverStrategy, LoginMethod, NotificationDriver, QueueOptions, RabbitConfig,
+    RabbitTls, ReconnectPolicy, TlsVersions,
+};
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error(transparent)]
@@ -47,39 +53,13 @@ pub struct Config {
     pub logging: LoggingConfig,
 }
 
-/// One broker from `transport_url`, as an AMQP URI lapin understands.
-#[derive(Clone, PartialEq, Eq)]
-pub struct BrokerEndpoint {
-    pub amqp_uri: String,
-    /// `host:port`, for log lines (the URI carries the password).
-    pub display: String,
-}
-
-/// Shows the endpoint without its credentials: configs are printed and logged.
-impl std::fmt::Debug for BrokerEndpoint {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "BrokerEndpoint({})", self.display)
-    }
-}
-
 #[derive(Debug, Clone)]
 pub struct MessagingConfig {
-    /// `[DEFAULT] transport_url`, one endpoint per comma-separated host, tried in turn.
-    pub brokers: Vec<BrokerEndpoint>,
+    /// `[DEFAULT] transport_url` and the `[oslo_messaging_rabbit]` options it sees: the RPC
+    /// transport (compute and conductor queues, novasnap's own queues).
+    pub transport: RabbitConfig,
     /// `[DEFAULT] control_exchange`; Nova sets `nova`.
     pub control_exchange: String,
-    /// `[oslo_messaging_rabbit] amqp_durable_queues`
-    pub durable_queues: bool,
-    /// `[oslo_messaging_rabbit] amqp_auto_delete`
-    pub auto_delete: bool,
-    /// `[oslo_messaging_rabbit] rabbit_quorum_queue`
-    pub quorum_queues: bool,
-    /// `[oslo_messaging_rabbit] rabbit_transient_quorum_queue`
-    pub transient_quorum_queues: bool,
-    /// `[oslo_messaging_rabbit] rabbit_transient_queues_ttl` (fanout queue `x-expires`).
-    pub transient_queues_ttl: Duration,
-    /// `[oslo_messaging_rabbit] heartbeat_timeout_threshold`
-    pub heartbeat: Duration,
     /// Dead-letter exchange for casts novasnap cannot accept (`[novasnap] dead_letter_exchange`).
     pub dead_letter_exchange: String,
     /// Queue bound to the dead-letter exchange, so rejected casts are kept (`[novasnap] dead_letter_queue`).
@@ -118,10 +98,16 @@ pub enum NotificationFormat {
 
 #[derive(Debug, Clone)]
 pub struct NotificationConfig {
-    /// False when `[oslo_messaging_notifications] driver` is empty or `noop`.
-    pub enabled: bool,
-    /// `messaging` sends format 1.0 (no envelope); `messagingv2` the 2.0 envelope.
-    pub envelope_v2: bool,
+    /// `[oslo_messaging_notifications] driver`, every line: each driver gets every
+    /// notification (`messaging` in format 1.0, `messagingv2` in the 2.0 envelope, `log`
+    /// to the log). Empty (or only `noop`): notifications are off.
+    pub drivers: Vec<NotificationDriver>,
+    /// `[oslo_messaging_notifications] transport_url` (else `[DEFAULT] transport_url`) and
+    /// the `[oslo_messaging_rabbit]` options it sees.
+    pub transport: RabbitConfig,
+    /// `[oslo_messaging_notifications] retry`: tries after the first to publish one
+    /// notification; None (oslo's -1) retries until it is published.
+    pub retry: Option<u32>,
     /// `[novasnap] notification_exchange`: a separate exchange, so subscribers of novasnap
     /// events need not share nova-compute's.
     pub exchange: String,
@@ -321,6 +307,13 @@ impl Config {
         Self::load_from(&ConfigSelection::file(path))
     }
 
+    /// The config one file's `text` gives (unit tests).
+    #[cfg(test)]
+    pub(crate) fn from_text(text: &str) -> Result<Self, ConfigError> {
+        let file = oslo::ConfigFile::parse(Path::new("nova.conf"), text).expect("readable as a file");
+        Ok(Self::read(&Namespace::new(vec![file], []))?.0)
+    }
+
     pub fn load_from(selection: &ConfigSelection) -> Result<Self, ConfigError> {
         Ok(Self::read(&Namespace::load(selection)?)?.0)
     }
@@ -343,19 +336,11 @@ impl Config {
     fn build(r: &Reader) -> Result<Self, ConfigError> {
         let host = r.string("DEFAULT", "host", &hostname())?;
 
-        let transport_url = r.string("DEFAULT", "transport_url", "rabbit://guest:guest@127.0.0.1:5672/")?;
-        let brokers = parse_transport_url(&transport_url)
-            .map_err(|reason| r.invalid("DEFAULT", "transport_url", &transport_url, reason))?;
-
+        // oslo.messaging's default (`transport._transport_opts`): guest on localhost.
+        let transport_url = r.string("DEFAULT", "transport_url", "rabbit://")?;
         let messaging = MessagingConfig {
-            brokers,
+            transport: oslo_messaging::rabbit_config(&r, "DEFAULT", "transport_url", &transport_url)?,
             control_exchange: r.string("DEFAULT", "control_exchange", "nova")?,
-            durable_queues: r.parse("oslo_messaging_rabbit", "amqp_durable_queues", false)?,
-            auto_delete: r.parse("oslo_messaging_rabbit", "amqp_auto_delete", false)?,
-            quorum_queues: r.parse("oslo_messaging_rabbit", "rabbit_quorum_queue", false)?,
-            transient_quorum_queues: r.parse("oslo_messaging_rabbit", "rabbit_transient_quorum_queue", false)?,
-            transient_queues_ttl: r.seconds("oslo_messaging_rabbit", "rabbit_transient_queues_ttl", 1800)?,
-            heartbeat: r.seconds("oslo_messaging_rabbit", "heartbeat_timeout_threshold", 60)?,
             dead_letter_exchange: r.string("novasnap", "dead_letter_exchange", "novasnap.dead_letter")?,
             dead_letter_queue: r.string("novasnap", "dead_letter_queue", "novasnap.dead_letter")?,
             max_message_bytes: r.parse("novasnap", "max_message_bytes", 1024 * 1024)?,
@@ -376,7 +361,11 @@ impl Config {
             ));
         }
 
-        let drivers = r.multi("oslo_messaging_notifications", "driver", &[])?;
+        let notification_transport = match r.optional("oslo_messaging_notifications", "transport_url") {
+            Some(url) => oslo_messaging::rabbit_config(&r, "oslo_messaging_notifications", "transport_url", &url)?,
+            None => messaging.transport.clone(),
+        };
+        let retry: i64 = r.parse("oslo_messaging_notifications", "retry", -1)?;
         let format = match r.string("notifications", "notification_format", "unversioned")?.as_str() {
             "both" => NotificationFormat::Both,
             "versioned" => NotificationFormat::Versioned,
@@ -391,8 +380,10 @@ impl Config {
             }
         };
         let notifications = NotificationConfig {
-            enabled: drivers.iter().any(|d| d == "messaging" || d == "messagingv2"),
-            envelope_v2: !drivers.iter().any(|d| d == "messaging"),
+            drivers: oslo_messaging::notification_drivers(&r)?,
+            transport: notification_transport,
+            // oslo: None or below 0 retries forever.
+            retry: u32::try_from(retry).ok(),
             exchange: r.string("novasnap", "notification_exchange", "nova_notifications")?,
             format,
             legacy_topics: r.list("oslo_messaging_notifications", "topics", &["notifications"])?,
@@ -1047,6 +1038,16 @@ impl ConfigValue for f64 {
     }
 }
 
+impl ConfigValue for String {
+    const KIND: Kind = Kind::Str;
+    fn into_value(self) -> Value {
+        Value::Str(self)
+    }
+    fn from_value(value: &Value) -> Result<Self, String> {
+        Ok(value.to_python_str())
+    }
+}
+
 macro_rules! integer_value {
     ($($t:ty),*) => {$(
         impl ConfigValue for $t {
@@ -1064,35 +1065,7 @@ macro_rules! integer_value {
         }
     )*};
 }
-integer_value!(i32, u16, u32, u64, usize);
-
-/// Splits an oslo `transport_url` (`rabbit://u:p@h1:5672,u:p@h2:5672/vhost`) into one AMQP
-/// URI per host, as oslo's rabbit driver does when it fails over between them.
-pub fn parse_transport_url(url: &str) -> Result<Vec<BrokerEndpoint>, String> {
-    let rest =
-        url.strip_prefix("rabbit://").ok_or_else(|| "only rabbit:// transport URLs are supported".to_string())?;
-    let (hosts, vhost) = match rest.split_once('/') {
-        Some((h, v)) => (h, v.split('?').next().unwrap_or("")),
-        None => (rest, ""),
-    };
-    let vhost = if vhost.is_empty() { "%2f".to_string() } else { vhost.to_string() };
-    let mut endpoints = Vec::new();
-    let mut last_credentials = None;
-    for host in hosts.split(',').map(str::trim).filter(|h| !h.is_empty()) {
-        let (credentials, hostport) = match host.rsplit_once('@') {
-            Some((c, h)) => (Some(c.to_string()), h),
-            None => (last_credentials.clone(), host),
-        };
-        last_credentials = credentials.clone();
-        let hostport = if hostport.contains(':') { hostport.to_string() } else { format!("{hostport}:5672") };
-        let auth = credentials.map(|c| format!("{c}@")).unwrap_or_default();
-        endpoints.push(BrokerEndpoint { amqp_uri: format!("amqp://{auth}{hostport}/{vhost}"), display: hostport });
-    }
-    if endpoints.is_empty() {
-        return Err("no host in transport URL".into());
-    }
-    Ok(endpoints)
-}
+integer_value!(i32, i64, u16, u32, u64, usize);
 
 fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
@@ -1106,8 +1079,7 @@ mod tests {
     use secrecy::ExposeSecret;
 
     fn load(text: &str) -> Result<Config, ConfigError> {
-        let file = oslo::ConfigFile::parse(Path::new("nova.conf"), text).unwrap();
-        Ok(Config::read(&Namespace::new(vec![file], []))?.0)
+        Config::from_text(text)
     }
 
     #[test]
@@ -1121,13 +1093,14 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.host, "cmp1");
-        assert_eq!(c.messaging.brokers.len(), 2);
-        assert_eq!(c.messaging.brokers[1].amqp_uri, "amqp://nova:s3cret@10.0.0.2:5672/nova");
-        assert_eq!(c.messaging.brokers[0].display, "10.0.0.1:5672");
+        let brokers = &c.messaging.transport.brokers;
+        assert_eq!(brokers.len(), 2);
+        assert_eq!((brokers[1].host.as_str(), brokers[1].vhost.as_str()), ("10.0.0.2", "nova"));
+        assert_eq!(brokers[0].address(), "10.0.0.1:5672");
         assert!(!format!("{c:?}").contains("s3cret"), "printed configs hide broker passwords");
         assert_eq!(c.rbd.pool, "vms");
         assert_eq!(c.rbd.state_pool, "vms");
-        assert!(c.notifications.enabled && c.notifications.envelope_v2);
+        assert_eq!(c.notifications.drivers, [NotificationDriver::MessagingV2]);
         assert_eq!(c.worker.max_concurrent_snapshots, 5);
         assert_eq!(c.libvirt.connection_uri, "qemu:///system");
         assert_eq!(c.libvirt.snapshots_directory, PathBuf::from("/var/lib/nova/instances/snapshots"));
@@ -1251,17 +1224,11 @@ mod tests {
     }
 
     #[test]
-    fn default_vhost_is_slash() {
-        let b = parse_transport_url("rabbit://guest:guest@127.0.0.1:5672/").unwrap();
-        assert_eq!(b[0].amqp_uri, "amqp://guest:guest@127.0.0.1:5672/%2f");
-    }
-
-    #[test]
     fn noop_driver_disables_notifications() {
         let c = load("[oslo_messaging_notifications]\ndriver = noop\n").unwrap();
-        assert!(!c.notifications.enabled);
+        assert!(c.notifications.drivers.is_empty());
         let c = load("[oslo_messaging_notifications]\ndriver = messaging\n").unwrap();
-        assert!(c.notifications.enabled && !c.notifications.envelope_v2);
+        assert_eq!(c.notifications.drivers, [NotificationDriver::Messaging]);
     }
 
     fn read_files(texts: &[&str], env: &[(&str, &str)]) -> Result<(Config, Report), ConfigError> {
@@ -1287,7 +1254,8 @@ mod tests {
         .unwrap();
         assert_eq!(c.host, "second", "the last value of the files that set it");
         assert_eq!(c.rbd.pool, "c", "a later file wins, its last value; [LIBVIRT] is [libvirt]");
-        assert!(c.notifications.enabled && !c.notifications.envelope_v2, "every driver line counts");
+        use oslo_messaging::NotificationDriver::*;
+        assert_eq!(c.notifications.drivers, [MessagingV2, Log, Messaging], "every driver line counts");
         let driver = report.settings.iter().find(|s| s.option == "driver").unwrap();
         assert_eq!(driver.value, Value::List(vec!["messagingv2".into(), "log".into(), "messaging".into()]));
         assert_eq!(driver.origins.len(), 3);

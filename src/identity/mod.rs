@@ -26,7 +26,7 @@ use tracing::warn;
 
 pub use adapter::{Adapter, SendError};
 pub use password::PasswordAuth;
-pub use session::client_builder;
+pub use session::{client_builder, http_error_text};
 
 use crate::config::{AdapterConfig, IdentityConfig};
 use crate::error::{Classify, Disposition};

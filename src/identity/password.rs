@@ -201,7 +201,7 @@ impl PasswordAuth {
                 section: self.section.clone(),
                 auth_url: self.auth_url.clone(),
                 user: self.user.clone(),
-                message: source.to_string(),
+                message: super::http_error_text(&source),
             },
             other => self.bad_response(other.to_string()),
         }

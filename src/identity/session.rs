@@ -35,3 +35,18 @@ pub fn client_builder(section: &str, config: &SessionConfig) -> Result<reqwest::
     }
     Ok(builder.tls_danger_accept_invalid_certs(config.insecure))
 }
+
+/// An HTTP error with what caused it (reqwest's own text stops at "error sending request
+/// for url (…)"): the TLS verdict on a certificate, the refused connection.
+pub fn http_error_text(error: &reqwest::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text = format!("{text}: {cause_text}");
+        }
+        source = cause.source();
+    }
+    text
+}

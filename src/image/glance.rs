@@ -19,7 +19,7 @@ use uuid::Uuid;
 
 use super::{Image, ImageError, ImageProperties, ImageService, ImageStatus};
 use crate::config::GlanceConfig;
-use crate::identity::{client_builder, Adapter, Identity, SendError};
+use crate::identity::{client_builder, http_error_text, Adapter, Identity, SendError};
 use crate::request::RequestContext;
 
 const PATCH_CONTENT_TYPE: &str = "application/openstack-images-v2.1-json-patch";
@@ -88,14 +88,17 @@ impl GlanceClient {
                 Err(SendError::Http(e)) if e.is_connect() && !replayable => {
                     // The retry policy tries again, with a fresh body, at the next server.
                     self.current.store((index + 1) % servers.len(), Ordering::Relaxed);
-                    return Err(ImageError::Transport { operation, message: e.to_string() });
+                    return Err(ImageError::Transport { operation, message: http_error_text(&e) });
                 }
                 Err(SendError::Http(e)) if e.is_connect() => last_error = Some(e),
-                Err(SendError::Http(e)) => return Err(ImageError::Transport { operation, message: e.to_string() }),
+                Err(SendError::Http(e)) => {
+                    return Err(ImageError::Transport { operation, message: http_error_text(&e) })
+                }
                 Err(SendError::Identity(e)) => return Err(e.into()),
             }
         }
-        let message = last_error.map_or_else(|| "no Glance api_servers configured".to_string(), |e| e.to_string());
+        let message =
+            last_error.map_or_else(|| "no Glance api_servers configured".to_string(), |e| http_error_text(&e));
         Err(ImageError::Transport { operation, message })
     }
 

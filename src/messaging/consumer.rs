@@ -23,7 +23,6 @@ use futures::StreamExt;
 use lapin::acker::Acker;
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
-use lapin::types::{FieldTable, ShortString};
 use lapin::{Channel, Connection};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -33,10 +32,11 @@ use uuid::Uuid;
 
 use super::deadletter::dead_letter;
 use super::relay::Relay;
-use super::topology::Topology;
-use super::transport::{self, next_delay, RECONNECT_MIN};
+use super::topology::{consumer_arguments, Topology};
+use super::transport::Transport;
 use super::{amqp, dispatcher, envelope, Handled, MessagingError, SnapshotHandler};
 use crate::config::Config;
+use crate::error::Classify;
 
 /// The snapshots running in this process, by image: the delivery each will settle.
 type InFlight = Arc<Mutex<HashMap<Uuid, Acker>>>;
@@ -57,27 +57,34 @@ pub async fn serve(
         tracker: TaskTracker::new(),
         in_flight: InFlight::default(),
     };
-    let mut delay = RECONNECT_MIN;
+    let transport = Transport::new(&config.messaging.transport);
+    let mut backoff = transport.backoff();
     let mut starting = true;
     let mut last: Option<(Connection, Channel)> = None;
     while !shutdown.is_cancelled() {
-        match session(config, &work, &shutdown, starting).await {
+        let wait = match session(config, &transport, &work, &shutdown, starting).await {
             Ok(open) => {
-                delay = RECONNECT_MIN;
                 last = Some(open);
+                break;
             }
-            Err(e @ MessagingError::NoComputeAlt(_)) => return Err(e),
-            Err(e) => warn!(error = %e, retry_in = ?delay, "lost the broker; reconnecting"),
-        }
+            Err(Ended { error, .. }) if !error.is_transient() => return Err(error),
+            Err(Ended { error, connected: true }) => {
+                backoff = transport.backoff();
+                let wait = transport.reconnect_delay();
+                warn!(error = %error, retry_in = ?wait, "lost the broker; reconnecting");
+                wait
+            }
+            Err(Ended { error, connected: false }) => {
+                let wait = backoff.next().expect("endless");
+                warn!(error = %error, retry_in = ?wait, "no broker reachable; trying again");
+                wait
+            }
+        };
         starting = false;
-        if shutdown.is_cancelled() {
-            break;
-        }
         tokio::select! {
-            _ = tokio::time::sleep(delay) => {}
+            _ = tokio::time::sleep(wait) => {}
             _ = shutdown.cancelled() => break,
         }
-        delay = next_delay(delay);
     }
     work.tracker.close();
     if !work.tracker.is_empty() {
@@ -101,11 +108,15 @@ pub async fn serve(
 /// last handle is dropped. Otherwise closes the connection.
 async fn session(
     config: &Config,
+    transport: &Transport,
     work: &Work,
     shutdown: &CancellationToken,
     starting: bool,
-) -> Result<(Connection, Channel), MessagingError> {
-    let (connection, _) = transport::connect(&config.messaging, &format!("novasnap:{}", config.host)).await?;
+) -> Result<(Connection, Channel), Ended> {
+    let (connection, _) = transport
+        .connect(&format!("novasnap:{}", config.host))
+        .await
+        .map_err(|error| Ended { error, connected: false })?;
     let result = async {
         let mut publish = connection.create_channel().await.map_err(amqp)?;
         publish.confirm_select(Default::default()).await.map_err(amqp)?;
@@ -121,12 +132,20 @@ async fn session(
     .await;
     match result {
         Ok(work_channel) => Ok((connection, work_channel)),
-        Err(e) => {
+        Err(error) => {
             // Its deliveries are the broker's again: nothing more can be settled on it.
             let _ = connection.close(320, "novasnap reconnecting").await;
-            Err(e)
+            Err(Ended { error, connected: true })
         }
     }
+}
+
+/// Why a session ended before shutdown, and whether it had reached a broker (which decides
+/// the wait before the next: oslo's `kombu_reconnect_delay` after a lost connection, the
+/// retry intervals after a round of brokers that all failed).
+struct Ended {
+    error: MessagingError,
+    connected: bool,
 }
 
 struct Work {
@@ -150,7 +169,12 @@ impl Work {
         channel.basic_qos(prefetch, BasicQosOptions::default()).await.map_err(amqp)?;
         let tag = format!("novasnap-{}-{}", self.config.host, Uuid::new_v4().simple());
         let mut deliveries = channel
-            .basic_consume(&queue, &tag, BasicConsumeOptions::default(), FieldTable::default())
+            .basic_consume(
+                &queue,
+                &tag,
+                BasicConsumeOptions::default(),
+                consumer_arguments(&self.config.messaging.transport.queues),
+            )
             .await
             .map_err(amqp)?;
         info!(%queue, "consuming snapshot casts");
@@ -174,8 +198,7 @@ impl Work {
     /// Decodes one cast and starts it, joins it to the same cast running here, or refuses it.
     async fn start(&self, delivery: Delivery, publish: &Channel, shutdown: &CancellationToken) {
         let m = &self.config.messaging;
-        let content_type = delivery.properties.content_type().as_ref().map(ShortString::as_str);
-        let request = envelope::decode(content_type, &delivery.data, m.max_message_bytes)
+        let request = envelope::decode_delivery(&delivery.properties, &delivery.data, m.max_message_bytes)
             .and_then(|message| dispatcher::dispatch(&message));
         let request = match request {
             Ok(request) => request,

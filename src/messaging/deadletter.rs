@@ -10,11 +10,12 @@ use std::time::Duration;
 
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicRejectOptions};
-use lapin::types::{AMQPValue, ShortString};
+use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Channel};
 use serde_json::Value;
 use tracing::{error, warn};
 
+use super::compression;
 use super::envelope::Rejection;
 use super::transport::publish_confirmed;
 use crate::config::MessagingConfig;
@@ -30,7 +31,7 @@ pub async fn dead_letter(config: &MessagingConfig, channel: &Channel, delivery: 
         "refusing a cast; dead-lettered to {}", config.dead_letter_exchange
     );
     let properties = dead_letter_properties(delivery, rejection);
-    let body = without_token(delivery.properties.content_type().as_ref().map(ShortString::as_str), &delivery.data);
+    let body = stored_body(&delivery.properties, &delivery.data, config.max_message_bytes);
     for attempt in 1..=ATTEMPTS {
         let stored = publish_confirmed(
             channel,
@@ -76,6 +77,21 @@ fn dead_letter_properties(delivery: &Delivery, rejection: &Rejection) -> BasicPr
     headers.insert("x-novasnap-original-exchange".into(), text(delivery.exchange.as_str()));
     headers.insert("x-novasnap-original-routing-key".into(), text(delivery.routing_key.as_str()));
     delivery.properties.clone().with_headers(headers).with_delivery_mode(2)
+}
+
+/// The body to keep: without the token, compressed again as it came (kombu's
+/// `compression` header stays); kept as it came when it cannot be decompressed.
+fn stored_body(properties: &BasicProperties, body: &[u8], limit: usize) -> Vec<u8> {
+    let content_type = properties.content_type().as_ref().map(ShortString::as_str);
+    match compression::method_of(properties) {
+        None => without_token(content_type, body),
+        Some(method) => match compression::decompressed(properties, body, limit) {
+            Ok(plain) => {
+                compression::compress(method, &without_token(content_type, &plain), &mut FieldTable::default())
+            }
+            Err(_) => body.to_vec(),
+        },
+    }
 }
 
 /// The body with any `_context_auth_token` nulled, in the format it came in; unchanged when
@@ -133,6 +149,19 @@ mod tests {
         assert!(!cleaned.windows(11).any(|w| w == b"gAAAAsecret"));
         let bare = json!({"_context_auth_token": "gAAAAsecret", "x": 1}).to_string();
         assert!(!String::from_utf8_lossy(&without_token(Some("application/json"), bare.as_bytes())).contains("secret"));
+    }
+
+    #[test]
+    fn a_compressed_cast_is_kept_compressed_as_it_came_without_its_token() {
+        let message = json!({"method": "snapshot_instance", "_context_auth_token": "gAAAAsecret"});
+        let body = json!({"oslo.version": "2.0", "oslo.message": message.to_string()}).to_string();
+        let mut headers = FieldTable::default();
+        let packed = compression::compress(crate::config::Compression::Bzip2, body.as_bytes(), &mut headers);
+        let properties = BasicProperties::default().with_content_type("application/json".into()).with_headers(headers);
+        let stored = stored_body(&properties, &packed, 1 << 20);
+        let plain = compression::decompressed(&properties, &stored, 1 << 20).unwrap();
+        let text = String::from_utf8_lossy(&plain);
+        assert!(text.contains("snapshot_instance") && !text.contains("gAAAAsecret"), "{text}");
     }
 
     #[test]

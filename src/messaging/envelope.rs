@@ -7,6 +7,8 @@
 //! `application/vnd.msgpack`. Anything else — no content type included, as oslo rejects
 //! it — is refused with a [`Rejection`] naming why.
 
+use lapin::types::ShortString;
+use lapin::BasicProperties;
 use serde_json::{Map, Value};
 
 /// Why a message cannot be accepted; its text goes into the dead-letter headers.
@@ -18,6 +20,8 @@ pub enum Rejection {
     NoContentType,
     #[error("unsupported content_type {0:?}")]
     ContentType(String),
+    #[error("unsupported compression {0:?} (novasnap reads application/x-gzip and application/x-bz2)")]
+    Compression(String),
     #[error("body is not valid {format}: {reason}")]
     Syntax { format: &'static str, reason: String },
     #[error("body is not an object")]
@@ -65,6 +69,7 @@ impl Rejection {
         match self {
             Self::TooLarge { .. } => "too_large",
             Self::NoContentType | Self::ContentType(_) => "content_type",
+            Self::Compression(_) => "compression",
             Self::Syntax { .. } | Self::NotAnObject | Self::InnerMessage(_) => "malformed",
             Self::EnvelopeVersion(_) => "envelope_version",
             Self::NoSuchMethod(_) => "no_such_method",
@@ -75,6 +80,17 @@ impl Rejection {
 }
 
 const MSGPACK_TYPES: &[&str] = &["application/msgpack", "application/x-msgpack", "application/vnd.msgpack"];
+
+/// Decodes a delivery: its body decompressed as kombu would (the `compression` header),
+/// then by content type.
+pub fn decode_delivery(
+    properties: &BasicProperties,
+    body: &[u8],
+    limit: usize,
+) -> Result<Map<String, Value>, Rejection> {
+    let body = super::compression::decompressed(properties, body, limit)?;
+    decode(properties.content_type().as_ref().map(ShortString::as_str), &body, limit)
+}
 
 /// Decodes an AMQP body into the oslo message object.
 pub fn decode(content_type: Option<&str>, body: &[u8], limit: usize) -> Result<Map<String, Value>, Rejection> {

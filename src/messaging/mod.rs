@@ -7,14 +7,17 @@
 //! → the [`SnapshotHandler`] the worker provides. Notifications go the other way through
 //! [`Notifier`]; calls to Nova's services through [`rpc`].
 
+mod compression;
 pub mod consumer;
 pub mod deadletter;
 pub mod dispatcher;
 pub mod envelope;
+mod heartbeatless;
 pub mod notifier;
 pub mod payload;
 pub mod relay;
 pub mod rpc;
+mod tls;
 pub mod topology;
 pub mod transport;
 
@@ -103,6 +106,11 @@ pub enum MessagingError {
     /// novasnap cannot sit in front of it.
     #[error("{0}")]
     NoComputeAlt(String),
+    /// The `[oslo_messaging_rabbit] ssl_*` settings cannot be used (a file unreadable, no
+    /// certificate in it, a key that does not fit): no broker can be reached until they
+    /// are fixed.
+    #[error("TLS towards RabbitMQ: {0}")]
+    Tls(String),
 }
 
 pub(crate) fn amqp(e: lapin::Error) -> MessagingError {
@@ -112,7 +120,7 @@ pub(crate) fn amqp(e: lapin::Error) -> MessagingError {
 impl crate::error::Classify for MessagingError {
     fn disposition(&self) -> crate::error::Disposition {
         match self {
-            Self::NoComputeAlt(_) => crate::error::Disposition::Permanent,
+            Self::NoComputeAlt(_) | Self::Tls(_) => crate::error::Disposition::Permanent,
             _ => crate::error::Disposition::Transient,
         }
     }

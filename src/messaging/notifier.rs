@@ -1,24 +1,29 @@
-//! Nova-style notifications, published as oslo.messaging's notifier driver publishes them:
-//! envelope 2.0 (or 1.0 for the `messaging` driver), the request context redacted, routing
-//! key `<topic>.<priority>` on the configured exchange, publisher confirms on (awaited off the
-//! snapshot's path, see [`AmqpNotifier`]). Like oslo,
-//! the notifier declares the exchange and a queue per routing key, so notifications are
-//! kept until a listener consumes them.
+//! Nova-style notifications, sent as oslo.messaging's `Notifier` sends them to each of its
+//! drivers (`[oslo_messaging_notifications] driver`, every line): `messagingv2` publishes
+//! envelope 2.0, `messaging` format 1.0, `log` logs the message. Published on the
+//! notification transport (`[oslo_messaging_notifications] transport_url`, else the RPC
+//! one) with the request context redacted, routing key `<topic>.<priority>` on the
+//! configured exchange, compressed under that transport's `kombu_compression`, publisher
+//! confirms on (awaited off the snapshot's path, see [`AmqpNotifier`]), tried again as
+//! `[oslo_messaging_notifications] retry` says. Like oslo, the notifier declares the
+//! exchange and a queue per routing key, so notifications are kept until a listener
+//! consumes them.
 
 use std::collections::HashSet;
 
 use async_trait::async_trait;
 use lapin::options::{ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
-use lapin::{BasicProperties, Channel, Connection, ExchangeKind};
+use lapin::{Channel, Connection, ExchangeKind};
 use serde_json::{Map, Value};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, warn};
 
 use super::payload::{notifications_for, Notification};
-use super::transport::publish_confirmed;
+use super::topology::queue_arguments;
+use super::transport::{oslo_publication, publish_confirmed, Transport};
 use super::{amqp, MessagingError, Notifier, SnapshotEvent};
-use crate::config::{Config, NotificationFormat};
+use crate::config::{Config, NotificationDriver, NotificationFormat};
 use crate::request::SnapshotRequest;
 
 /// Notifications waiting for the publisher, at most: beyond, new ones are dropped (and
@@ -47,6 +52,7 @@ enum Outgoing {
 /// The publisher task's side: the broker link, opened and reopened as needed.
 struct Publisher {
     config: Config,
+    transport: Transport,
     link: Option<Link>,
 }
 
@@ -87,8 +93,9 @@ pub fn message_body(req: &SnapshotRequest, n: &Notification, publisher_id: &str,
 impl AmqpNotifier {
     /// Connects now, so a broker that is unreachable at start-up is reported at once.
     pub async fn connect(config: &Config) -> Result<Self, MessagingError> {
-        let mut publisher = Publisher { config: config.clone(), link: None };
-        if config.notifications.enabled {
+        let transport = Transport::new(&config.notifications.transport);
+        let mut publisher = Publisher { config: config.clone(), transport, link: None };
+        if config.notifications.drivers.iter().any(|d| *d != NotificationDriver::Log) {
             publisher.link = Some(publisher.open().await?);
         }
         let (outbox, inbox) = mpsc::channel(OUTBOX);
@@ -124,29 +131,45 @@ impl Publisher {
                     let _ = done.send(());
                 }
                 Outgoing::Publish { exchange, routing_key, body, event_type } => {
-                    // One reconnect per publish: a broker that restarted since the last one.
-                    let mut result = self.publish(&exchange, &routing_key, &body).await;
-                    if let Err(e) = &result {
-                        warn!(error = %e, "notification publish failed; reconnecting");
-                        self.link = None;
-                        result = self.publish(&exchange, &routing_key, &body).await;
-                    }
-                    match result {
+                    match self.publish_with_retries(&exchange, &routing_key, &body).await {
                         Ok(()) => debug!(event_type, routing_key, "notification published"),
-                        Err(e) => {
-                            self.link = None;
-                            warn!(event_type, routing_key, error = %e, "notification not published");
-                        }
+                        Err(e) => warn!(event_type, routing_key, error = %e, "notification not published"),
                     }
                 }
             }
         }
     }
 
+    /// One notification, tried `[oslo_messaging_notifications] retry` more times (or until
+    /// published), reconnecting before each: after a lost link `kombu_reconnect_delay`,
+    /// then the transport's retry intervals.
+    async fn publish_with_retries(
+        &mut self,
+        exchange: &str,
+        routing_key: &str,
+        body: &[u8],
+    ) -> Result<(), MessagingError> {
+        let mut backoff = self.transport.backoff();
+        let mut tries = 0u32;
+        loop {
+            let had_link = self.link.is_some();
+            let error = match self.publish(exchange, routing_key, body).await {
+                Ok(()) => return Ok(()),
+                Err(e) => e,
+            };
+            self.link = None;
+            if self.config.notifications.retry.is_some_and(|retry| tries >= retry) {
+                return Err(error);
+            }
+            tries += 1;
+            let wait = if had_link { self.transport.reconnect_delay() } else { backoff.next().expect("endless") };
+            warn!(error = %error, retry_in = ?wait, "notification publish failed; reconnecting");
+            tokio::time::sleep(wait).await;
+        }
+    }
+
     async fn open(&self) -> Result<Link, MessagingError> {
-        let (connection, _) =
-            super::transport::connect(&self.config.messaging, &format!("novasnap-notifier:{}", self.config.host))
-                .await?;
+        let (connection, _) = self.transport.connect(&format!("novasnap-notifier:{}", self.config.host)).await?;
         let channel = connection.create_channel().await.map_err(amqp)?;
         channel.confirm_select(ConfirmSelectOptions::default()).await.map_err(amqp)?;
         Ok(Link { _connection: connection, channel, declared: HashSet::new() })
@@ -154,17 +177,18 @@ impl Publisher {
 
     /// The confirming channel, with the exchange and `routing_key`'s queue declared and bound
     /// as oslo's `notify_send` declares them (`_publish_and_creates_default_queue`): topic
-    /// exchange and queue durable with `amqp_durable_queues` or quorum queues, the queue a
-    /// quorum queue on a quorum-queue cloud.
+    /// exchange and queue durable with `amqp_durable_queues` or quorum queues, auto-delete
+    /// with `amqp_auto_delete`, the queue's arguments `_get_queue_arguments(ha, 0, quorum)`
+    /// (a quorum queue on a quorum-queue cloud), all of the notification transport.
     async fn channel_for(&mut self, exchange: &str, routing_key: &str) -> Result<Channel, MessagingError> {
         if self.link.is_none() {
             self.link = Some(self.open().await?);
         }
         let link = self.link.as_mut().expect("just opened");
-        let m = &self.config.messaging;
-        let durable = m.durable_queues || m.quorum_queues;
+        let q = &self.transport.config.queues;
+        let durable = q.durable();
         if link.declared.insert((exchange.to_string(), String::new())) {
-            let options = ExchangeDeclareOptions { durable, auto_delete: m.auto_delete, ..Default::default() };
+            let options = ExchangeDeclareOptions { durable, auto_delete: q.auto_delete, ..Default::default() };
             let declared =
                 link.channel.exchange_declare(exchange, ExchangeKind::Topic, options, FieldTable::default()).await;
             if let Err(e) = declared {
@@ -173,12 +197,8 @@ impl Publisher {
             }
         }
         if !link.declared.contains(&(exchange.to_string(), routing_key.to_string())) {
-            let mut args = FieldTable::default();
-            if m.quorum_queues {
-                args.insert("x-queue-type".into(), lapin::types::AMQPValue::LongString("quorum".into()));
-            }
-            let options = QueueDeclareOptions { durable, auto_delete: m.auto_delete, ..Default::default() };
-            link.channel.queue_declare(routing_key, options, args).await.map_err(amqp)?;
+            let options = QueueDeclareOptions { durable, auto_delete: q.auto_delete, ..Default::default() };
+            link.channel.queue_declare(routing_key, options, queue_arguments(q, q.quorum, 0)).await.map_err(amqp)?;
             link.channel
                 .queue_bind(routing_key, exchange, routing_key, QueueBindOptions::default(), FieldTable::default())
                 .await
@@ -190,18 +210,13 @@ impl Publisher {
 
     async fn publish(&mut self, exchange: &str, routing_key: &str, body: &[u8]) -> Result<(), MessagingError> {
         let channel = self.channel_for(exchange, routing_key).await?;
-        let properties = BasicProperties::default()
-            .with_content_type("application/json".into())
-            .with_content_encoding("utf-8".into())
-            .with_delivery_mode(2)
-            .with_priority(0)
-            .with_headers(FieldTable::default());
+        let (body, properties) = oslo_publication(body, self.transport.config.compression);
         publish_confirmed(
             &channel,
             exchange,
             routing_key,
             false,
-            body,
+            &body,
             properties,
             self.config.messaging.confirm_timeout,
         )
@@ -213,7 +228,8 @@ impl Publisher {
 #[async_trait]
 impl Notifier for AmqpNotifier {
     async fn notify(&self, req: &SnapshotRequest, event: SnapshotEvent) -> Result<(), MessagingError> {
-        if !self.config.notifications.enabled {
+        let drivers = &self.config.notifications.drivers;
+        if drivers.is_empty() {
             return Ok(());
         }
         let glance = self.config.glance.api_servers.first().map(String::as_str).unwrap_or("");
@@ -223,7 +239,6 @@ impl Notifier for AmqpNotifier {
             } else {
                 format!("compute.{}", self.config.host)
             };
-            let body = message_body(req, &n, &publisher_id, self.config.notifications.envelope_v2);
             for topic in self.topics(n.versioned) {
                 let routing_key = format!("{topic}.{}", n.priority.to_lowercase());
                 let exchange = if n.nova_exchange {
@@ -231,15 +246,44 @@ impl Notifier for AmqpNotifier {
                 } else {
                     self.config.notifications.exchange.clone()
                 };
-                let outgoing =
-                    Outgoing::Publish { exchange, routing_key, body: body.clone(), event_type: n.event_type };
-                self.outbox.try_send(outgoing).map_err(|_| {
-                    MessagingError::Amqp(format!(
-                        "{OUTBOX} notifications are waiting for the broker; dropping this one"
-                    ))
-                })?;
+                // Each driver gets the notification, as oslo's `Notifier._notify` calls each.
+                for driver in drivers {
+                    let envelope_v2 = match driver {
+                        NotificationDriver::MessagingV2 => true,
+                        NotificationDriver::Messaging => false,
+                        NotificationDriver::Log => {
+                            log_notification(&n, &message_body(req, &n, &publisher_id, false));
+                            continue;
+                        }
+                    };
+                    let body = message_body(req, &n, &publisher_id, envelope_v2);
+                    let outgoing = Outgoing::Publish {
+                        exchange: exchange.clone(),
+                        routing_key: routing_key.clone(),
+                        body,
+                        event_type: n.event_type,
+                    };
+                    self.outbox.try_send(outgoing).map_err(|_| {
+                        MessagingError::Amqp(format!(
+                            "{OUTBOX} notifications are waiting for the broker; dropping this one"
+                        ))
+                    })?;
+                }
             }
         }
         Ok(())
+    }
+}
+
+/// The `log` driver (`notify/_impl_log.py` `LogDriver.notify`): the message as JSON, at
+/// the notification's priority, under `oslo.messaging.notification.<event_type>`.
+fn log_notification(n: &Notification, message: &[u8]) {
+    let message = String::from_utf8_lossy(message);
+    let logger = format!("oslo.messaging.notification.{}", n.event_type);
+    match n.priority {
+        "ERROR" | "CRITICAL" => tracing::error!(logger, %message, "notification"),
+        "WARN" | "WARNING" => warn!(logger, %message, "notification"),
+        "DEBUG" => debug!(logger, %message, "notification"),
+        _ => tracing::info!(logger, %message, "notification"),
     }
 }

@@ -20,7 +20,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
-use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::types::AMQPValue;
 use lapin::{Channel, Connection};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -30,7 +30,7 @@ use tracing::{debug, error, info, warn};
 use super::deadletter::dead_letter;
 use super::dispatcher::{self, Route};
 use super::envelope::{self, Rejection};
-use super::topology::{queue_state, Topology};
+use super::topology::{consumer_arguments, queue_state, Topology};
 use super::transport::{publish_confirmed, Published};
 use super::{amqp, MessagingError};
 use crate::config::Config;
@@ -133,7 +133,7 @@ impl Relay<'_> {
         let mut channel = self.connection.create_channel().await.map_err(amqp)?;
         let queue = topology.declare_server_queue(&mut channel, self.connection).await?;
         channel.basic_qos(self.config.messaging.relay_prefetch, BasicQosOptions::default()).await.map_err(amqp)?;
-        let mut args = FieldTable::default();
+        let mut args = consumer_arguments(&self.config.messaging.transport.queues);
         args.insert("x-priority".into(), AMQPValue::LongInt(self.config.messaging.consumer_priority));
         let tag = format!("novasnap-relay-{}-{}", self.config.host, uuid::Uuid::new_v4().simple());
         let mut deliveries =
@@ -189,17 +189,17 @@ struct RouteOne {
 impl RouteOne {
     async fn run(self, delivery: Delivery) {
         let m = &self.config.messaging;
-        let content_type = delivery.properties.content_type().as_ref().map(ShortString::as_str);
-        let route = envelope::decode(content_type, &delivery.data, m.max_message_bytes).map(|message| {
-            match dispatcher::route(&message) {
-                // Alone on the host, the messages nova-compute would have served are refused.
-                Route::Forward if self.whole_host => match dispatcher::dispatch(&message) {
-                    Ok(request) => Route::Serve(Box::new(request)),
-                    Err(rejection) => Route::Refuse(rejection),
-                },
-                route => route,
-            }
-        });
+        let route =
+            envelope::decode_delivery(&delivery.properties, &delivery.data, m.max_message_bytes).map(|message| {
+                match dispatcher::route(&message) {
+                    // Alone on the host, the messages nova-compute would have served are refused.
+                    Route::Forward if self.whole_host => match dispatcher::dispatch(&message) {
+                        Ok(request) => Route::Serve(Box::new(request)),
+                        Err(rejection) => Route::Refuse(rejection),
+                    },
+                    route => route,
+                }
+            });
         let topology = Topology { config: m, host: &self.config.host };
         let (exchange, routing_key, forward) = match route {
             Err(rejection) | Ok(Route::Refuse(rejection)) => return self.refuse(&delivery, &rejection).await,

@@ -9,15 +9,14 @@ use std::sync::{Arc, Mutex as SyncMutex};
 use std::time::Duration;
 
 use futures::StreamExt;
-use lapin::options::{BasicAckOptions, BasicConsumeOptions};
-use lapin::types::{FieldTable, ShortString};
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::{BasicProperties, Channel, Connection};
 use serde_json::{json, Map, Value};
 use tokio::sync::{oneshot, Mutex};
 use tracing::{debug, warn};
 
-use super::topology::Topology;
-use super::transport::{publish_confirmed, Published};
+use super::topology::{consumer_arguments, Topology};
+use super::transport::{oslo_publication, publish_confirmed, Published, Transport};
 use super::{amqp, envelope, MessagingError};
 use crate::config::Config;
 use crate::error::{Classify, Disposition};
@@ -62,6 +61,7 @@ struct Link {
 
 pub struct RpcClient {
     config: Config,
+    transport: Transport,
     link: Mutex<Option<Link>>,
     pending: Pending,
 }
@@ -69,19 +69,29 @@ pub struct RpcClient {
 impl RpcClient {
     /// Connects on the first call.
     pub fn new(config: &Config) -> Self {
-        Self { config: config.clone(), link: Mutex::default(), pending: Pending::default() }
+        Self {
+            config: config.clone(),
+            transport: Transport::new(&config.messaging.transport),
+            link: Mutex::default(),
+            pending: Pending::default(),
+        }
     }
 
     async fn open(&self) -> Result<Link, MessagingError> {
         let name = format!("novasnap-rpc:{}", self.config.host);
-        let (connection, _) = super::transport::connect(&self.config.messaging, &name).await?;
+        let (connection, _) = self.transport.connect(&name).await?;
         let mut channel = connection.create_channel().await.map_err(amqp)?;
         channel.confirm_select(Default::default()).await.map_err(amqp)?;
         let reply_queue = format!("reply_{}", uuid::Uuid::new_v4().simple());
         let topology = Topology { config: &self.config.messaging, host: &self.config.host };
         topology.declare_reply_queue(&mut channel, &connection, &reply_queue).await?;
+        // oslo's listening connections take `rabbit_qos_prefetch_count` (`_set_qos`).
+        let q = &self.config.messaging.transport;
+        if q.qos_prefetch_count > 0 {
+            channel.basic_qos(q.qos_prefetch_count, BasicQosOptions::default()).await.map_err(amqp)?;
+        }
         let mut replies = channel
-            .basic_consume(&reply_queue, &reply_queue, BasicConsumeOptions::default(), FieldTable::default())
+            .basic_consume(&reply_queue, &reply_queue, BasicConsumeOptions::default(), consumer_arguments(&q.queues))
             .await
             .map_err(amqp)?;
         let pending = self.pending.clone();
@@ -89,8 +99,7 @@ impl RpcClient {
         tokio::spawn(async move {
             while let Some(Ok(delivery)) = replies.next().await {
                 let _ = delivery.acker.ack(BasicAckOptions::default()).await;
-                let content_type = delivery.properties.content_type().as_ref().map(ShortString::as_str);
-                let reply = match envelope::decode(content_type, &delivery.data, limit) {
+                let reply = match envelope::decode_delivery(&delivery.properties, &delivery.data, limit) {
                     Ok(reply) => reply,
                     Err(e) => {
                         warn!(reason = %e.reason(), "unreadable RPC reply; ignored");
@@ -149,16 +158,11 @@ impl RpcClient {
             message.insert(format!("_context_{key}"), value.clone());
         }
         let body = json!({"oslo.version": "2.0", "oslo.message": Value::Object(message).to_string()}).to_string();
-        let properties = BasicProperties::default()
-            .with_content_type("application/json".into())
-            .with_content_encoding("utf-8".into())
-            .with_delivery_mode(2)
-            .with_priority(0)
-            .with_headers(FieldTable::default())
-            .with_expiration(timeout.as_millis().to_string().into());
+        let (body, properties) = oslo_publication(body.as_bytes(), self.config.messaging.transport.compression);
+        let properties = properties.with_expiration(timeout.as_millis().to_string().into());
         let (waiter, reply) = oneshot::channel();
         self.pending.lock().expect("pending calls lock").insert(msg_id.clone(), waiter);
-        let outcome = self.send_and_wait(&channel, topic, body.as_bytes(), properties, timeout, reply).await;
+        let outcome = self.send_and_wait(&channel, topic, &body, properties, timeout, reply).await;
         self.pending.lock().expect("pending calls lock").remove(&msg_id);
         let reply = match outcome {
             Ok(reply) => reply,

@@ -13,7 +13,7 @@ use lapin::{Channel, Connection, ExchangeKind};
 use tracing::{error, warn};
 
 use super::{amqp, MessagingError};
-use crate::config::MessagingConfig;
+use crate::config::{MessagingConfig, QueueOptions};
 
 /// The compute RPC topic nova-api casts snapshots to (`nova.compute.rpcapi.RPC_TOPIC`).
 pub const COMPUTE_TOPIC: &str = "compute";
@@ -34,19 +34,8 @@ pub struct Topology<'a> {
 }
 
 impl Topology<'_> {
-    /// oslo's `Connection.durable`: topic exchanges and queues are durable with
-    /// `amqp_durable_queues` or quorum queues.
-    fn durable(&self) -> bool {
-        self.config.durable_queues || self.config.quorum_queues
-    }
-
-    /// oslo's `_get_queue_arguments` for a topic queue (no TTL).
-    fn topic_queue_args(&self) -> FieldTable {
-        let mut args = FieldTable::default();
-        if self.config.quorum_queues {
-            args.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
-        }
-        args
+    fn queues(&self) -> &QueueOptions {
+        &self.config.transport.queues
     }
 
     /// `compute.<host>`: what nova-api's snapshot casts are routed to.
@@ -72,11 +61,8 @@ impl Topology<'_> {
         channel: &mut Channel,
         connection: &Connection,
     ) -> Result<(), MessagingError> {
-        let options = ExchangeDeclareOptions {
-            durable: self.durable(),
-            auto_delete: self.config.auto_delete,
-            ..Default::default()
-        };
+        let q = self.queues();
+        let options = ExchangeDeclareOptions { durable: q.durable(), auto_delete: q.auto_delete, ..Default::default() };
         declare_exchange(channel, connection, &self.config.control_exchange, ExchangeKind::Topic, options).await
     }
 
@@ -89,9 +75,9 @@ impl Topology<'_> {
     ) -> Result<String, MessagingError> {
         self.declare_control_exchange(channel, connection).await?;
         let queue = self.server_queue();
-        let options =
-            QueueDeclareOptions { durable: self.durable(), auto_delete: self.config.auto_delete, ..Default::default() };
-        declare_queue(channel, connection, &queue, options, self.topic_queue_args()).await?;
+        let q = self.queues();
+        let options = QueueDeclareOptions { durable: q.durable(), auto_delete: q.auto_delete, ..Default::default() };
+        declare_queue(channel, connection, &queue, options, queue_arguments(q, q.quorum, 0)).await?;
         channel
             .queue_bind(
                 &queue,
@@ -106,7 +92,8 @@ impl Topology<'_> {
     }
 
     /// The work queue: durable (it holds casts novasnap has acknowledged to the broker),
-    /// quorum where the cloud uses quorum queues, reached through the default exchange.
+    /// quorum where the cloud uses quorum queues (without oslo's delivery limit: a cast
+    /// redelivered after crashes must not be dropped), reached through the default exchange.
     pub async fn declare_work_queue(
         &self,
         channel: &mut Channel,
@@ -118,7 +105,7 @@ impl Topology<'_> {
             connection,
             &queue,
             QueueDeclareOptions { durable: true, ..Default::default() },
-            self.topic_queue_args(),
+            queue_type(self.queues().quorum),
         )
         .await?;
         Ok(queue)
@@ -163,24 +150,74 @@ impl Topology<'_> {
             .map_err(amqp)
     }
 
-    /// A reply queue for RPC calls, as oslo's `declare_direct_consumer` makes `reply_<hex>`.
+    /// A reply queue for RPC calls, as oslo's `declare_direct_consumer` makes `reply_<hex>`:
+    /// durable and quorum with `rabbit_transient_quorum_queue`, expiring after
+    /// `rabbit_transient_queues_ttl` unused (none with 0).
     pub async fn declare_reply_queue(
         &self,
         channel: &mut Channel,
         connection: &Connection,
         name: &str,
     ) -> Result<(), MessagingError> {
-        let m = self.config;
-        let mut args = FieldTable::default();
-        if m.transient_quorum_queues {
-            args.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
-        }
-        if !m.transient_queues_ttl.is_zero() {
-            args.insert("x-expires".into(), AMQPValue::LongInt(m.transient_queues_ttl.as_millis() as i32));
-        }
-        let options = QueueDeclareOptions { durable: m.transient_quorum_queues, ..Default::default() };
+        let q = self.queues();
+        let args = queue_arguments(q, q.transient_quorum, q.transient_ttl_seconds);
+        let options = QueueDeclareOptions { durable: q.transient_quorum, ..Default::default() };
         declare_queue(channel, connection, name, options, args).await
     }
+}
+
+/// oslo's `_get_queue_arguments(rabbit_ha_queues, ttl, quorum, quorum_config, False)`:
+/// `x-ha-policy`, the quorum type with its limits, `x-expires` (seconds; 0 sets none).
+/// Integers are typed as py-amqp writes Python ints (32-bit when they fit), so a peer's
+/// declaration and novasnap's are equivalent to the broker.
+pub fn queue_arguments(q: &QueueOptions, quorum: bool, ttl_seconds: i64) -> FieldTable {
+    let mut args = FieldTable::default();
+    if q.ha {
+        args.insert("x-ha-policy".into(), AMQPValue::LongString("all".into()));
+    }
+    if quorum {
+        args.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
+        for (name, value) in [
+            ("x-delivery-limit", q.quorum_delivery_limit),
+            ("x-max-in-memory-length", q.quorum_max_memory_length),
+            ("x-max-in-memory-bytes", q.quorum_max_memory_bytes),
+        ] {
+            if value != 0 {
+                args.insert(name.into(), python_int(value));
+            }
+        }
+    }
+    if ttl_seconds > 0 {
+        args.insert("x-expires".into(), python_int(ttl_seconds * 1000));
+    }
+    args
+}
+
+/// `x-queue-type: quorum` alone, or no argument.
+fn queue_type(quorum: bool) -> FieldTable {
+    let mut args = FieldTable::default();
+    if quorum {
+        args.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
+    }
+    args
+}
+
+/// A Python int as py-amqp encodes it in a field table: signed 32-bit when it fits.
+fn python_int(value: i64) -> AMQPValue {
+    match i32::try_from(value) {
+        Ok(small) => AMQPValue::LongInt(small),
+        Err(_) => AMQPValue::LongLongInt(value),
+    }
+}
+
+/// Arguments of every `basic.consume` novasnap makes on the transport: oslo's consumers ask
+/// for `x-cancel-on-ha-failover` with `enable_cancel_on_failover` (`Consumer.declare`).
+pub fn consumer_arguments(q: &QueueOptions) -> FieldTable {
+    let mut args = FieldTable::default();
+    if q.cancel_on_failover {
+        args.insert("x-cancel-on-ha-failover".into(), AMQPValue::Boolean(true));
+    }
+    args
 }
 
 /// The queue's state, or None when it does not exist. A passive declare of a missing queue

@@ -10,9 +10,9 @@ use uuid::Uuid;
 
 use super::plan::SnapshotPlan;
 use super::{crash, Fault, Job, SnapshotError, Step};
+use crate::config::ImageLayout;
 use crate::hypervisor::{DiskSource, Guest};
 use crate::image::{parse_rbd_url, ImageError, ImageProperties};
-use crate::config::ImageLayout;
 use crate::storage::{BlockStorage, CloneParent, CloneState, RbdImage, StorageError};
 
 /// The snapshot novasnap keeps on the instance disk while it copies it. Deterministic, so a
@@ -129,8 +129,9 @@ impl DirectSnapshot<'_, '_> {
             // Written again by a redelivery, whatever an earlier try wrote: the same bytes.
             let reporter = job.progress_reporter("copy");
             let progress = reporter.callback();
-            let copied =
-                job.step(Step::CopyOwnExtents, || storage.copy_own_extents(&disk, &snap, &copy, progress.clone())).await;
+            let copied = job
+                .step(Step::CopyOwnExtents, || storage.copy_own_extents(&disk, &snap, &copy, progress.clone()))
+                .await;
             reporter.finish().await;
             let written = copied?;
             info!(instance = %job.req.instance.uuid, image = %image_id, written, "the instance's own extents copied onto its base");
@@ -197,7 +198,11 @@ impl DirectSnapshot<'_, '_> {
 
 /// Glance's pool: the pool the instance disk was cloned from, else the pool of the first
 /// location of the base image that lives in this cluster.
-async fn image_pool(job: &Job<'_>, disk_parent: Option<&CloneParent>, fsid: &str) -> Result<Option<String>, SnapshotError> {
+async fn image_pool(
+    job: &Job<'_>,
+    disk_parent: Option<&CloneParent>,
+    fsid: &str,
+) -> Result<Option<String>, SnapshotError> {
     if let Some(parent) = disk_parent {
         return Ok(Some(parent.image.pool.clone()));
     }

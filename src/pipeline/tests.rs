@@ -15,13 +15,13 @@ use uuid::Uuid;
 
 use super::direct::OWNER_METADATA_KEY;
 use super::*;
+use crate::config::ImageLayout;
 use crate::hypervisor::{DiskSource, Guest, HypervisorError, PowerState, Progress, RootDisk};
 use crate::image::{Image, ImageError, ImageProperties, ImageService, ImageStatus};
 use crate::messaging::{MessagingError, Notifier, SnapshotEvent, TaskState};
 use crate::nova::{Expected, InstanceRecord, NovaError};
 use crate::reclaim::Scope;
 use crate::request::{Instance, RequestContext, SnapshotKind, SnapshotRequest};
-use crate::config::ImageLayout;
 use crate::storage::{
     BlockStorage, CloneParent, CloneState, InstanceLease, NotedWork, RbdImage, SnapshotInfo, StorageError, WorkLedger,
 };
@@ -756,7 +756,9 @@ async fn on_base_the_image_is_a_clone_of_the_base_with_the_instance_s_own_bytes(
     assert_eq!(copy.parent, Some(CloneParent { image: w.base.clone(), snapshot: "snap".into() }));
     assert_eq!(copy.snaps.get("snap").map(|s| s.0), Some(true));
     let timeline = w.timeline.lock().unwrap().clone();
-    assert!(!timeline.iter().any(|t| t.starts_with("storage flatten") || t.starts_with("storage protect_snapshot vms/")));
+    assert!(!timeline
+        .iter()
+        .any(|t| t.starts_with("storage flatten") || t.starts_with("storage protect_snapshot vms/")));
     assert!(w.disk_snapshots().is_empty() && w.noted().await.is_empty());
 }
 
@@ -823,7 +825,11 @@ async fn a_retried_flatten_distrusts_the_object_map() {
     w.pipeline(|_| {}).run(&w.req).await.unwrap();
     let flattens: Vec<String> =
         w.timeline.lock().unwrap().iter().filter(|t| t.starts_with("storage flatten")).cloned().collect();
-    assert_eq!(flattens, [format!("storage flatten {} MaybePartlyFlattened", w.copy())], "the failed attempt made no change");
+    assert_eq!(
+        flattens,
+        [format!("storage flatten {} MaybePartlyFlattened", w.copy())],
+        "the failed attempt made no change"
+    );
 }
 
 #[tokio::test]

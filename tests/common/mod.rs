@@ -226,8 +226,9 @@ impl WorkerProcess {
         Self::start_with(config, &[]).await
     }
 
-    /// Starts a worker with extra environment, e.g. `NOVASNAP_CRASH_AT`.
-    pub async fn start_with(config: &TestConfig, envs: &[(&str, &str)]) -> Self {
+    /// A `novasnap serve` process, not waited for: a test of a worker that must not get
+    /// in front of nova-compute looks at its log.
+    pub fn spawn(config: &TestConfig, envs: &[(&str, &str)]) -> Self {
         let log = config.path.with_extension(format!("{}.log", uuid::Uuid::new_v4().simple()));
         // The stack's nova-cpu.conf sets no log file and `use_stderr = False`: novasnap logs
         // to stdout, as oslo.log does; panics go to stderr.
@@ -242,7 +243,12 @@ impl WorkerProcess {
             .kill_on_drop(true)
             .spawn()
             .unwrap();
-        let mut worker = Self { child, log };
+        Self { child, log }
+    }
+
+    /// Starts a worker with extra environment, e.g. `NOVASNAP_CRASH_AT`.
+    pub async fn start_with(config: &TestConfig, envs: &[(&str, &str)]) -> Self {
+        let mut worker = Self::spawn(config, envs);
         // Ready once its relay consumes compute.<host>: logged right after basic.consume is
         // confirmed (src/messaging/relay.rs; rabbitmqctl would cost seconds a look).
         let start = Instant::now();
@@ -313,12 +319,38 @@ where
     None
 }
 
-fn peer_python() -> String {
+/// The peer venv's python (oslo.messaging 18.3.1, nova 34), for the scripts of tests/peer.
+pub fn peer_python() -> String {
     env("NOVASNAP_PEER_PYTHON")
 }
 
-fn peer_script(name: &str) -> PathBuf {
+pub fn peer_script(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/peer").join(name)
+}
+
+/// Waits (60 s at most) for a tests/peer script to print "ready" on its stderr, failing
+/// with what it printed instead; returns the rest of its stderr.
+pub async fn wait_peer_ready(
+    child: &mut Child,
+    peer: &str,
+) -> tokio::io::Lines<BufReader<tokio::process::ChildStderr>> {
+    let mut stderr = BufReader::new(child.stderr.take().expect("the peer's stderr is piped")).lines();
+    let said = tokio::time::timeout(Duration::from_secs(60), async {
+        let mut said = Vec::new();
+        while let Ok(Some(line)) = stderr.next_line().await {
+            if line.trim() == "ready" {
+                return None;
+            }
+            said.push(line);
+        }
+        Some(said.join("\n"))
+    })
+    .await;
+    match said {
+        Ok(None) => stderr,
+        Ok(Some(said)) => panic!("{peer} ended before it was ready:\n{said}"),
+        Err(_) => panic!("{peer} not ready within 60 s"),
+    }
 }
 
 /// A stock oslo.messaging notification listener on the config's exchange, in a listener
@@ -347,18 +379,7 @@ impl Listener {
             .kill_on_drop(true)
             .spawn()
             .unwrap();
-        let mut stderr = BufReader::new(child.stderr.take().unwrap()).lines();
-        let ready = tokio::time::timeout(Duration::from_secs(60), async {
-            while let Ok(Some(line)) = stderr.next_line().await {
-                if line.trim() == "ready" {
-                    return true;
-                }
-                eprintln!("listener: {line}");
-            }
-            false
-        })
-        .await;
-        assert_eq!(ready, Ok(true), "oslo listener did not start");
+        let mut stderr = wait_peer_ready(&mut child, "oslo listener").await;
         let (tx, lines) = tokio::sync::mpsc::unbounded_channel();
         let mut stdout = BufReader::new(child.stdout.take().unwrap()).lines();
         tokio::spawn(async move {

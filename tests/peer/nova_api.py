@@ -28,10 +28,12 @@ def create_image(glance, token, name, instance_uuid, image_type, base, extra):
         return json.load(resp)["id"]
 
 
-def nova_conf(transport_url, host, glance):
+def nova_conf(transport_url, host, glance, rabbit_options):
     f = tempfile.NamedTemporaryFile("w", suffix=".conf", delete=False)
     f.write(f"[DEFAULT]\ntransport_url = {transport_url}\nhost = nova-api-peer\n"
-            f"[glance]\napi_servers = {glance}\n")
+            f"[glance]\napi_servers = {glance}\n[oslo_messaging_rabbit]\n")
+    for option in rabbit_options:
+        f.write(option.replace("=", " = ", 1) + "\n")
     f.close()
     return f.name
 
@@ -51,6 +53,8 @@ def main():
     p.add_argument("--system-metadata", action="append", default=[], metavar="KEY=VALUE",
                    help="the instance's system_metadata, as nova-api copies image properties "
                         "into it (e.g. image_hw_qemu_guest_agent=yes); repeatable")
+    p.add_argument("--rabbit-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="an [oslo_messaging_rabbit] option of nova-api's (e.g. kombu_compression=gzip); repeatable")
     p.add_argument("--token", required=True,
                    help="the user's Keystone token: Glance's, and the cast's context's, as nova-api sends it")
     args = p.parse_args()
@@ -58,7 +62,7 @@ def main():
     import nova.conf
     from nova import config, context, objects
     from nova.compute import rpcapi
-    conf = nova_conf(args.transport_url, args.host, args.glance)
+    conf = nova_conf(args.transport_url, args.host, args.glance, args.rabbit_option)
     try:
         config.parse_args(["nova-api", "--config-file", conf], configure_db=False, init_rpc=True)
     finally:
