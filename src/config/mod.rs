@@ -339,7 +339,7 @@ impl Config {
         // oslo.messaging's default (`transport._transport_opts`): guest on localhost.
         let transport_url = r.string("DEFAULT", "transport_url", "rabbit://")?;
         let messaging = MessagingConfig {
-            transport: oslo_messaging::rabbit_config(&r, "DEFAULT", "transport_url", &transport_url)?,
+            transport: oslo_messaging::rabbit_config(r, "DEFAULT", "transport_url", &transport_url)?,
             control_exchange: r.string("DEFAULT", "control_exchange", "nova")?,
             dead_letter_exchange: r.string("novasnap", "dead_letter_exchange", "novasnap.dead_letter")?,
             dead_letter_queue: r.string("novasnap", "dead_letter_queue", "novasnap.dead_letter")?,
@@ -362,7 +362,7 @@ impl Config {
         }
 
         let notification_transport = match r.optional("oslo_messaging_notifications", "transport_url") {
-            Some(url) => oslo_messaging::rabbit_config(&r, "oslo_messaging_notifications", "transport_url", &url)?,
+            Some(url) => oslo_messaging::rabbit_config(r, "oslo_messaging_notifications", "transport_url", &url)?,
             None => messaging.transport.clone(),
         };
         let retry: i64 = r.parse("oslo_messaging_notifications", "retry", -1)?;
@@ -380,7 +380,7 @@ impl Config {
             }
         };
         let notifications = NotificationConfig {
-            drivers: oslo_messaging::notification_drivers(&r)?,
+            drivers: oslo_messaging::notification_drivers(r)?,
             transport: notification_transport,
             // oslo: None or below 0 retries forever.
             retry: u32::try_from(retry).ok(),
