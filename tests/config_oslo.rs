@@ -84,7 +84,10 @@ fn novasnap(args: &[String], home: &Path, env: &[(String, String)]) -> Result<Va
 
 /// What the peer is told of an option: how novasnap declares it.
 fn declaration(option: &Value) -> Value {
-    json!({ "section": option["section"], "option": option["option"], "type": option["type"], "default": option["default"] })
+    json!({
+        "section": option["section"], "option": option["option"], "type": option["type"],
+        "default": option["default"], "choices": option["choices"],
+    })
 }
 
 /// Every option novasnap reads, from the base configuration, with upstream's declaration.
@@ -172,7 +175,7 @@ fn values(section: &str, option: &str, kind: &str, upstream: &Value) -> (Vec<Str
     let choices: Vec<String> =
         upstream["choices"].as_array().into_iter().flatten().map(|c| c.as_str().unwrap().to_string()).collect();
     let (valid, invalid, free): (&[&str], &[&str], bool) = match (section, option) {
-        ("DEFAULT", "transport_url") => {
+        ("DEFAULT" | "oslo_messaging_notifications", "transport_url") => {
             (&["rabbit://nova:s3cret@10.0.0.1:5672/", "rabbit://u:p$$w@h1:5672,u:p$$w@h2:5672/nova"], &[], false)
         }
         ("DEFAULT", "host") => {
@@ -188,6 +191,17 @@ fn values(section: &str, option: &str, kind: &str, upstream: &Value) -> (Vec<Str
             (&["nova", "n$$v", "two words", "$host", "\\$x"], &["$nosuch"], false)
         }
         (_, "driver") => (&["messagingv2", "messaging", "noop", "log", ""], &[], false),
+        // What novasnap refuses at start-up where oslo would fail later (at the first
+        // publish or declare), or not at all: only values both take.
+        ("oslo_messaging_rabbit", "kombu_compression") => (&["", "gzip", "zlib", "bzip2", "bzip"], &[], false),
+        ("oslo_messaging_rabbit", "ssl_version") => (&["", "TLSv1_2", "tlsv1_2", "SSLv23"], &[], false),
+        ("oslo_messaging_rabbit", "rabbit_ha_queues" | "rabbit_stream_fanout") => {
+            (&["false", "No", "0"], &["maybe"], false)
+        }
+        // EXTERNAL is refused at start-up without TLS and a client certificate.
+        ("oslo_messaging_rabbit", "rabbit_login_method") => {
+            (&["PLAIN", "AMQPLAIN", "RABBIT-CR-DEMO"], &["plain", "bogus", ""], false)
+        }
         _ => match kind {
             "boolean" => (&["true", "False", "1", "0", "yes", "NO", "on", "Off"], &["maybe", "", "$nosuch"], false),
             // novasnap's own numbers are counts and bounds: 0 is refused where oslo takes it.
@@ -202,7 +216,7 @@ fn values(section: &str, option: &str, kind: &str, upstream: &Value) -> (Vec<Str
     };
     let mut valid = strings(valid);
     let mut invalid = strings(invalid);
-    if !choices.is_empty() {
+    if !choices.is_empty() && option != "rabbit_login_method" {
         valid.extend(choices.iter().cloned());
         invalid.push(choices[0].to_uppercase());
     }
@@ -521,7 +535,7 @@ fn check(targets: &[Target], case: &Case) -> Result<usize, TestCaseError> {
                 .options
                 .iter()
                 .find(|o| o["option"] == error["option"] && (o["section"] == error["section"] || o["option"] != "auth_url"))
-                .map(|o| json!({ "section": error["section"], "option": error["option"], "type": o["type"], "default": o["default"] }));
+                .map(|o| json!({ "section": error["section"], "option": error["option"], "type": o["type"], "default": o["default"], "choices": o["choices"] }));
             let options: Vec<Value> = match (named, error["option"].is_string()) {
                 (Some(named), _) => vec![named],
                 (None, true) => catalog().options.iter().map(declaration).collect(),

@@ -65,6 +65,19 @@ pub fn declared(group: &str, name: &str) -> Option<Declared> {
         ("oslo_messaging_rabbit", "rabbit_transient_queues_ttl") => {
             Declared { kind: Some(Kind::Int), min: Some(0), ..NONE }
         }
+        ("oslo_messaging_rabbit", "kombu_failover_strategy") => {
+            Declared { choices: &["round-robin", "shuffle"], ..NONE }
+        }
+        ("oslo_messaging_rabbit", "rabbit_login_method") => {
+            Declared { choices: &["PLAIN", "AMQPLAIN", "EXTERNAL", "RABBIT-CR-DEMO"], ..NONE }
+        }
+        ("oslo_messaging_rabbit", "rabbit_retry_interval" | "rabbit_interval_max") => {
+            Declared { kind: Some(Kind::Int), min: Some(1), ..NONE }
+        }
+        ("oslo_messaging_rabbit", "kombu_missing_consumer_retry_timeout") => {
+            Declared { kind: Some(Kind::Int), deprecated: &[(None, "kombu_reconnect_timeout")], ..NONE }
+        }
+        ("oslo_messaging_notifications", "retry") => Declared { kind: Some(Kind::Int), ..NONE },
         // oslo_messaging/notify/notifier.py
         ("oslo_messaging_notifications", "driver") => Declared { kind: Some(Kind::Multi), ..NONE },
         ("oslo_messaging_notifications", "transport_url") => Declared { secret: true, ..NONE },
@@ -84,6 +97,8 @@ pub fn declared(group: &str, name: &str) -> Option<Declared> {
         ("glance", "certfile") => Declared { deprecated: &[(Some("ssl"), "cert_file")], ..NONE },
         ("glance", "keyfile") => Declared { deprecated: &[(Some("ssl"), "key_file")], ..NONE },
         ("glance", "insecure") => Declared { deprecated: &[(None, "api_insecure")], ..NONE },
+        // novasnap's own, with choices
+        ("novasnap", "image_layout") => Declared { choices: &["flattened", "on_base"], ..NONE },
         // oslo_log/_options.py
         ("DEFAULT", "log_file") => Declared { deprecated: &[(None, "logfile")], ..NONE },
         ("DEFAULT", "log_dir") => Declared { deprecated: &[(None, "logdir")], ..NONE },

@@ -467,12 +467,10 @@ impl Config {
         let worker = WorkerConfig {
             max_concurrent_snapshots,
             direct_snapshot: r.parse("novasnap", "direct_snapshot", true)?,
+            // Its choices (declared.rs) are checked as it is read.
             image_layout: match r.string("novasnap", "image_layout", "flattened")?.as_str() {
-                "flattened" => ImageLayout::Flattened,
                 "on_base" => ImageLayout::OnBase,
-                other => {
-                    return Err(r.invalid("novasnap", "image_layout", other, "expected flattened or on_base".into()))
-                }
+                _ => ImageLayout::Flattened,
             },
             retry: RetryPolicy {
                 initial_delay: Duration::from_millis(r.parse("novasnap", "retry_initial_delay_ms", 500)?),
@@ -611,6 +609,7 @@ impl<'a> Reader<'a> {
             default,
             origins,
             secret: declared.secret,
+            choices: declared.choices,
         });
         Ok(value)
     }

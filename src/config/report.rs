@@ -23,6 +23,8 @@ pub struct Setting {
     pub origins: Vec<Origin>,
     /// Declared `secret` upstream: shown hidden unless asked.
     pub secret: bool,
+    /// The values a string option takes, when it takes only some.
+    pub choices: &'static [&'static str],
 }
 
 #[derive(Debug, Clone)]
@@ -88,6 +90,7 @@ impl Report {
                     "default": to_json(&shown(s, &s.default, show_secrets)),
                     "sources": s.origins.iter().map(origin_json).collect::<Vec<_>>(),
                     "secret": s.secret,
+                    "choices": s.choices,
                 })
             })
             .collect();

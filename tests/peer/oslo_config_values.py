@@ -94,7 +94,9 @@ def register(options):
         if key in ours:
             CONF.set_default(o["option"], o["default"], group=group_of(o["section"]))
         elif registered(*key) is None:
-            CONF.register_opt(TYPES[o["type"]](o["option"], default=o["default"]), group=group_of(o["section"]))
+            kind = TYPES[o["type"]]
+            extra = {"choices": o["choices"]} if o.get("choices") else {}
+            CONF.register_opt(kind(o["option"], default=o["default"], **extra), group=group_of(o["section"]))
             ours.add(key)
 
 
