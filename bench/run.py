@@ -5,20 +5,27 @@ bench/results/<date>.md plus an SVG chart of the snapshot-time table.
 Run by scripts/bench (make bench). Debian's python3 (it has the rbd/rados modules); the oslo
 peers run in the peer venv. Environment: the `scripts/stack env` variables, NOVASNAP_BIN
 (the release binary), BENCH_RUNS (default 5), BENCH_SIZES (MiB, default "256,1024"),
-BENCH_CASTS (dispatch casts, default 5000), BENCH_CALLS (forwarded RPC calls timed, default 500).
-Every wait is bounded; a peer that fails to start is reported with its output.
+BENCH_CASTS (dispatch casts, default 5000), BENCH_CALLS (forwarded RPC calls timed, default 500),
+BENCH_ONLY (sections, comma-separated, default all: see SECTIONS), BENCH_OUT (the results
+file, default bench/results/<date>.md: a partial or trial run can write elsewhere).
+Every wait is bounded; a peer that fails to start is reported with its output; a section
+that fails is reported in the results and the others still run.
 """
+import collections
 import datetime
 import json
 import os
 import re
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+import traceback
+import urllib.error
 import urllib.request
 import uuid
 
@@ -31,6 +38,8 @@ RUNS = int(ENV.get("BENCH_RUNS", "5"))
 SIZES = [int(s) for s in ENV.get("BENCH_SIZES", "256,1024").split(",")]
 CASTS = int(ENV.get("BENCH_CASTS", "5000"))
 CALLS = int(ENV.get("BENCH_CALLS", "500"))
+SECTIONS = ("snapshot", "concurrency", "dispatch", "forwarding", "memory")
+ONLY = [s for s in ENV.get("BENCH_ONLY", "").split(",") if s] or list(SECTIONS)
 PEER = ENV["NOVASNAP_PEER_PYTHON"]
 GLANCE = ENV["GLANCE_URL"]
 CEPH_CONF = ENV["CEPH_CONF"]
@@ -48,8 +57,22 @@ def log(*a):
     print(*a, file=sys.stderr, flush=True)
 
 
-def sh(*cmd, **kw):
-    return subprocess.run(cmd, check=True, capture_output=True, text=True, **kw).stdout
+def sh(*cmd, timeout=600, **kw):
+    """A command's output; it failing or outliving `timeout` fails the caller, with its stderr."""
+    try:
+        return subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=timeout, **kw).stdout
+    except subprocess.CalledProcessError as e:
+        raise RuntimeError(f"{' '.join(map(str, cmd))} exited {e.returncode}:\n{e.stderr[-2000:]}") from None
+
+
+def attempt(*cmd, timeout=120):
+    """A command whose failure is no one's concern (cleanup that may find nothing to clean);
+    bounded all the same."""
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        log(f"{' '.join(map(str, cmd))}: no answer within {timeout}s")
+        return None
 
 
 _tokens = {}
@@ -68,21 +91,54 @@ def token(admin):
     return issued[0]
 
 
-def glance(method, path, body=None, headers=None):
+def api(url, method="GET", body=None, headers=None, admin=True, timeout=120):
+    """An OpenStack API's JSON answer, with a token of the admin or the demo user; an error
+    status fails the caller with the status and the start of the body."""
     data = json.dumps(body).encode() if body is not None else None
-    headers = dict(headers or ({"Content-Type": "application/json"} if body is not None else {}))
-    headers["X-Auth-Token"] = token(admin=True)
-    req = urllib.request.Request(GLANCE + path, data=data, method=method, headers=headers)
-    with urllib.request.urlopen(req, timeout=600) as r:
-        raw = r.read()
-        return json.loads(raw) if raw else None
-
-
-def glance_delete(image_id):
+    headers = dict(headers or {}, **({"Content-Type": "application/json"} if body is not None else {}))
+    headers["X-Auth-Token"] = token(admin)
+    req = urllib.request.Request(url, data=data, method=method, headers=headers)
     try:
-        glance("DELETE", f"/v2/images/{image_id}")
-    except Exception:
-        pass
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            raw = r.read()
+    except urllib.error.HTTPError as e:
+        raise RuntimeError(f"{method} {url}: {e.code} {e.read()[:500]!r}") from None
+    return json.loads(raw) if raw else None
+
+
+def glance(method, path, body=None):
+    return api(GLANCE + path, method, body, timeout=600)
+
+
+def glance_delete(image_id, limit=120):
+    """Deletes an image the bench made, again while Glance refuses: Glance 33 answers 500 to
+    a delete that comes while its location import still hashes the image (seen right after
+    novasnap's end notification), and an image left behind keeps its copy in the shared
+    cluster's RAM. One that stays is logged; the results list what is left in the pool."""
+    deadline = time.monotonic() + limit
+    while True:
+        try:
+            glance("DELETE", f"/v2/images/{image_id}")
+            return
+        except Exception as e:
+            if ": 404 " in str(e):
+                return
+            if time.monotonic() > deadline:
+                log(f"image {image_id} still not deleted after {limit}s: {e}")
+                return
+            time.sleep(2)
+
+
+def room(need_mib, what):
+    """Fails a section before it would fill the shared cluster: its memstore OSD keeps data in
+    RAM, and once full every client of the stack (tests included) is blocked. What the
+    section writes at most must fit under Ceph's nearfull ratio."""
+    df = json.loads(sh("ceph", "df", "--format", "json", timeout=60))["stats"]
+    nearfull = json.loads(sh("ceph", "osd", "dump", "--format", "json", timeout=60))["nearfull_ratio"]
+    free = (nearfull * df["total_bytes"] - df["total_used_raw_bytes"]) / MiB
+    if need_mib > free:
+        raise RuntimeError(f"{what} writes up to {need_mib} MiB, and the cluster has {free:.0f} MiB left under its "
+                           f"nearfull ratio ({nearfull}): not run, so as not to fill the shared cluster")
 
 
 def stats(xs):
@@ -123,7 +179,7 @@ class Guest:
 
     def destroy(self):
         for args in (["destroy", self.name], ["undefine", "--managed-save", self.name]):
-            subprocess.run(["virsh", "-c", "qemu:///system", *args], capture_output=True)
+            attempt("virsh", "-c", "qemu:///system", *args)
         for ioctx, name in ((vms, self.disk), (images, self.base)):
             try:
                 with rbd.Image(ioctx, name) as img:
@@ -164,6 +220,12 @@ def ini_set(text, section, key, value):
     return "\n".join(out) + "\n"
 
 
+def relay_consumers(host):
+    """The consumer tags of novasnap relays on compute.<host>, whoever started them."""
+    out = sh("rabbitmqctl", "-q", "list_consumers", "consumer_tag", timeout=60)
+    return {t for t in out.split() if t.startswith(f"novasnap-relay-{host}-")}
+
+
 class Worker:
     """novasnap from the stack's nova-cpu.conf. On a host of the bench's own it serves the
     whole host and tells Nova nothing (the bench's guests are not Nova's); `relay=True` puts
@@ -184,12 +246,15 @@ class Worker:
         self.conf = os.path.join(self.dir, "novasnap.conf")
         open(self.conf, "w").write(conf)
         self.log = os.path.join(self.dir, "worker.log")
+        # This one is ready when a relay appears that was not there before (another novasnap
+        # may be in front of the same queue).
+        before = relay_consumers(host)
         self.proc = subprocess.Popen([BIN, "serve", "--config", self.conf], stderr=open(self.log, "w"),
                                      env=dict(ENV, NOVASNAP_LOG=log_level))
         deadline = time.time() + 60
-        while f"novasnap-relay-{host}-" not in sh("rabbitmqctl", "-q", "list_consumers", "consumer_tag"):
+        while not relay_consumers(host) - before:
             if time.time() > deadline or self.proc.poll() is not None:
-                raise RuntimeError("worker did not start:\n" + open(self.log).read())
+                raise RuntimeError("worker did not start:\n" + self.stop()[-4000:])
             time.sleep(0.2)
 
     def hwm_kib(self):
@@ -202,12 +267,56 @@ class Worker:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1])
 
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+
     def stop(self):
+        """SIGTERM (snapshots in flight finish or go back to the broker), SIGKILL after 180 s;
+        returns the worker's log. Once stopped, the same log again."""
+        if self.proc.returncode is not None and not os.path.exists(self.dir):
+            return self.text
         self.proc.terminate()
-        self.proc.wait(timeout=180)
-        text = open(self.log).read()
+        try:
+            self.proc.wait(timeout=180)
+        except subprocess.TimeoutExpired:
+            log("worker did not stop within 180 s of SIGTERM: killed")
+            self.proc.kill()
+            self.proc.wait(timeout=30)
+        self.text = open(self.log).read()
         shutil.rmtree(self.dir, ignore_errors=True)
-        return text
+        return self.text
+
+
+def await_ready(proc, stream, what, other=None, limit=60):
+    """Waits, at most `limit` s, for `proc` to print "ready" on `stream`. Threads go on
+    draining `stream` and `other` (a child blocked on a full pipe would stall the bench);
+    one that does not get ready is killed and reported with what it printed."""
+    ready, tail = threading.Event(), collections.deque(maxlen=100)
+
+    def drain(pipe, watch):
+        for line in pipe:
+            if watch and not ready.is_set() and line.strip() == "ready":
+                ready.set()
+            else:
+                tail.append(line)
+
+    readers = [threading.Thread(target=drain, args=(stream, True), daemon=True)]
+    if other is not None:
+        readers.append(threading.Thread(target=drain, args=(other, False), daemon=True))
+    for r in readers:
+        r.start()
+    deadline = time.monotonic() + limit
+    while not ready.wait(0.2):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            proc.wait(timeout=30)
+            for r in readers:
+                r.join(timeout=5)
+            raise RuntimeError(f"{what} did not start within {limit}s (exit status {proc.returncode}):\n"
+                               + "".join(tail)[-3000:])
 
 
 class Listener:
@@ -219,10 +328,7 @@ class Listener:
             [PEER, os.path.join(ROOT, "tests/peer/listen.py"), "--exchange", EXCHANGE, "--pool", EXCHANGE,
              "--until", "-", "--timeout", "7200"],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(ENV, PYTHONWARNINGS="ignore"))
-        deadline = time.time() + 60
-        while self.proc.stderr.readline().strip() != "ready":
-            if time.time() > deadline or self.proc.poll() is not None:
-                raise RuntimeError("the oslo notification listener did not start")
+        await_ready(self.proc, self.proc.stderr, "the oslo notification listener")
         threading.Thread(target=self._read, daemon=True).start()
 
     def _read(self):
@@ -246,7 +352,7 @@ class Listener:
     def stop(self):
         self.proc.kill()
         # The pool's queue outlives its listener in oslo's rabbit driver.
-        subprocess.run(["rabbitmqctl", "-q", "delete_queue", EXCHANGE], capture_output=True)
+        attempt("rabbitmqctl", "-q", "delete_queue", EXCHANGE)
 
 
 def cast(guest):
@@ -310,14 +416,15 @@ def librbd_floor(guest):
 
 def snapshot_times(listener):
     rows = []
+    # A disk, novasnap's or the floor's copy, and Liberty's upload, one size at a time.
+    room(3 * max(SIZES), "the snapshot-time section")
     for size in SIZES:
         guest = Guest(size)
         try:
             results = {}
             for label, direct in (("novasnap direct", True), ("novasnap standard", False)):
-                worker = Worker(direct=direct)
-                results[label] = [novasnap_snapshot(guest, listener) for _ in range(RUNS)]
-                worker.stop()
+                with Worker(direct=direct):
+                    results[label] = [novasnap_snapshot(guest, listener) for _ in range(RUNS)]
                 log(f"{size} MiB {label}: {results[label]}")
             results["Liberty: qemu-img convert + upload"] = [liberty(guest) for _ in range(RUNS)]
             results["bare librbd sequence (floor)"] = [librbd_floor(guest) for _ in range(RUNS)]
@@ -330,10 +437,12 @@ def snapshot_times(listener):
 
 def concurrency(listener):
     rows = []
-    guests = [Guest(256) for _ in range(8)]
-    worker = Worker(direct=True, concurrency=8)
-    peak = 0
+    room(8 * 256 * 2, "the concurrency section (8 disks and 8 copies)")
+    guests, worker, peak = [], None, 0
     try:
+        for _ in range(8):
+            guests.append(Guest(256))
+        worker = Worker(direct=True, concurrency=8)
         for n in (1, 4, 8):
             threads, times, failures, lock = [], [], [], threading.Lock()
             start = time.monotonic()
@@ -352,7 +461,7 @@ def concurrency(listener):
                 glance_delete(image)
 
             for g in guests[:n]:
-                threads.append(threading.Thread(target=one, args=(g,)))
+                threads.append(threading.Thread(target=one, args=(g,), daemon=True))
                 threads[-1].start()
             for th in threads:
                 th.join()
@@ -364,7 +473,8 @@ def concurrency(listener):
             peak = max(peak, worker.hwm_kib())
             log(f"concurrency {n}: total {total:.2f}s {times} failed {failures}")
     finally:
-        worker.stop()
+        if worker:
+            worker.stop()
         for g in guests:
             g.destroy()
     return rows, peak
@@ -383,7 +493,8 @@ c = oslo_messaging.get_rpc_client(t, oslo_messaging.Target(topic='compute', serv
 for i in range({n}):
     c.cast({{}}, {method!r}, x=i)
 """
-    r = subprocess.run([PEER, "-c", code], capture_output=True, text=True, env=dict(ENV, PYTHONWARNINGS="ignore"))
+    r = subprocess.run([PEER, "-c", code], capture_output=True, text=True, env=dict(ENV, PYTHONWARNINGS="ignore"),
+                       timeout=600)
     if r.returncode:
         raise RuntimeError(f"preloading {n} casts failed:\n{r.stderr[-2000:]}")
 
@@ -402,6 +513,7 @@ def drain_time(queues, start_consumer, limit=600):
     proc = start_consumer()
     while any(queue_depth(q) > 0 for q in queues):
         if time.monotonic() - t0 > limit:
+            getattr(proc, "stop", proc.kill)()
             raise RuntimeError(f"{queues} not drained within {limit}s")
         time.sleep(0.05)
     return time.monotonic() - t0, proc
@@ -410,12 +522,11 @@ def drain_time(queues, start_consumer, limit=600):
 def dispatch_throughput():
     # novasnap: casts of a method it does not serve, i.e. its reject fast path (dead-letter).
     queue = f"compute.{HOST}"
-    w = Worker()  # declares the queues
-    w.stop()
+    Worker().stop()  # declares the queues
     preload("reboot_instance", "nova", HOST, CASTS)
     t_nova, worker = drain_time([queue], lambda: Worker())
     worker.stop()
-    subprocess.run(["rabbitmqctl", "delete_queue", f"{EXCHANGE}-dlq"], capture_output=True)
+    attempt("rabbitmqctl", "delete_queue", f"{EXCHANGE}-dlq")
     # A stock oslo RPC server with a no-op endpoint, threading executor, 64 threads.
     server_host = HOST + "-oslo"
     code = f"""
@@ -443,7 +554,7 @@ time.sleep(3600)
     t_oslo, oslo = drain_time([f"compute.{server_host}"], start_oslo)
     oslo.kill()
     for q in (queue, f"compute.{server_host}"):
-        subprocess.run(["rabbitmqctl", "delete_queue", q], capture_output=True)
+        attempt("rabbitmqctl", "delete_queue", q)
     return CASTS / t_nova, CASTS / t_oslo
 
 
@@ -452,11 +563,7 @@ def start_peer(code, limit=60):
     that does not within `limit` is reported with what it printed."""
     p = subprocess.Popen([PEER, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                          env=dict(ENV, PYTHONWARNINGS="ignore"))
-    ready = threading.Event()
-    threading.Thread(target=lambda: p.stdout.readline().strip() == "ready" and ready.set(), daemon=True).start()
-    if not ready.wait(limit):
-        p.kill()
-        raise RuntimeError(f"peer did not start within {limit}s:\n{p.stderr.read()[-2000:]}")
+    await_ready(p, p.stdout, "peer", other=p.stderr, limit=limit)
     return p
 
 
@@ -515,47 +622,43 @@ def forwarding():
             raise RuntimeError(f"RPC calls failed:\n{r.stderr[-2000:]}")
         return json.loads(r.stdout)
 
-    nova = start_peer(NOVA_COMPUTE.format(url=url, host=host, topics=("compute", "compute-alt")))
+    stand_in = start_peer(NOVA_COMPUTE.format(url=url, host=host, topics=("compute", "compute-alt")))
     try:
         alone = calls()
-        worker = Worker(host=host, relay=True)
-        try:
+        with Worker(host=host, relay=True):
             through = calls()
-        finally:
-            worker.stop()
     finally:
-        nova.kill()
-        nova.wait()
+        stand_in.kill()
+        stand_in.wait()
     # Forwards per second: casts pre-loaded on compute.<host>, drained by novasnap into
     # compute-alt.<host>, which the stand-in for nova-compute drains in turn.
     preload("noop", "nova", host, CASTS)
-    nova = start_peer(NOVA_COMPUTE.format(url=url, host=host, topics=("compute-alt",)))
+    stand_in = start_peer(NOVA_COMPUTE.format(url=url, host=host, topics=("compute-alt",)))
     try:
         t, worker = drain_time([f"compute.{host}", f"compute-alt.{host}"], lambda: Worker(host=host, relay=True))
         worker.stop()
     finally:
-        nova.kill()
+        stand_in.kill()
     for q in (f"compute.{host}", f"compute-alt.{host}"):
-        subprocess.run(["rabbitmqctl", "delete_queue", q], capture_output=True)
+        attempt("rabbitmqctl", "delete_queue", q)
     ms = lambda xs, q: 1000 * percentile(xs, q)
     return (ms(alone, 0.5), ms(alone, 0.99), ms(through, 0.5), ms(through, 0.99)), CASTS / t
 
 
 def memory_and_breakdown(listener):
+    room(2 * 1024, "the memory section")
     guest = Guest(1024)
     try:
-        worker = Worker(direct=True, log_level="info,novasnap::pipeline=debug")
-        time.sleep(2)
-        idle = worker.rss_kib()
-        novasnap_snapshot(guest, listener)
-        text = worker.stop()
+        with Worker(direct=True, log_level="info,novasnap::pipeline=debug") as worker:
+            time.sleep(2)
+            idle = worker.rss_kib()
+            novasnap_snapshot(guest, listener)
         steps = {}
-        for m in re.finditer(r'step finished step=([^=]+?) elapsed_ms=(\d+)', text):
+        for m in re.finditer(r'step finished step=([^=]+?) elapsed_ms=(\d+)', worker.text):
             steps[m.group(1).strip().strip('"')] = steps.get(m.group(1).strip().strip('"'), 0) + int(m.group(2))
-        worker = Worker(direct=False)
-        novasnap_snapshot(guest, listener)
-        streamed = worker.hwm_kib()
-        worker.stop()
+        with Worker(direct=False) as worker:
+            novasnap_snapshot(guest, listener)
+            streamed = worker.hwm_kib()
         return idle, streamed, steps
     finally:
         guest.destroy()
@@ -584,71 +687,169 @@ def svg(rows):
     return "\n".join(out)
 
 
+def fmt(xs, spec="{:.2f}"):
+    """median (min–max) of `xs`, or the one value."""
+    xs = [x for x in xs if x is not None]
+    if not xs:
+        return "–"
+    m, lo, hi = stats(xs)
+    return spec.format(m) if len(xs) == 1 else f"{spec.format(m)} ({spec.format(lo)}–{spec.format(hi)})"
+
+
+def section_snapshot(listener, shared):
+    rows = snapshot_times(listener)
+    shared["svg"] = svg(rows)
+    md = ["## Snapshot wall time (s)", "",
+          "Cast → `instance.snapshot.end` for novasnap on a host of the bench's own (its guests are not "
+          "Nova's), against the same disk copied by Liberty's recipe and by the bare librbd sequence.", "",
+          "| disk | " + " | ".join(rows[0][1].keys()) + " | novasnap direct / floor | Liberty / novasnap direct |",
+          "|---|" + "---|" * (len(rows[0][1]) + 2)]
+    for size, r in rows:
+        direct = stats(r["novasnap direct"])[0]
+        floor = stats(r["bare librbd sequence (floor)"])[0]
+        lib = stats(r["Liberty: qemu-img convert + upload"])[0]
+        md.append(f"| {size} MiB | " + " | ".join(fmt(v) for v in r.values())
+                  + f" | {direct / floor:.2f}× | {lib / direct:.2f}× |")
+    return md
+
+
+def section_concurrency(listener, shared):
+    rows, shared["peak8"] = concurrency(listener)
+    return ["## Concurrency (256 MiB disks, direct path, max_concurrent_snapshots = 8)", "",
+            "| snapshots at once | total (s) | per snapshot p50 (s) | p99 (s) | failed |", "|---|---|---|---|---|"] + \
+        [f"| {n} | {t:.2f} | {p50:.2f} | {p99:.2f} | {f} |" for n, t, p50, p99, f in rows]
+
+
+def section_dispatch(listener, shared):
+    nova_rate, oslo_rate = dispatch_throughput()
+    return [f"## Dispatch throughput ({CASTS} pre-loaded casts, same broker)", "",
+            "| consumer | casts/s |", "|---|---|",
+            f"| novasnap, reject fast path (dead-lettered) | {nova_rate:.0f} |",
+            f"| oslo.messaging RPC server, no-op endpoint, 64 threads | {oslo_rate:.0f} |"]
+
+
+def section_forwarding(listener, shared):
+    latency, forward_rate = forwarding()
+    return [f"## Beside nova-compute: forwarded RPC calls ({CALLS} calls, one at a time)", "",
+            "| path | p50 (ms) | p99 (ms) |", "|---|---|---|",
+            f"| nova-compute alone (oslo RPC servers on compute and compute-alt) | {latency[0]:.2f} | {latency[1]:.2f} |",
+            f"| through novasnap (compute → relay → compute-alt) | {latency[2]:.2f} | {latency[3]:.2f} |",
+            f"| added by novasnap | {latency[2] - latency[0]:.2f} | {latency[3] - latency[1]:.2f} |",
+            "", f"Forwarded casts: {forward_rate:.0f}/s ({CASTS} pre-loaded on compute.<host>, drained through "
+            "novasnap into compute-alt.<host> and by the stand-in nova-compute)."]
+
+
+def section_memory(listener, shared):
+    idle, streamed, steps = memory_and_breakdown(listener)
+    peak8 = [f"| peak during the 8-way run | {shared['peak8']} |"] if "peak8" in shared else []
+    return ["## Memory (worker RSS)", "", "| state | KiB |", "|---|---|", f"| idle | {idle} |", *peak8,
+            f"| peak during a 1 GiB standard (streamed) upload | {streamed} |",
+            "", "## Time breakdown of one 1 GiB direct snapshot (ms, summed per step)", "",
+            "| step | ms |", "|---|---|"] + \
+        [f"| {k} | {v} |" for k, v in sorted(steps.items(), key=lambda kv: -kv[1])]
+
+
+def stack_versions():
+    """What the results were measured on, beside the machine."""
+    venv = os.path.join(ENV["NOVASNAP_STACK_STATE"], "venv-openstack", "bin", "python")
+    nova_v, glance_v = sh(venv, "-c", "import importlib.metadata as m; print(m.version('nova'), m.version('glance'))",
+                          timeout=60).split()
+    paxos = re.search(r'"paxos_propose_interval":\s*"([^"]+)"',
+                      sh("ceph", "tell", "mon.*", "config", "get", "paxos_propose_interval", timeout=60))
+    return {
+        "Ceph": sh("ceph", "--version").split()[2],
+        "QEMU": sh("qemu-system-x86_64", "--version").splitlines()[0].split()[3],
+        "libvirt": sh("virsh", "--version").strip(),
+        "Nova": nova_v, "Glance": glance_v,
+        "paxos_propose_interval": paxos.group(1) if paxos else "?",
+    }
+
+
+def commit():
+    """This checkout's commit, `-dirty` when tracked files differ from it."""
+    head = sh("git", "-C", ROOT, "rev-parse", "--short", "HEAD").strip()
+    dirty = subprocess.run(["git", "-C", ROOT, "diff", "--quiet", "HEAD"], timeout=60).returncode != 0
+    return head + ("-dirty" if dirty else "")
+
+
+STOPPING = threading.Event()
+
+
+def on_sigterm(*_):
+    """A bench stopped with SIGTERM cleans up as one that failed (guests, servers, images,
+    settings), and runs no further section."""
+    STOPPING.set()
+    sys.exit(143)
+
+
+def run_sections(shared):
+    """Each chosen section in turn, timed; one that fails is reported and the next runs."""
+    md, failed, times = [], [], []
+    listener = Listener()
+    try:
+        for name in ONLY:
+            t0 = time.monotonic()
+            log(f"section {name}")
+            try:
+                md += [""] + globals()[f"section_{name}"](listener, shared)
+            except Exception as e:
+                if STOPPING.is_set():  # a cleanup that failed after SIGTERM
+                    raise
+                traceback.print_exc()
+                failed.append(name)
+                md += ["", f"## {name}: failed", "", "```", str(e)[-3000:], "```"]
+            times.append((name, time.monotonic() - t0))
+    finally:
+        listener.stop()
+    return md, failed, times
+
+
 def main():
+    unknown = set(ONLY) - set(SECTIONS)
+    if unknown:
+        sys.exit(f"BENCH_ONLY: unknown section(s) {sorted(unknown)}; the sections: {', '.join(SECTIONS)}")
+    signal.signal(signal.SIGTERM, on_sigterm)
+    started, t0 = commit(), time.monotonic()
+    pool_before = set(rbd.RBD().list(images))
     # Benchmarks run with Ceph's default paxos_propose_interval (1 s), as production does;
     # the test stack lowers it to 0.05 s, so set it for the run and restore it after.
     sh("ceph", "tell", "mon.*", "config", "set", "paxos_propose_interval", "1")
-    listener = Listener()
+    shared = {}
     try:
-        snap_rows = snapshot_times(listener)
-        conc_rows, peak8 = concurrency(listener)
-        nova_rate, oslo_rate = dispatch_throughput()
-        latency, forward_rate = forwarding()
-        idle, streamed, steps = memory_and_breakdown(listener)
+        versions = stack_versions()
+        body, failed, times = run_sections(shared)
     finally:
-        listener.stop()
         sh("ceph", "tell", "mon.*", "config", "set", "paxos_propose_interval", "0.05")
+    pool_new = sorted(set(rbd.RBD().list(images)) - pool_before)
     date = datetime.date.today().isoformat()
     machine = {
         "cores": os.cpu_count(),
         "RAM": sh("free", "-g").splitlines()[1].split()[1] + " GiB",
         "kernel": os.uname().release,
-        "Ceph": sh("ceph", "--version").split()[2],
-        "QEMU": sh("qemu-system-x86_64", "--version").splitlines()[0].split()[3],
-        "novasnap": sh("git", "-C", ROOT, "rev-parse", "--short", "HEAD").strip(),
     }
     md = [f"# novasnap benchmarks, {date}", "",
-          "Machine: " + ", ".join(f"{k} {v}" for k, v in machine.items()) + ".",
-          "One-node Ceph 16 (memstore OSD, loopback), Glance 33 under gunicorn, `paxos_propose_interval = 1` "
-          "(Ceph's default) for the run. Times are cast → `instance.snapshot.end` at a stock oslo listener, "
-          f"medians of {RUNS} runs (min–max). Produced by `make bench`.", "",
-          "## Snapshot wall time (s)", "",
-          "| disk | " + " | ".join(snap_rows[0][1].keys()) + " | novasnap direct / floor | Liberty / novasnap direct |",
-          "|---|" + "---|" * (len(snap_rows[0][1]) + 2)]
-    for size, r in snap_rows:
-        cells = [f"{m:.2f} ({lo:.2f}–{hi:.2f})" for m, lo, hi in (stats(v) for v in r.values())]
-        direct = stats(r["novasnap direct"])[0]
-        floor = stats(r["bare librbd sequence (floor)"])[0]
-        lib = stats(r["Liberty: qemu-img convert + upload"])[0]
-        md.append(f"| {size} MiB | " + " | ".join(cells) + f" | {direct / floor:.2f}× | {lib / direct:.2f}× |")
-    md += ["", "## Concurrency (256 MiB disks, direct path, max_concurrent_snapshots = 8)", "",
-           "| snapshots at once | total (s) | per snapshot p50 (s) | p99 (s) | failed |", "|---|---|---|---|---|"]
-    md += [f"| {n} | {t:.2f} | {p50:.2f} | {p99:.2f} | {f} |" for n, t, p50, p99, f in conc_rows]
-    md += ["", f"## Dispatch throughput ({CASTS} pre-loaded casts, same broker)", "",
-           "| consumer | casts/s |", "|---|---|",
-           f"| novasnap, reject fast path (dead-lettered) | {nova_rate:.0f} |",
-           f"| oslo.messaging RPC server, no-op endpoint, 64 threads | {oslo_rate:.0f} |",
-           "", f"## Beside nova-compute: forwarded RPC calls ({CALLS} calls, one at a time)", "",
-           "| path | p50 (ms) | p99 (ms) |", "|---|---|---|",
-           f"| nova-compute alone (oslo RPC servers on compute and compute-alt) | {latency[0]:.2f} | {latency[1]:.2f} |",
-           f"| through novasnap (compute → relay → compute-alt) | {latency[2]:.2f} | {latency[3]:.2f} |",
-           f"| added by novasnap | {latency[2] - latency[0]:.2f} | {latency[3] - latency[1]:.2f} |",
-           "", f"Forwarded casts: {forward_rate:.0f}/s ({CASTS} pre-loaded on compute.<host>, drained through "
-           "novasnap into compute-alt.<host> and by the stand-in nova-compute).",
-           "", "## Memory (worker RSS)", "", "| state | KiB |", "|---|---|",
-           f"| idle | {idle} |", f"| peak during the 8-way run | {peak8} |",
-           f"| peak during a 1 GiB standard (streamed) upload | {streamed} |",
-           "", "## Time breakdown of one 1 GiB direct snapshot (ms, summed per step)", "",
-           "| step | ms |", "|---|---|"]
-    md += [f"| {k} | {v} |" for k, v in sorted(steps.items(), key=lambda kv: -kv[1])]
-    os.makedirs(os.path.join(ROOT, "bench/results"), exist_ok=True)
-    path = os.path.join(ROOT, f"bench/results/{date}.md")
-    md.append("")
-    md.append(f"![snapshot times]({date}-snapshot.svg)")
+          f"novasnap {started}. Machine: " + ", ".join(f"{k} {v}" for k, v in machine.items()) + ". Stack: "
+          + ", ".join(f"{k} {v}" for k, v in versions.items()) + " (Ceph's default, set for the run).",
+          "One-node Ceph (memstore OSD, loopback), Glance under gunicorn. Medians of "
+          f"{RUNS} runs (min–max) unless a table says otherwise. Produced by `make bench`"
+          + ("" if ONLY == list(SECTIONS) else f" with BENCH_ONLY={','.join(ONLY)}") + "."]
+    md += body
+    md += ["", "## This run", "",
+           "Wall time per section: " + ", ".join(f"{n} {t / 60:.1f} min" for n, t in times)
+           + f"; in all {(time.monotonic() - t0) / 60:.1f} min."
+           + (f" Failed: {', '.join(failed)}." if failed else ""),
+           "Left behind: images in Glance's pool new since the start "
+           f"{pool_new or 'none'} (the stack is shared: other work may own some)."]
+    path = ENV.get("BENCH_OUT") or os.path.join(ROOT, f"bench/results/{date}.md")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    if "svg" in shared:
+        chart = os.path.splitext(path)[0] + "-snapshot.svg"
+        md += ["", f"![snapshot times]({os.path.basename(chart)})"]
+        open(chart, "w").write(shared["svg"])
     open(path, "w").write("\n".join(md) + "\n")
-    open(os.path.join(ROOT, f"bench/results/{date}-snapshot.svg"), "w").write(svg(snap_rows))
     print("\n".join(md))
     print(f"\nwritten: {path}")
+    sys.exit(1 if failed else 0)
 
 
 if __name__ == "__main__":
