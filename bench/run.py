@@ -6,12 +6,15 @@ Run by scripts/bench (make bench). Debian's python3 (it has the rbd/rados module
 peers run in the peer venv. Environment: the `scripts/stack env` variables, NOVASNAP_BIN
 (the release binary), BENCH_RUNS (default 5), BENCH_SIZES (MiB, default "256,1024"),
 BENCH_CASTS (dispatch casts, default 5000), BENCH_CALLS (forwarded RPC calls timed, default 500),
+BENCH_NOVA_SIZES (root disks of the Nova-built server, MiB, default "1024,256"; 256 is the
+image's own size),
 BENCH_ONLY (sections, comma-separated, default all: see SECTIONS), BENCH_OUT (the results
 file, default bench/results/<date>.md: a partial or trial run can write elsewhere).
 Every wait is bounded; a peer that fails to start is reported with its output; a section
 that fails is reported in the results and the others still run.
 """
 import collections
+import contextlib
 import datetime
 import json
 import os
@@ -38,7 +41,8 @@ RUNS = int(ENV.get("BENCH_RUNS", "5"))
 SIZES = [int(s) for s in ENV.get("BENCH_SIZES", "256,1024").split(",")]
 CASTS = int(ENV.get("BENCH_CASTS", "5000"))
 CALLS = int(ENV.get("BENCH_CALLS", "500"))
-SECTIONS = ("snapshot", "concurrency", "dispatch", "forwarding", "memory")
+NOVA_SIZES = [int(s) for s in ENV.get("BENCH_NOVA_SIZES", "1024,256").split(",")]
+SECTIONS = ("snapshot", "concurrency", "dispatch", "forwarding", "memory", "nova")
 ONLY = [s for s in ENV.get("BENCH_ONLY", "").split(",") if s] or list(SECTIONS)
 PEER = ENV["NOVASNAP_PEER_PYTHON"]
 GLANCE = ENV["GLANCE_URL"]
@@ -141,6 +145,13 @@ def room(need_mib, what):
                            f"nearfull ratio ({nearfull}): not run, so as not to fill the shared cluster")
 
 
+def nova(method, path, body=None, admin=False, version="2.51"):
+    """Nova's API at `version`, as the demo user (the servers' owner) or the admin. The
+    bench talks to the API itself rather than through the command line client, which costs
+    seconds a call: a snapshot is timed from its request."""
+    return api(ENV["NOVA_URL"] + path, method, body, {"OpenStack-API-Version": f"compute {version}"}, admin)
+
+
 def stats(xs):
     return statistics.median(xs), min(xs), max(xs)
 
@@ -229,25 +240,33 @@ def relay_consumers(host):
 class Worker:
     """novasnap from the stack's nova-cpu.conf. On a host of the bench's own it serves the
     whole host and tells Nova nothing (the bench's guests are not Nova's); `relay=True` puts
-    it in front of an oslo server standing for nova-compute instead."""
+    it in front of an oslo server standing for nova-compute instead. `beside_nova=True` is
+    novasnap as an operator runs it beside the stack's own nova-compute (as the tests'
+    `TestConfig::beside_nova`): the file unchanged but for a notification exchange of the
+    bench's own, so Nova's record follows every step (its task_state none at the end lets
+    the next snapshot through)."""
 
-    def __init__(self, direct=True, concurrency=8, log_level="info", host=HOST, relay=False):
+    def __init__(self, direct=True, concurrency=8, log_level="info", host=HOST, relay=False, beside_nova=False):
         self.dir = tempfile.mkdtemp(prefix="novasnap-bench-")
         conf = open(ENV["NOVA_CONF"]).read()
-        for section, key, value in (
-                ("DEFAULT", "host", host), ("novasnap", "notification_exchange", EXCHANGE),
-                ("novasnap", "max_concurrent_snapshots", concurrency),
+        settings = [("novasnap", "notification_exchange", EXCHANGE)]
+        if beside_nova:
+            host = ENV["NOVASNAP_HOST"]
+        else:
+            settings += [
+                ("DEFAULT", "host", host), ("novasnap", "max_concurrent_snapshots", concurrency),
                 ("novasnap", "direct_snapshot", "true" if direct else "false"),
                 ("novasnap", "reclaim_interval", 86400), ("novasnap", "dead_letter_exchange", f"{EXCHANGE}-dlq"),
                 ("novasnap", "dead_letter_queue", f"{EXCHANGE}-dlq"),
                 ("novasnap", "serve_whole_host", "false" if relay else "true"),
-                ("novasnap", "nova_writeback", "false")):
+                ("novasnap", "nova_writeback", "false")]
+        for section, key, value in settings:
             conf = ini_set(conf, section, key, value)
         self.conf = os.path.join(self.dir, "novasnap.conf")
         open(self.conf, "w").write(conf)
         self.log = os.path.join(self.dir, "worker.log")
         # This one is ready when a relay appears that was not there before (another novasnap
-        # may be in front of the same queue).
+        # may be in front of the same queue: a test's, beside nova-compute).
         before = relay_consumers(host)
         self.proc = subprocess.Popen([BIN, "serve", "--config", self.conf], stderr=open(self.log, "w"),
                                      env=dict(ENV, NOVASNAP_LOG=log_level))
@@ -320,10 +339,11 @@ def await_ready(proc, stream, what, other=None, limit=60):
 
 
 class Listener:
-    """The stock oslo listener; records when each image's end notification arrives."""
+    """The stock oslo listener; records when each image's end notification arrives, and the
+    hold times novasnap's legacy `compute.instance.snapshot.end` carries."""
 
     def __init__(self):
-        self.ends, self.cond = {}, threading.Condition()
+        self.ends, self.held, self.cond = {}, {}, threading.Condition()
         self.proc = subprocess.Popen(
             [PEER, os.path.join(ROOT, "tests/peer/listen.py"), "--exchange", EXCHANGE, "--pool", EXCHANGE,
              "--until", "-", "--timeout", "7200"],
@@ -339,6 +359,11 @@ class Listener:
                 with self.cond:
                     self.ends[image] = (time.monotonic(), n["event_type"])
                     self.cond.notify_all()
+            elif n["event_type"] == "compute.instance.snapshot.end":
+                p = n["payload"]
+                with self.cond:
+                    self.held[p["snapshot_image_id"]] = (p.get("frozen_ms"), p.get("suspended_ms"))
+                    self.cond.notify_all()
 
     def wait(self, image, timeout=1800):
         with self.cond:
@@ -348,6 +373,13 @@ class Listener:
         if kind != "instance.snapshot.end":
             raise RuntimeError(f"snapshot of {image} failed")
         return at
+
+    def held_ms(self, image, timeout=60):
+        """(frozen_ms, suspended_ms) of novasnap's end notification for `image`."""
+        with self.cond:
+            if not self.cond.wait_for(lambda: image in self.held, timeout):
+                raise RuntimeError(f"no compute.instance.snapshot.end for {image}")
+            return self.held[image]
 
     def stop(self):
         self.proc.kill()
@@ -664,6 +696,184 @@ def memory_and_breakdown(listener):
         guest.destroy()
 
 
+# ---------------------------------------------------------------- Nova's servers
+
+
+class NovaServer:
+    """A server Nova builds for the bench as the stack builds its own (API microversion 2.37,
+    no network, the stack's raw image, whose disk Nova clones) with a root disk of `size_mib`:
+    a flavor of the bench's own with that disk, which Nova grows the clone to. 256 MiB is the
+    image's own size: a flavor with no disk, which Nova's policy lets only an admin boot, so
+    that server is the admin's. The constructor only asks Nova (servers build side by side);
+    `ready` waits for the guest's agent. `delete` removes server and flavor, whatever state
+    they are in."""
+
+    def __init__(self, size_mib):
+        self.size_mib, self.admin = size_mib, size_mib < 1024
+        self.id = self.flavor = None
+        name = "novasnap-bench-" + uuid.uuid4().hex[:8]
+        gib = size_mib // 1024 if not self.admin else 0
+        self.flavor = nova("POST", "/flavors", {"flavor": {
+            "name": name, "ram": 256, "vcpus": 1, "disk": gib, "os-flavor-access:is_public": True}},
+            admin=True)["flavor"]["id"]
+        try:
+            self.id = nova("POST", "/servers", {"server": {
+                "name": name, "imageRef": ENV["SERVER1_IMAGE"], "flavorRef": self.flavor, "networks": "none"}},
+                admin=self.admin, version="2.37")["server"]["id"]
+        except Exception:
+            self.delete()
+            raise
+        self.disk = f"{self.id}_disk"
+
+    def show(self):
+        return nova("GET", f"/servers/{self.id}", admin=True)["server"]
+
+    def ready(self, limit=600):
+        """ACTIVE with its guest agent answering (what a snapshot that quiesces needs)."""
+        deadline = time.monotonic() + limit
+        while (server := self.show())["status"] != "ACTIVE":
+            if server["status"] == "ERROR" or time.monotonic() > deadline:
+                raise RuntimeError(f"server {self.id} is {server['status']}: {server.get('fault')}")
+            time.sleep(2)
+        self.domain = server["OS-EXT-SRV-ATTR:instance_name"]
+        while attempt("virsh", "-c", "qemu:///system", "qemu-agent-command", self.domain,
+                      '{"execute":"guest-ping"}', timeout=10).returncode != 0:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the guest agent of {self.domain} did not answer within {limit}s")
+            time.sleep(2)
+        return self
+
+    def fill(self):
+        """Random data over the disk beyond the guest's filesystem (the image's size: the
+        guest never grows it), so that the disk is fully written like the bench's other guests
+        without breaking the filesystem the guest writes to. QEMU holds the disk's exclusive
+        lock; librbd hands it over for these writes and QEMU takes it back."""
+        start = glance("GET", f"/v2/images/{ENV['SERVER1_IMAGE']}")["size"]
+        chunk = os.urandom(8 * MiB)
+        with rbd.Image(vms, self.disk) as d:
+            for off in range(start, d.size(), len(chunk)):
+                d.write(chunk[:d.size() - off], off)
+
+    def wait_idle(self, limit=600):
+        """Nova refuses a snapshot while another task runs: waits for task_state none."""
+        deadline = time.monotonic() + limit
+        while (server := self.show())["OS-EXT-STS:task_state"] is not None:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"server {self.id} still {server['OS-EXT-STS:task_state']} after {limit}s")
+            time.sleep(0.5)
+
+    def delete(self, limit=300):
+        if self.id:
+            try:
+                nova("DELETE", f"/servers/{self.id}", admin=True)
+                deadline = time.monotonic() + limit
+                while time.monotonic() < deadline:
+                    self.show()
+                    time.sleep(1)
+                log(f"server {self.id} not gone {limit}s after its delete")
+            except RuntimeError as e:
+                if ": 404 " not in str(e):
+                    log(f"deleting server {self.id}: {e}")
+        if self.flavor:
+            try:
+                nova("DELETE", f"/flavors/{self.flavor}", admin=True)
+            except RuntimeError as e:
+                log(f"deleting flavor {self.flavor}: {e}")
+
+
+@contextlib.contextmanager
+def nova_servers(sizes, fill=False):
+    """Servers of `sizes` MiB built side by side, deleted however the block ends."""
+    servers = []
+    try:
+        for size in sizes:
+            servers.append(NovaServer(size))
+        for server in servers:
+            server.ready()
+            if fill:
+                server.fill()
+        yield servers
+    finally:
+        for server in servers:
+            server.delete()
+
+
+Snap = collections.namedtuple("Snap", "image active_s end_s made_by held used_mib provisioned_mib")
+
+
+def nova_snapshot(server, listener=None, timeout=1800):
+    """What `openstack server image create --wait` does, timed from its API request to the
+    image active (and, with `listener`, to novasnap's `instance.snapshot.end`); whoever
+    serves the host makes it. The image stays: the caller looks at it, then deletes it."""
+    server.wait_idle()
+    t0 = time.monotonic()
+    image = nova("POST", f"/servers/{server.id}/action", {"createImage": {"name": "novasnap-bench"}},
+                 admin=server.admin, version="2.45")["image_id"]
+    deadline = t0 + timeout
+    while (shown := glance("GET", f"/v2/images/{image}"))["status"] != "active":
+        if shown["status"] in ("killed", "deleted") or time.monotonic() > deadline:
+            glance_delete(image)
+            raise RuntimeError(f"image {image} of server {server.id} is {shown['status']}")
+        time.sleep(0.2)
+    active = time.monotonic() - t0
+    made_by = "novasnap" if shown.get("novasnap_made_by") else "nova-compute"
+    end = held = None
+    if listener is not None and made_by == "novasnap":
+        end = listener.wait(image, timeout=max(1, deadline - time.monotonic())) - t0
+        held = listener.held_ms(image)
+    used, provisioned = pool_bytes(image)
+    return Snap(image, active, end, made_by, held, used / MiB, provisioned / MiB)
+
+
+def pool_bytes(image):
+    """(bytes used, bytes provisioned) of Glance's copy images/<image>, its snapshots
+    included, as `rbd du` counts them (the object map's view: what the cluster stores)."""
+    du = json.loads(sh("rbd", "du", "--format", "json", f"images/{image}"))["images"]
+    return sum(i["used_size"] for i in du), max(i["provisioned_size"] for i in du)
+
+
+def others_in_front(limit=300):
+    """Waits, at most `limit` s, until no novasnap is in front of the stack's compute host (a
+    test's worker beside nova-compute would take the bench's snapshots); says if one stays."""
+    deadline = time.monotonic() + limit
+    while relay_consumers(ENV["NOVASNAP_HOST"]):
+        if time.monotonic() > deadline:
+            log(f"a novasnap is still in front of compute.{ENV['NOVASNAP_HOST']}: the table's 'made by' tells")
+            return
+        time.sleep(2)
+
+
+@contextlib.contextmanager
+def snapshotter(who):
+    """`nova-compute` alone serves the host's snapshots, or `novasnap` beside it."""
+    if who == "nova-compute":
+        others_in_front()
+        yield
+        return
+    with Worker(beside_nova=True):
+        yield
+
+
+def nova_against_novasnap(listener):
+    """nova-compute's own snapshot of a server against novasnap's beside it, on the same
+    Nova-built, fully written server (issue 15), with the bytes each image takes in Glance's
+    pool."""
+    rows = []
+    for size in NOVA_SIZES:
+        room(2 * size, f"the Nova section's {size} MiB server (its disk and one image at a time)")
+        with nova_servers([size], fill=True) as (server,):
+            for who in ("nova-compute", "novasnap"):
+                snaps = []
+                with snapshotter(who):
+                    for _ in range(RUNS):
+                        snap = nova_snapshot(server, listener if who == "novasnap" else None)
+                        glance_delete(snap.image)
+                        snaps.append(snap)
+                log(f"{size} MiB {who}: {snaps}")
+                rows.append((size, who, snaps))
+    return rows
+
+
 # ---------------------------------------------------------------- report
 
 
@@ -749,6 +959,37 @@ def section_memory(listener, shared):
         [f"| {k} | {v} |" for k, v in sorted(steps.items(), key=lambda kv: -kv[1])]
 
 
+def size_label(mib):
+    return f"{mib // 1024} GiB" if mib >= 1024 and mib % 1024 == 0 else f"{mib} MiB"
+
+
+def section_nova(listener, shared):
+    rows = nova_against_novasnap(listener)
+    md = ["## Against nova-compute, on the same Nova server (s)", "",
+          f"`openstack server image create` of one server Nova built from the stack's raw image, its disk "
+          f"written full of random data beyond the guest's filesystem: its API request → the image active in "
+          f"Glance (polled every 0.2 s) and → novasnap's `instance.snapshot.end`; {RUNS} runs each, "
+          "nova-compute alone (its libvirt driver's RBD direct path), then novasnap beside it. "
+          "*made by*: the images carrying `novasnap_made_by`.", "",
+          "| disk | snapshotter | made by | request → image active | request → instance.snapshot.end "
+          "| nova-compute / novasnap (image active) |", "|---|---|---|---|---|---|"]
+    active = {(size, who): stats([s.active_s for s in snaps])[0] for size, who, snaps in rows}
+    for size, who, snaps in rows:
+        made = collections.Counter(s.made_by for s in snaps)
+        ratio = f"{active[(size, 'nova-compute')] / active[(size, who)]:.2f}×" if who == "novasnap" else ""
+        md.append(f"| {size_label(size)} | {who} | " + ", ".join(f"{k} {v}/{len(snaps)}" for k, v in made.items())
+                  + f" | {fmt([s.active_s for s in snaps])} | {fmt([s.end_s for s in snaps])} | {ratio} |")
+    md += ["", "## Bytes written per snapshot: the new image in Glance's pool (MiB)", "",
+           "`rbd du images/<image id>` right after each snapshot of the table above (its `snap` included): "
+           "what the cluster stores for the image, against the disk's size.", "",
+           "| disk | snapshotter | provisioned | used | used / provisioned |", "|---|---|---|---|---|"]
+    for size, who, snaps in rows:
+        used, prov = [s.used_mib for s in snaps], [s.provisioned_mib for s in snaps]
+        md.append(f"| {size_label(size)} | {who} | {fmt(prov, '{:.0f}')} | {fmt(used, '{:.0f}')} "
+                  f"| {stats(used)[0] / stats(prov)[0]:.2f} |")
+    return md
+
+
 def stack_versions():
     """What the results were measured on, beside the machine."""
     venv = os.path.join(ENV["NOVASNAP_STACK_STATE"], "venv-openstack", "bin", "python")
@@ -776,8 +1017,8 @@ STOPPING = threading.Event()
 
 
 def on_sigterm(*_):
-    """A bench stopped with SIGTERM cleans up as one that failed (guests, servers, images,
-    settings), and runs no further section."""
+    """A bench stopped with SIGTERM cleans up as one that failed (guests, servers, images),
+    and runs no further section."""
     STOPPING.set()
     sys.exit(143)
 
@@ -820,6 +1061,8 @@ def main():
         body, failed, times = run_sections(shared)
     finally:
         sh("ceph", "tell", "mon.*", "config", "set", "paxos_propose_interval", "0.05")
+    servers_left = [s["id"] for s in nova("GET", "/servers?all_tenants=1", admin=True)["servers"]
+                    if s["name"].startswith("novasnap-bench-")]
     pool_new = sorted(set(rbd.RBD().list(images)) - pool_before)
     date = datetime.date.today().isoformat()
     machine = {
@@ -838,7 +1081,7 @@ def main():
            "Wall time per section: " + ", ".join(f"{n} {t / 60:.1f} min" for n, t in times)
            + f"; in all {(time.monotonic() - t0) / 60:.1f} min."
            + (f" Failed: {', '.join(failed)}." if failed else ""),
-           "Left behind: images in Glance's pool new since the start "
+           f"Left behind: servers {servers_left or 'none'}; images in Glance's pool new since the start "
            f"{pool_new or 'none'} (the stack is shared: other work may own some)."]
     path = ENV.get("BENCH_OUT") or os.path.join(ROOT, f"bench/results/{date}.md")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
