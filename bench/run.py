@@ -7,7 +7,7 @@ peers run in the peer venv. Environment: the `scripts/stack env` variables, NOVA
 (the release binary), BENCH_RUNS (default 5), BENCH_SIZES (MiB, default "256,1024"),
 BENCH_CASTS (dispatch casts, default 5000), BENCH_CALLS (forwarded RPC calls timed, default 500),
 BENCH_NOVA_SIZES (root disks of the Nova-built server, MiB, default "1024,256"; 256 is the
-image's own size),
+image's own size), BENCH_HELD_SIZES (MiB, default "1024,4096"), BENCH_HELD_RUNS (default 1),
 BENCH_ONLY (sections, comma-separated, default all: see SECTIONS), BENCH_OUT (the results
 file, default bench/results/<date>.md: a partial or trial run can write elsewhere).
 Every wait is bounded; a peer that fails to start is reported with its output; a section
@@ -42,7 +42,9 @@ SIZES = [int(s) for s in ENV.get("BENCH_SIZES", "256,1024").split(",")]
 CASTS = int(ENV.get("BENCH_CASTS", "5000"))
 CALLS = int(ENV.get("BENCH_CALLS", "500"))
 NOVA_SIZES = [int(s) for s in ENV.get("BENCH_NOVA_SIZES", "1024,256").split(",")]
-SECTIONS = ("snapshot", "concurrency", "dispatch", "forwarding", "memory", "nova")
+HELD_SIZES = [int(s) for s in ENV.get("BENCH_HELD_SIZES", "1024,4096").split(",")]
+HELD_RUNS = int(ENV.get("BENCH_HELD_RUNS", "1"))
+SECTIONS = ("snapshot", "concurrency", "dispatch", "forwarding", "memory", "nova", "held")
 ONLY = [s for s in ENV.get("BENCH_ONLY", "").split(",") if s] or list(SECTIONS)
 PEER = ENV["NOVASNAP_PEER_PYTHON"]
 GLANCE = ENV["GLANCE_URL"]
@@ -51,6 +53,7 @@ BIN = ENV["NOVASNAP_BIN"]
 HOST = "bench-" + uuid.uuid4().hex[:6]
 EXCHANGE = "novasnap-bench-" + uuid.uuid4().hex[:6]
 MiB = 1 << 20
+NOVA_COMPUTE_LOG = os.path.join(ENV["NOVASNAP_STACK_STATE"], "logs", "nova-compute.log")
 
 cluster = rados.Rados(conffile=CEPH_CONF)
 cluster.connect()
@@ -150,6 +153,14 @@ def nova(method, path, body=None, admin=False, version="2.51"):
     bench talks to the API itself rather than through the command line client, which costs
     seconds a call: a snapshot is timed from its request."""
     return api(ENV["NOVA_URL"] + path, method, body, {"OpenStack-API-Version": f"compute {version}"}, admin)
+
+
+def placement(method, path, body=None):
+    """Placement's API as the admin, found in Keystone's catalog (the stack's environment
+    does not name it)."""
+    url = next(e["url"] for s in api(ENV["OS_AUTH_URL"] + "/auth/catalog")["catalog"] if s["type"] == "placement"
+               for e in s["endpoints"] if e["interface"] == "public")
+    return api(url + path, method, body, {"OpenStack-API-Version": "placement 1.26"})
 
 
 def stats(xs):
@@ -782,6 +793,36 @@ class NovaServer:
 
 
 @contextlib.contextmanager
+def disk_overcommit(ratio):
+    """Placement lets the root disks on the compute host add up to `ratio` × its Ceph
+    cluster's size while the block runs, and back however it ends. Nova counts each root
+    disk's whole size; the stack's memstore OSD is 6 GiB, which a 4 GiB disk beside the
+    stack's own servers exceeds, though thin disks store only what is written.
+    nova-compute keeps a ratio set in Placement (its file sets no disk_allocation_ratio)."""
+    provider = next(p["uuid"] for p in placement("GET", "/resource_providers")["resource_providers"]
+                    if "DISK_GB" in placement("GET", f"/resource_providers/{p['uuid']}/inventories")["inventories"])
+
+    def set_ratio(value):
+        for _ in range(10):  # nova-compute may update the provider in between: its generation moves
+            inv = placement("GET", f"/resource_providers/{provider}/inventories/DISK_GB")
+            old = inv["allocation_ratio"]
+            inv["allocation_ratio"] = value
+            try:
+                placement("PUT", f"/resource_providers/{provider}/inventories/DISK_GB", inv)
+                return old
+            except RuntimeError as e:
+                if ": 409 " not in str(e):
+                    raise
+        raise RuntimeError(f"Placement kept refusing DISK_GB's allocation ratio {value}")
+
+    before = set_ratio(ratio)
+    try:
+        yield
+    finally:
+        set_ratio(before)
+
+
+@contextlib.contextmanager
 def nova_servers(sizes, fill=False):
     """Servers of `sizes` MiB built side by side, deleted however the block ends."""
     servers = []
@@ -871,6 +912,126 @@ def nova_against_novasnap(listener):
                         snaps.append(snap)
                 log(f"{size} MiB {who}: {snaps}")
                 rows.append((size, who, snaps))
+    return rows
+
+
+class Downtime:
+    """The time a domain was not running, from its state (`virsh domstate`) polled every
+    ~50 ms in a thread: a cold snapshot's suspension seen from outside, whoever makes it."""
+
+    def __init__(self, domain):
+        self.domain, self.stopped, self.samples = domain, threading.Event(), []
+        self.thread = threading.Thread(target=self._poll, daemon=True)
+        self.thread.start()
+
+    def _poll(self):
+        while not self.stopped.is_set():
+            r = attempt("virsh", "-c", "qemu:///system", "domstate", self.domain, timeout=10)
+            state = r.stdout.strip().splitlines()[0] if r and r.returncode == 0 and r.stdout.strip() else "?"
+            self.samples.append((time.monotonic(), state))
+            self.stopped.wait(0.05)
+
+    def stop(self):
+        """Milliseconds not running: each sample not `running` counts until the next."""
+        self.stopped.set()
+        self.thread.join(timeout=30)
+        s = self.samples
+        return 1000 * sum(b[0] - a[0] for a, b in zip(s, s[1:]) if a[1] != "running")
+
+
+def check_image(spec, *args):
+    """`scripts/check-image`'s key=value line for `spec`."""
+    r = subprocess.run([ENV["CHECK_IMAGE"], *args, spec], capture_output=True, text=True, timeout=600)
+    if r.returncode == 3:
+        raise RuntimeError(f"check-image {spec}: {r.stderr.strip() or r.stdout[-1000:]}")
+    last = r.stdout.strip().splitlines()[-1] if r.stdout.strip() else ""
+    return dict(kv.split("=", 1) for kv in last.split() if "=" in kv)
+
+
+def writer_gap(server, image, limit=120):
+    """(the image's filesystem clean, the writer's largest gap in ms right after the image's
+    last record, measured on the live disk once the guest has written on)."""
+    made = check_image(f"rbd:images/{image}")
+    seq = made.get("last_record", "none")
+    if not seq.isdigit():
+        raise RuntimeError(f"no record in image {image}: {made}")
+    deadline = time.monotonic() + limit
+    while (gap := check_image(f"rbd:vms/{server.disk}", "--gap-after", seq).get("gap_after_ms", "none")) == "none":
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the guest of {server.id} wrote nothing after record {seq} within {limit}s")
+        time.sleep(2)
+    return made.get("clean") == "yes", float(gap)
+
+
+def nova_compute_mode(server, log_from):
+    """live or cold, as nova-compute's log says it began this server's snapshot (after byte
+    `log_from`): the bench's check that the setting took."""
+    with open(NOVA_COMPUTE_LOG, errors="replace") as f:
+        f.seek(log_from)
+        text = f.read()
+    modes = re.findall(rf"\[instance: {server.id}\] Beginning (live|cold) snapshot process", text)
+    return modes[-1] if modes else "?"
+
+
+def held_run(server, who, listener):
+    """One snapshot of `server` by `who`, with the neutral measures of how long its guest was
+    held beside novasnap's own figures."""
+    log_from = os.path.getsize(NOVA_COMPUTE_LOG)
+    down = Downtime(server.domain)
+    try:
+        snap = nova_snapshot(server, listener if who == "novasnap" else None)
+    finally:
+        down_ms = down.stop()
+    try:
+        clean, gap = writer_gap(server, snap.image)
+    finally:
+        glance_delete(snap.image)
+    if snap.made_by == "novasnap":
+        mode = "cold" if snap.held and snap.held[1] else "live"
+    else:
+        mode = nova_compute_mode(server, log_from)
+    return dict(made_by=snap.made_by, mode=mode, active_s=snap.active_s, frozen_ms=snap.held and snap.held[0],
+                suspended_ms=snap.held and snap.held[1], gap_ms=gap, down_ms=down_ms, clean=clean)
+
+
+@contextlib.contextmanager
+def cold_snapshots():
+    """nova-compute, and novasnap started from the same file, with `[workarounds]
+    disable_libvirt_livesnapshot = True` (the stack setting NOVASNAP_STACK_LIVE_SNAPSHOT=off,
+    which restarts nova-compute), and live again however the block ends."""
+    stack_nova(live=False)
+    try:
+        yield
+    finally:
+        stack_nova(live=True)
+
+
+def stack_nova(live):
+    env = {k: v for k, v in ENV.items() if k != "NOVASNAP_STACK_LIVE_SNAPSHOT"}
+    if not live:
+        env["NOVASNAP_STACK_LIVE_SNAPSHOT"] = "off"
+    t0 = time.monotonic()
+    sh(os.path.join(ROOT, "scripts/stack"), "up", "nova", env=env, timeout=1200)
+    log(f"nova-compute with live snapshots {'on' if live else 'off'} ({time.monotonic() - t0:.0f}s)")
+
+
+def held(listener):
+    """How long the guest is held (issue 13): live and cold snapshots of Nova-built servers
+    (thin disks) by nova-compute and by novasnap beside it; one cold window, so nova-compute
+    restarts twice."""
+    rows = []
+    # Thin disks: the guest's filesystem each, and an image of it at a time.
+    room(256 * (2 * len(HELD_SIZES) + 1), "the held section")
+    with disk_overcommit(4.0), nova_servers(HELD_SIZES) as servers:
+        for mode in ("live", "cold"):
+            with cold_snapshots() if mode == "cold" else contextlib.nullcontext():
+                for who in ("nova-compute", "novasnap"):
+                    with snapshotter(who):
+                        for server in servers:
+                            for _ in range(HELD_RUNS):
+                                row = held_run(server, who, listener)
+                                log(f"held {server.size_mib} MiB {mode} {who}: {row}")
+                                rows.append(dict(row, size=server.size_mib, asked=mode, who=who))
     return rows
 
 
@@ -990,6 +1151,44 @@ def section_nova(listener, shared):
     return md
 
 
+def section_held(listener, shared):
+    rows = held(listener)
+    cell = lambda v, spec="{:.0f}": "–" if v is None else spec.format(v)
+    md = ["## How long the guest is held (ms)", "",
+          f"Nova-built servers (thin disks, the guest's writer appending a record every 200 ms), snapshots asked of "
+          f"Nova, {HELD_RUNS} run(s) each: nova-compute alone, then novasnap beside it; live, then cold "
+          "(`[workarounds] disable_libvirt_livesnapshot = True`, nova-compute restarted). *frozen*, *suspended*: "
+          "novasnap's own figures (`compute.instance.snapshot.end`). Neutral, for both: *writer gap*, the "
+          "writer's largest gap right after the image's last record (`check-image --gap-after` on the live "
+          "disk; 200 ms is no hold; guest time, which a managed save stops too, so a cold suspension barely "
+          "shows there); *not running*, how long `virsh domstate` (polled every ~50 ms) said anything but "
+          "running. *ran* is the mode seen: nova-compute's log, or novasnap's suspended time. *clean*: the "
+          "image's filesystem needs no journal replay (quiesced).", "",
+          "| disk | asked | snapshotter | ran | request → image active (s) | frozen | suspended | writer gap "
+          "| not running | clean |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        md.append(f"| {size_label(r['size'])} | {r['asked']} | {r['who']} | {r['mode']} | {r['active_s']:.2f} "
+                  f"| {cell(r['frozen_ms'])} | {cell(r['suspended_ms'])} | {r['gap_ms']:.0f} | {r['down_ms']:.0f} "
+                  f"| {'yes' if r['clean'] else 'no'} |")
+    md += ["", "Against the aims (issue 13):", ""]
+    for size in HELD_SIZES:
+        of = lambda who, asked, key: [r[key] for r in rows if (r["size"], r["who"], r["asked"]) == (size, who, asked)
+                                      and r[key] is not None]
+        frozen = of("novasnap", "live", "frozen_ms")
+        if frozen:
+            p50 = statistics.median(frozen)
+            md.append(f"- {size_label(size)}, live: novasnap frozen {p50:.0f} ms at p50 "
+                      f"({'within' if p50 <= 100 else 'above'} the 100 ms aim)")
+        suspended, active = of("novasnap", "cold", "suspended_ms"), of("novasnap", "cold", "active_s")
+        nova_down = of("nova-compute", "cold", "down_ms")
+        if suspended and active:
+            md.append(f"- {size_label(size)}, cold: novasnap suspended {statistics.median(suspended):.0f} ms of a "
+                      f"{statistics.median(active):.2f} s snapshot"
+                      + (f"; nova-compute's guest not running for {statistics.median(nova_down):.0f} ms"
+                         if nova_down else ""))
+    return md
+
+
 def stack_versions():
     """What the results were measured on, beside the machine."""
     venv = os.path.join(ENV["NOVASNAP_STACK_STATE"], "venv-openstack", "bin", "python")
@@ -1017,8 +1216,8 @@ STOPPING = threading.Event()
 
 
 def on_sigterm(*_):
-    """A bench stopped with SIGTERM cleans up as one that failed (guests, servers, images),
-    and runs no further section."""
+    """A bench stopped with SIGTERM cleans up as one that failed (guests, servers, images,
+    settings), and runs no further section."""
     STOPPING.set()
     sys.exit(143)
 
