@@ -117,6 +117,11 @@ def glance(method, path, body=None):
     return api(GLANCE + path, method, body, timeout=600)
 
 
+# Images the bench asked for, until deleted: whatever ends a section (SIGTERM included), the
+# run deletes what is left of them.
+MADE_IMAGES = set()
+
+
 def glance_delete(image_id, limit=120):
     """Deletes an image the bench made, again while Glance refuses: Glance 33 answers 500 to
     a delete that comes while its location import still hashes the image (seen right after
@@ -126,9 +131,11 @@ def glance_delete(image_id, limit=120):
     while True:
         try:
             glance("DELETE", f"/v2/images/{image_id}")
+            MADE_IMAGES.discard(image_id)
             return
         except Exception as e:
             if ": 404 " in str(e):
+                MADE_IMAGES.discard(image_id)
                 return
             if time.monotonic() > deadline:
                 log(f"image {image_id} still not deleted after {limit}s: {e}")
@@ -403,7 +410,9 @@ def cast(guest):
     out = sh(PEER, os.path.join(ROOT, "tests/peer/nova_api.py"), "snapshot", "--instance", guest.uuid, "--host", HOST,
              "--image-ref", "", "--glance", GLANCE, "--name", "bench", "--token", token(admin=False),
              env=dict(ENV, PYTHONWARNINGS="ignore"))
-    return json.loads(out)["image_id"], time.monotonic()
+    image = json.loads(out)["image_id"]
+    MADE_IMAGES.add(image)
+    return image, time.monotonic()
 
 
 def novasnap_snapshot(guest, listener):
@@ -422,6 +431,7 @@ def liberty(guest):
     t0 = time.monotonic()
     sh("qemu-img", "convert", "-f", "raw", "-O", "raw", f"rbd:vms/{guest.disk}:conf={CEPH_CONF}", path)
     image = glance("POST", "/v2/images", {"name": "bench-liberty", "disk_format": "raw", "container_format": "bare"})["id"]
+    MADE_IMAGES.add(image)
     sh("curl", "-sf", "-T", path, "-X", "PUT", "-H", "Content-Type: application/octet-stream",
        "-H", f"X-Auth-Token: {token(admin=True)}", f"{GLANCE}/v2/images/{image}/file")
     t = time.monotonic() - t0
@@ -850,6 +860,7 @@ def nova_snapshot(server, listener=None, timeout=1800):
     t0 = time.monotonic()
     image = nova("POST", f"/servers/{server.id}/action", {"createImage": {"name": "novasnap-bench"}},
                  admin=server.admin, version="2.45")["image_id"]
+    MADE_IMAGES.add(image)
     deadline = t0 + timeout
     while (shown := glance("GET", f"/v2/images/{image}"))["status"] != "active":
         if shown["status"] in ("killed", "deleted") or time.monotonic() > deadline:
@@ -1240,6 +1251,8 @@ def run_sections(shared):
                 md += ["", f"## {name}: failed", "", "```", str(e)[-3000:], "```"]
             times.append((name, time.monotonic() - t0))
     finally:
+        for image in sorted(MADE_IMAGES):
+            glance_delete(image, limit=60)
         listener.stop()
     return md, failed, times
 
