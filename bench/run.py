@@ -5,20 +5,30 @@ bench/results/<date>.md plus an SVG chart of the snapshot-time table.
 Run by scripts/bench (make bench). Debian's python3 (it has the rbd/rados modules); the oslo
 peers run in the peer venv. Environment: the `scripts/stack env` variables, NOVASNAP_BIN
 (the release binary), BENCH_RUNS (default 5), BENCH_SIZES (MiB, default "256,1024"),
-BENCH_CASTS (dispatch casts, default 5000), BENCH_CALLS (forwarded RPC calls timed, default 500).
-Every wait is bounded; a peer that fails to start is reported with its output.
+BENCH_CASTS (dispatch casts, default 5000), BENCH_CALLS (forwarded RPC calls timed, default 500),
+BENCH_NOVA_SIZES (root disks of the Nova-built server, MiB, default "1024,256"; 256 is the
+image's own size), BENCH_HELD_SIZES (MiB, default "1024,4096"), BENCH_HELD_RUNS (default 1),
+BENCH_ONLY (sections, comma-separated, default all: see SECTIONS), BENCH_OUT (the results
+file, default bench/results/<date>.md: a partial or trial run can write elsewhere).
+Every wait is bounded; a peer that fails to start is reported with its output; a section
+that fails is reported in the results and the others still run.
 """
+import collections
+import contextlib
 import datetime
 import json
 import os
 import re
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+import traceback
+import urllib.error
 import urllib.request
 import uuid
 
@@ -31,6 +41,11 @@ RUNS = int(ENV.get("BENCH_RUNS", "5"))
 SIZES = [int(s) for s in ENV.get("BENCH_SIZES", "256,1024").split(",")]
 CASTS = int(ENV.get("BENCH_CASTS", "5000"))
 CALLS = int(ENV.get("BENCH_CALLS", "500"))
+NOVA_SIZES = [int(s) for s in ENV.get("BENCH_NOVA_SIZES", "1024,256").split(",")]
+HELD_SIZES = [int(s) for s in ENV.get("BENCH_HELD_SIZES", "1024,4096").split(",")]
+HELD_RUNS = int(ENV.get("BENCH_HELD_RUNS", "1"))
+SECTIONS = ("snapshot", "concurrency", "dispatch", "forwarding", "memory", "nova", "held")
+ONLY = [s for s in ENV.get("BENCH_ONLY", "").split(",") if s] or list(SECTIONS)
 PEER = ENV["NOVASNAP_PEER_PYTHON"]
 GLANCE = ENV["GLANCE_URL"]
 CEPH_CONF = ENV["CEPH_CONF"]
@@ -38,6 +53,7 @@ BIN = ENV["NOVASNAP_BIN"]
 HOST = "bench-" + uuid.uuid4().hex[:6]
 EXCHANGE = "novasnap-bench-" + uuid.uuid4().hex[:6]
 MiB = 1 << 20
+NOVA_COMPUTE_LOG = os.path.join(ENV["NOVASNAP_STACK_STATE"], "logs", "nova-compute.log")
 
 cluster = rados.Rados(conffile=CEPH_CONF)
 cluster.connect()
@@ -48,8 +64,22 @@ def log(*a):
     print(*a, file=sys.stderr, flush=True)
 
 
-def sh(*cmd, **kw):
-    return subprocess.run(cmd, check=True, capture_output=True, text=True, **kw).stdout
+def sh(*cmd, timeout=600, **kw):
+    """A command's output; it failing or outliving `timeout` fails the caller, with its stderr."""
+    try:
+        return subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=timeout, **kw).stdout
+    except subprocess.CalledProcessError as e:
+        raise RuntimeError(f"{' '.join(map(str, cmd))} exited {e.returncode}:\n{e.stderr[-2000:]}") from None
+
+
+def attempt(*cmd, timeout=120):
+    """A command whose failure is no one's concern (cleanup that may find nothing to clean);
+    bounded all the same."""
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        log(f"{' '.join(map(str, cmd))}: no answer within {timeout}s")
+        return None
 
 
 _tokens = {}
@@ -68,21 +98,76 @@ def token(admin):
     return issued[0]
 
 
-def glance(method, path, body=None, headers=None):
+def api(url, method="GET", body=None, headers=None, admin=True, timeout=120):
+    """An OpenStack API's JSON answer, with a token of the admin or the demo user; an error
+    status fails the caller with the status and the start of the body."""
     data = json.dumps(body).encode() if body is not None else None
-    headers = dict(headers or ({"Content-Type": "application/json"} if body is not None else {}))
-    headers["X-Auth-Token"] = token(admin=True)
-    req = urllib.request.Request(GLANCE + path, data=data, method=method, headers=headers)
-    with urllib.request.urlopen(req, timeout=600) as r:
-        raw = r.read()
-        return json.loads(raw) if raw else None
-
-
-def glance_delete(image_id):
+    headers = dict(headers or {}, **({"Content-Type": "application/json"} if body is not None else {}))
+    headers["X-Auth-Token"] = token(admin)
+    req = urllib.request.Request(url, data=data, method=method, headers=headers)
     try:
-        glance("DELETE", f"/v2/images/{image_id}")
-    except Exception:
-        pass
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            raw = r.read()
+    except urllib.error.HTTPError as e:
+        raise RuntimeError(f"{method} {url}: {e.code} {e.read()[:500]!r}") from None
+    return json.loads(raw) if raw else None
+
+
+def glance(method, path, body=None):
+    return api(GLANCE + path, method, body, timeout=600)
+
+
+# Images the bench asked for, until deleted: whatever ends a section (SIGTERM included), the
+# run deletes what is left of them.
+MADE_IMAGES = set()
+
+
+def glance_delete(image_id, limit=120):
+    """Deletes an image the bench made, again while Glance refuses: Glance 33 answers 500 to
+    a delete that comes while its location import still hashes the image (seen right after
+    novasnap's end notification), and an image left behind keeps its copy in the shared
+    cluster's RAM. One that stays is logged; the results list what is left in the pool."""
+    deadline = time.monotonic() + limit
+    while True:
+        try:
+            glance("DELETE", f"/v2/images/{image_id}")
+            MADE_IMAGES.discard(image_id)
+            return
+        except Exception as e:
+            if ": 404 " in str(e):
+                MADE_IMAGES.discard(image_id)
+                return
+            if time.monotonic() > deadline:
+                log(f"image {image_id} still not deleted after {limit}s: {e}")
+                return
+            time.sleep(2)
+
+
+def room(need_mib, what):
+    """Fails a section before it would fill the shared cluster: its memstore OSD keeps data in
+    RAM, and once full every client of the stack (tests included) is blocked. What the
+    section writes at most must fit under Ceph's nearfull ratio."""
+    df = json.loads(sh("ceph", "df", "--format", "json", timeout=60))["stats"]
+    nearfull = json.loads(sh("ceph", "osd", "dump", "--format", "json", timeout=60))["nearfull_ratio"]
+    free = (nearfull * df["total_bytes"] - df["total_used_raw_bytes"]) / MiB
+    if need_mib > free:
+        raise RuntimeError(f"{what} writes up to {need_mib} MiB, and the cluster has {free:.0f} MiB left under its "
+                           f"nearfull ratio ({nearfull}): not run, so as not to fill the shared cluster")
+
+
+def nova(method, path, body=None, admin=False, version="2.51"):
+    """Nova's API at `version`, as the demo user (the servers' owner) or the admin. The
+    bench talks to the API itself rather than through the command line client, which costs
+    seconds a call: a snapshot is timed from its request."""
+    return api(ENV["NOVA_URL"] + path, method, body, {"OpenStack-API-Version": f"compute {version}"}, admin)
+
+
+def placement(method, path, body=None):
+    """Placement's API as the admin, found in Keystone's catalog (the stack's environment
+    does not name it)."""
+    url = next(e["url"] for s in api(ENV["OS_AUTH_URL"] + "/auth/catalog")["catalog"] if s["type"] == "placement"
+               for e in s["endpoints"] if e["interface"] == "public")
+    return api(url + path, method, body, {"OpenStack-API-Version": "placement 1.26"})
 
 
 def stats(xs):
@@ -123,7 +208,7 @@ class Guest:
 
     def destroy(self):
         for args in (["destroy", self.name], ["undefine", "--managed-save", self.name]):
-            subprocess.run(["virsh", "-c", "qemu:///system", *args], capture_output=True)
+            attempt("virsh", "-c", "qemu:///system", *args)
         for ioctx, name in ((vms, self.disk), (images, self.base)):
             try:
                 with rbd.Image(ioctx, name) as img:
@@ -164,34 +249,51 @@ def ini_set(text, section, key, value):
     return "\n".join(out) + "\n"
 
 
+def relay_consumers(host):
+    """The consumer tags of novasnap relays on compute.<host>, whoever started them."""
+    out = sh("rabbitmqctl", "-q", "list_consumers", "consumer_tag", timeout=60)
+    return {t for t in out.split() if t.startswith(f"novasnap-relay-{host}-")}
+
+
 class Worker:
     """novasnap from the stack's nova-cpu.conf. On a host of the bench's own it serves the
     whole host and tells Nova nothing (the bench's guests are not Nova's); `relay=True` puts
-    it in front of an oslo server standing for nova-compute instead."""
+    it in front of an oslo server standing for nova-compute instead. `beside_nova=True` is
+    novasnap as an operator runs it beside the stack's own nova-compute (as the tests'
+    `TestConfig::beside_nova`): the file unchanged but for a notification exchange of the
+    bench's own, so Nova's record follows every step (its task_state none at the end lets
+    the next snapshot through)."""
 
-    def __init__(self, direct=True, concurrency=8, log_level="info", host=HOST, relay=False):
+    def __init__(self, direct=True, concurrency=8, log_level="info", host=HOST, relay=False, beside_nova=False):
         self.dir = tempfile.mkdtemp(prefix="novasnap-bench-")
         conf = open(ENV["NOVA_CONF"]).read()
-        for section, key, value in (
-                ("DEFAULT", "host", host), ("novasnap", "notification_exchange", EXCHANGE),
-                ("novasnap", "max_concurrent_snapshots", concurrency),
+        settings = [("novasnap", "notification_exchange", EXCHANGE)]
+        if beside_nova:
+            host = ENV["NOVASNAP_HOST"]
+        else:
+            settings += [
+                ("DEFAULT", "host", host), ("novasnap", "max_concurrent_snapshots", concurrency),
                 ("novasnap", "direct_snapshot", "true" if direct else "false"),
                 ("novasnap", "reclaim_interval", 86400), ("novasnap", "dead_letter_exchange", f"{EXCHANGE}-dlq"),
                 ("novasnap", "dead_letter_queue", f"{EXCHANGE}-dlq"),
                 ("novasnap", "serve_whole_host", "false" if relay else "true"),
-                ("novasnap", "nova_writeback", "false")):
+                ("novasnap", "nova_writeback", "false")]
+        for section, key, value in settings:
             conf = ini_set(conf, section, key, value)
         self.conf = os.path.join(self.dir, "novasnap.conf")
         open(self.conf, "w").write(conf)
         self.log = os.path.join(self.dir, "worker.log")
+        # This one is ready when a relay appears that was not there before (another novasnap
+        # may be in front of the same queue: a test's, beside nova-compute).
+        before = relay_consumers(host)
         # Logs go to stdout (no log file in the config, as oslo.log does), panics to stderr.
         self.proc = subprocess.Popen([BIN, "serve", "--config-file", self.conf], stdout=open(self.log, "w"),
                                      stderr=subprocess.STDOUT,
                                      env=dict(ENV, NOVASNAP_LOG=log_level))
         deadline = time.time() + 60
-        while f"novasnap-relay-{host}-" not in sh("rabbitmqctl", "-q", "list_consumers", "consumer_tag"):
+        while not relay_consumers(host) - before:
             if time.time() > deadline or self.proc.poll() is not None:
-                raise RuntimeError("worker did not start:\n" + open(self.log).read())
+                raise RuntimeError("worker did not start:\n" + self.stop()[-4000:])
             time.sleep(0.2)
 
     def hwm_kib(self):
@@ -204,27 +306,69 @@ class Worker:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1])
 
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+
     def stop(self):
+        """SIGTERM (snapshots in flight finish or go back to the broker), SIGKILL after 180 s;
+        returns the worker's log. Once stopped, the same log again."""
+        if self.proc.returncode is not None and not os.path.exists(self.dir):
+            return self.text
         self.proc.terminate()
-        self.proc.wait(timeout=180)
-        text = open(self.log).read()
+        try:
+            self.proc.wait(timeout=180)
+        except subprocess.TimeoutExpired:
+            log("worker did not stop within 180 s of SIGTERM: killed")
+            self.proc.kill()
+            self.proc.wait(timeout=30)
+        self.text = open(self.log).read()
         shutil.rmtree(self.dir, ignore_errors=True)
-        return text
+        return self.text
+
+
+def await_ready(proc, stream, what, other=None, limit=60):
+    """Waits, at most `limit` s, for `proc` to print "ready" on `stream`. Threads go on
+    draining `stream` and `other` (a child blocked on a full pipe would stall the bench);
+    one that does not get ready is killed and reported with what it printed."""
+    ready, tail = threading.Event(), collections.deque(maxlen=100)
+
+    def drain(pipe, watch):
+        for line in pipe:
+            if watch and not ready.is_set() and line.strip() == "ready":
+                ready.set()
+            else:
+                tail.append(line)
+
+    readers = [threading.Thread(target=drain, args=(stream, True), daemon=True)]
+    if other is not None:
+        readers.append(threading.Thread(target=drain, args=(other, False), daemon=True))
+    for r in readers:
+        r.start()
+    deadline = time.monotonic() + limit
+    while not ready.wait(0.2):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            proc.wait(timeout=30)
+            for r in readers:
+                r.join(timeout=5)
+            raise RuntimeError(f"{what} did not start within {limit}s (exit status {proc.returncode}):\n"
+                               + "".join(tail)[-3000:])
 
 
 class Listener:
-    """The stock oslo listener; records when each image's end notification arrives."""
+    """The stock oslo listener; records when each image's end notification arrives, and the
+    hold times novasnap's legacy `compute.instance.snapshot.end` carries."""
 
     def __init__(self):
-        self.ends, self.cond = {}, threading.Condition()
+        self.ends, self.held, self.cond = {}, {}, threading.Condition()
         self.proc = subprocess.Popen(
             [PEER, os.path.join(ROOT, "tests/peer/listen.py"), "--exchange", EXCHANGE, "--pool", EXCHANGE,
              "--until", "-", "--timeout", "7200"],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(ENV, PYTHONWARNINGS="ignore"))
-        deadline = time.time() + 60
-        while self.proc.stderr.readline().strip() != "ready":
-            if time.time() > deadline or self.proc.poll() is not None:
-                raise RuntimeError("the oslo notification listener did not start")
+        await_ready(self.proc, self.proc.stderr, "the oslo notification listener")
         threading.Thread(target=self._read, daemon=True).start()
 
     def _read(self):
@@ -234,6 +378,11 @@ class Listener:
                 image = n["payload"]["nova_object.data"]["snapshot_image_id"]
                 with self.cond:
                     self.ends[image] = (time.monotonic(), n["event_type"])
+                    self.cond.notify_all()
+            elif n["event_type"] == "compute.instance.snapshot.end":
+                p = n["payload"]
+                with self.cond:
+                    self.held[p["snapshot_image_id"]] = (p.get("frozen_ms"), p.get("suspended_ms"))
                     self.cond.notify_all()
 
     def wait(self, image, timeout=1800):
@@ -245,10 +394,17 @@ class Listener:
             raise RuntimeError(f"snapshot of {image} failed")
         return at
 
+    def held_ms(self, image, timeout=60):
+        """(frozen_ms, suspended_ms) of novasnap's end notification for `image`."""
+        with self.cond:
+            if not self.cond.wait_for(lambda: image in self.held, timeout):
+                raise RuntimeError(f"no compute.instance.snapshot.end for {image}")
+            return self.held[image]
+
     def stop(self):
         self.proc.kill()
         # The pool's queue outlives its listener in oslo's rabbit driver.
-        subprocess.run(["rabbitmqctl", "-q", "delete_queue", EXCHANGE], capture_output=True)
+        attempt("rabbitmqctl", "-q", "delete_queue", EXCHANGE)
 
 
 def cast(guest):
@@ -256,7 +412,9 @@ def cast(guest):
     out = sh(PEER, os.path.join(ROOT, "tests/peer/nova_api.py"), "snapshot", "--instance", guest.uuid, "--host", HOST,
              "--image-ref", "", "--glance", GLANCE, "--name", "bench", "--token", token(admin=False),
              env=dict(ENV, PYTHONWARNINGS="ignore"))
-    return json.loads(out)["image_id"], time.monotonic()
+    image = json.loads(out)["image_id"]
+    MADE_IMAGES.add(image)
+    return image, time.monotonic()
 
 
 def novasnap_snapshot(guest, listener):
@@ -275,6 +433,7 @@ def liberty(guest):
     t0 = time.monotonic()
     sh("qemu-img", "convert", "-f", "raw", "-O", "raw", f"rbd:vms/{guest.disk}:conf={CEPH_CONF}", path)
     image = glance("POST", "/v2/images", {"name": "bench-liberty", "disk_format": "raw", "container_format": "bare"})["id"]
+    MADE_IMAGES.add(image)
     sh("curl", "-sf", "-T", path, "-X", "PUT", "-H", "Content-Type: application/octet-stream",
        "-H", f"X-Auth-Token: {token(admin=True)}", f"{GLANCE}/v2/images/{image}/file")
     t = time.monotonic() - t0
@@ -312,14 +471,15 @@ def librbd_floor(guest):
 
 def snapshot_times(listener):
     rows = []
+    # A disk, novasnap's or the floor's copy, and Liberty's upload, one size at a time.
+    room(3 * max(SIZES), "the snapshot-time section")
     for size in SIZES:
         guest = Guest(size)
         try:
             results = {}
             for label, direct in (("novasnap direct", True), ("novasnap standard", False)):
-                worker = Worker(direct=direct)
-                results[label] = [novasnap_snapshot(guest, listener) for _ in range(RUNS)]
-                worker.stop()
+                with Worker(direct=direct):
+                    results[label] = [novasnap_snapshot(guest, listener) for _ in range(RUNS)]
                 log(f"{size} MiB {label}: {results[label]}")
             results["Liberty: qemu-img convert + upload"] = [liberty(guest) for _ in range(RUNS)]
             results["bare librbd sequence (floor)"] = [librbd_floor(guest) for _ in range(RUNS)]
@@ -332,10 +492,12 @@ def snapshot_times(listener):
 
 def concurrency(listener):
     rows = []
-    guests = [Guest(256) for _ in range(8)]
-    worker = Worker(direct=True, concurrency=8)
-    peak = 0
+    room(8 * 256 * 2, "the concurrency section (8 disks and 8 copies)")
+    guests, worker, peak = [], None, 0
     try:
+        for _ in range(8):
+            guests.append(Guest(256))
+        worker = Worker(direct=True, concurrency=8)
         for n in (1, 4, 8):
             threads, times, failures, lock = [], [], [], threading.Lock()
             start = time.monotonic()
@@ -354,7 +516,7 @@ def concurrency(listener):
                 glance_delete(image)
 
             for g in guests[:n]:
-                threads.append(threading.Thread(target=one, args=(g,)))
+                threads.append(threading.Thread(target=one, args=(g,), daemon=True))
                 threads[-1].start()
             for th in threads:
                 th.join()
@@ -366,7 +528,8 @@ def concurrency(listener):
             peak = max(peak, worker.hwm_kib())
             log(f"concurrency {n}: total {total:.2f}s {times} failed {failures}")
     finally:
-        worker.stop()
+        if worker:
+            worker.stop()
         for g in guests:
             g.destroy()
     return rows, peak
@@ -385,7 +548,8 @@ c = oslo_messaging.get_rpc_client(t, oslo_messaging.Target(topic='compute', serv
 for i in range({n}):
     c.cast({{}}, {method!r}, x=i)
 """
-    r = subprocess.run([PEER, "-c", code], capture_output=True, text=True, env=dict(ENV, PYTHONWARNINGS="ignore"))
+    r = subprocess.run([PEER, "-c", code], capture_output=True, text=True, env=dict(ENV, PYTHONWARNINGS="ignore"),
+                       timeout=600)
     if r.returncode:
         raise RuntimeError(f"preloading {n} casts failed:\n{r.stderr[-2000:]}")
 
@@ -404,6 +568,7 @@ def drain_time(queues, start_consumer, limit=600):
     proc = start_consumer()
     while any(queue_depth(q) > 0 for q in queues):
         if time.monotonic() - t0 > limit:
+            getattr(proc, "stop", proc.kill)()
             raise RuntimeError(f"{queues} not drained within {limit}s")
         time.sleep(0.05)
     return time.monotonic() - t0, proc
@@ -412,12 +577,11 @@ def drain_time(queues, start_consumer, limit=600):
 def dispatch_throughput():
     # novasnap: casts of a method it does not serve, i.e. its reject fast path (dead-letter).
     queue = f"compute.{HOST}"
-    w = Worker()  # declares the queues
-    w.stop()
+    Worker().stop()  # declares the queues
     preload("reboot_instance", "nova", HOST, CASTS)
     t_nova, worker = drain_time([queue], lambda: Worker())
     worker.stop()
-    subprocess.run(["rabbitmqctl", "delete_queue", f"{EXCHANGE}-dlq"], capture_output=True)
+    attempt("rabbitmqctl", "delete_queue", f"{EXCHANGE}-dlq")
     # A stock oslo RPC server with a no-op endpoint, threading executor, 64 threads.
     server_host = HOST + "-oslo"
     code = f"""
@@ -445,7 +609,7 @@ time.sleep(3600)
     t_oslo, oslo = drain_time([f"compute.{server_host}"], start_oslo)
     oslo.kill()
     for q in (queue, f"compute.{server_host}"):
-        subprocess.run(["rabbitmqctl", "delete_queue", q], capture_output=True)
+        attempt("rabbitmqctl", "delete_queue", q)
     return CASTS / t_nova, CASTS / t_oslo
 
 
@@ -454,11 +618,7 @@ def start_peer(code, limit=60):
     that does not within `limit` is reported with what it printed."""
     p = subprocess.Popen([PEER, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                          env=dict(ENV, PYTHONWARNINGS="ignore"))
-    ready = threading.Event()
-    threading.Thread(target=lambda: p.stdout.readline().strip() == "ready" and ready.set(), daemon=True).start()
-    if not ready.wait(limit):
-        p.kill()
-        raise RuntimeError(f"peer did not start within {limit}s:\n{p.stderr.read()[-2000:]}")
+    await_ready(p, p.stdout, "peer", other=p.stderr, limit=limit)
     return p
 
 
@@ -517,50 +677,375 @@ def forwarding():
             raise RuntimeError(f"RPC calls failed:\n{r.stderr[-2000:]}")
         return json.loads(r.stdout)
 
-    nova = start_peer(NOVA_COMPUTE.format(url=url, host=host, topics=("compute", "compute-alt")))
+    stand_in = start_peer(NOVA_COMPUTE.format(url=url, host=host, topics=("compute", "compute-alt")))
     try:
         alone = calls()
-        worker = Worker(host=host, relay=True)
-        try:
+        with Worker(host=host, relay=True):
             through = calls()
-        finally:
-            worker.stop()
     finally:
-        nova.kill()
-        nova.wait()
+        stand_in.kill()
+        stand_in.wait()
     # Forwards per second: casts pre-loaded on compute.<host>, drained by novasnap into
     # compute-alt.<host>, which the stand-in for nova-compute drains in turn.
     preload("noop", "nova", host, CASTS)
-    nova = start_peer(NOVA_COMPUTE.format(url=url, host=host, topics=("compute-alt",)))
+    stand_in = start_peer(NOVA_COMPUTE.format(url=url, host=host, topics=("compute-alt",)))
     try:
         t, worker = drain_time([f"compute.{host}", f"compute-alt.{host}"], lambda: Worker(host=host, relay=True))
         worker.stop()
     finally:
-        nova.kill()
+        stand_in.kill()
     for q in (f"compute.{host}", f"compute-alt.{host}"):
-        subprocess.run(["rabbitmqctl", "delete_queue", q], capture_output=True)
+        attempt("rabbitmqctl", "delete_queue", q)
     ms = lambda xs, q: 1000 * percentile(xs, q)
     return (ms(alone, 0.5), ms(alone, 0.99), ms(through, 0.5), ms(through, 0.99)), CASTS / t
 
 
 def memory_and_breakdown(listener):
+    room(2 * 1024, "the memory section")
     guest = Guest(1024)
     try:
-        worker = Worker(direct=True, log_level="info,novasnap::pipeline=debug")
-        time.sleep(2)
-        idle = worker.rss_kib()
-        novasnap_snapshot(guest, listener)
-        text = worker.stop()
+        with Worker(direct=True, log_level="info,novasnap::pipeline=debug") as worker:
+            time.sleep(2)
+            idle = worker.rss_kib()
+            novasnap_snapshot(guest, listener)
         steps = {}
-        for m in re.finditer(r'step finished step=([^=]+?) elapsed_ms=(\d+)', text):
+        for m in re.finditer(r'step finished step=([^=]+?) elapsed_ms=(\d+)', worker.text):
             steps[m.group(1).strip().strip('"')] = steps.get(m.group(1).strip().strip('"'), 0) + int(m.group(2))
-        worker = Worker(direct=False)
-        novasnap_snapshot(guest, listener)
-        streamed = worker.hwm_kib()
-        worker.stop()
+        with Worker(direct=False) as worker:
+            novasnap_snapshot(guest, listener)
+            streamed = worker.hwm_kib()
         return idle, streamed, steps
     finally:
         guest.destroy()
+
+
+# ---------------------------------------------------------------- Nova's servers
+
+
+class NovaServer:
+    """A server Nova builds for the bench as the stack builds its own (API microversion 2.37,
+    no network, the stack's raw image, whose disk Nova clones) with a root disk of `size_mib`:
+    a flavor of the bench's own with that disk, which Nova grows the clone to. 256 MiB is the
+    image's own size: a flavor with no disk, which Nova's policy lets only an admin boot, so
+    that server is the admin's. The constructor only asks Nova (servers build side by side);
+    `ready` waits for the guest's agent. `delete` removes server and flavor, whatever state
+    they are in."""
+
+    def __init__(self, size_mib):
+        self.size_mib, self.admin = size_mib, size_mib < 1024
+        self.id = self.flavor = None
+        name = "novasnap-bench-" + uuid.uuid4().hex[:8]
+        gib = size_mib // 1024 if not self.admin else 0
+        self.flavor = nova("POST", "/flavors", {"flavor": {
+            "name": name, "ram": 256, "vcpus": 1, "disk": gib, "os-flavor-access:is_public": True}},
+            admin=True)["flavor"]["id"]
+        try:
+            self.id = nova("POST", "/servers", {"server": {
+                "name": name, "imageRef": ENV["SERVER1_IMAGE"], "flavorRef": self.flavor, "networks": "none"}},
+                admin=self.admin, version="2.37")["server"]["id"]
+        except Exception:
+            self.delete()
+            raise
+        self.disk = f"{self.id}_disk"
+
+    def show(self):
+        return nova("GET", f"/servers/{self.id}", admin=True)["server"]
+
+    def ready(self, limit=600):
+        """ACTIVE with its guest agent answering (what a snapshot that quiesces needs)."""
+        deadline = time.monotonic() + limit
+        while (server := self.show())["status"] != "ACTIVE":
+            if server["status"] == "ERROR" or time.monotonic() > deadline:
+                raise RuntimeError(f"server {self.id} is {server['status']}: {server.get('fault')}")
+            time.sleep(2)
+        self.domain = server["OS-EXT-SRV-ATTR:instance_name"]
+        while attempt("virsh", "-c", "qemu:///system", "qemu-agent-command", self.domain,
+                      '{"execute":"guest-ping"}', timeout=10).returncode != 0:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the guest agent of {self.domain} did not answer within {limit}s")
+            time.sleep(2)
+        return self
+
+    def fill(self):
+        """Random data over the disk beyond the guest's filesystem (the image's size: the
+        guest never grows it), so that the disk is fully written like the bench's other guests
+        without breaking the filesystem the guest writes to. QEMU holds the disk's exclusive
+        lock; librbd hands it over for these writes and QEMU takes it back."""
+        start = glance("GET", f"/v2/images/{ENV['SERVER1_IMAGE']}")["size"]
+        chunk = os.urandom(8 * MiB)
+        with rbd.Image(vms, self.disk) as d:
+            for off in range(start, d.size(), len(chunk)):
+                d.write(chunk[:d.size() - off], off)
+
+    def wait_idle(self, limit=600):
+        """Nova refuses a snapshot while another task runs: waits for task_state none."""
+        deadline = time.monotonic() + limit
+        while (server := self.show())["OS-EXT-STS:task_state"] is not None:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"server {self.id} still {server['OS-EXT-STS:task_state']} after {limit}s")
+            time.sleep(0.5)
+
+    def delete(self, limit=300):
+        if self.id:
+            try:
+                nova("DELETE", f"/servers/{self.id}", admin=True)
+                deadline = time.monotonic() + limit
+                while time.monotonic() < deadline:
+                    self.show()
+                    time.sleep(1)
+                log(f"server {self.id} not gone {limit}s after its delete")
+            except RuntimeError as e:
+                if ": 404 " not in str(e):
+                    log(f"deleting server {self.id}: {e}")
+        if self.flavor:
+            try:
+                nova("DELETE", f"/flavors/{self.flavor}", admin=True)
+            except RuntimeError as e:
+                log(f"deleting flavor {self.flavor}: {e}")
+
+
+@contextlib.contextmanager
+def disk_overcommit(ratio):
+    """Placement lets the root disks on the compute host add up to `ratio` × its Ceph
+    cluster's size while the block runs, and back however it ends. Nova counts each root
+    disk's whole size; the stack's memstore OSD is 6 GiB, which a 4 GiB disk beside the
+    stack's own servers exceeds, though thin disks store only what is written.
+    nova-compute keeps a ratio set in Placement (its file sets no disk_allocation_ratio)."""
+    provider = next(p["uuid"] for p in placement("GET", "/resource_providers")["resource_providers"]
+                    if "DISK_GB" in placement("GET", f"/resource_providers/{p['uuid']}/inventories")["inventories"])
+
+    def set_ratio(value):
+        for _ in range(10):  # nova-compute may update the provider in between: its generation moves
+            inv = placement("GET", f"/resource_providers/{provider}/inventories/DISK_GB")
+            old = inv["allocation_ratio"]
+            inv["allocation_ratio"] = value
+            try:
+                placement("PUT", f"/resource_providers/{provider}/inventories/DISK_GB", inv)
+                return old
+            except RuntimeError as e:
+                if ": 409 " not in str(e):
+                    raise
+        raise RuntimeError(f"Placement kept refusing DISK_GB's allocation ratio {value}")
+
+    before = set_ratio(ratio)
+    try:
+        yield
+    finally:
+        set_ratio(before)
+
+
+@contextlib.contextmanager
+def nova_servers(sizes, fill=False):
+    """Servers of `sizes` MiB built side by side, deleted however the block ends."""
+    servers = []
+    try:
+        for size in sizes:
+            servers.append(NovaServer(size))
+        for server in servers:
+            server.ready()
+            if fill:
+                server.fill()
+        yield servers
+    finally:
+        for server in servers:
+            server.delete()
+
+
+Snap = collections.namedtuple("Snap", "image active_s end_s made_by held used_mib provisioned_mib")
+
+
+def nova_snapshot(server, listener=None, timeout=1800):
+    """What `openstack server image create --wait` does, timed from its API request to the
+    image active (and, with `listener`, to novasnap's `instance.snapshot.end`); whoever
+    serves the host makes it. The image stays: the caller looks at it, then deletes it."""
+    server.wait_idle()
+    t0 = time.monotonic()
+    image = nova("POST", f"/servers/{server.id}/action", {"createImage": {"name": "novasnap-bench"}},
+                 admin=server.admin, version="2.45")["image_id"]
+    MADE_IMAGES.add(image)
+    deadline = t0 + timeout
+    while (shown := glance("GET", f"/v2/images/{image}"))["status"] != "active":
+        if shown["status"] in ("killed", "deleted") or time.monotonic() > deadline:
+            glance_delete(image)
+            raise RuntimeError(f"image {image} of server {server.id} is {shown['status']}")
+        time.sleep(0.2)
+    active = time.monotonic() - t0
+    made_by = "novasnap" if shown.get("novasnap_made_by") else "nova-compute"
+    end = held = None
+    if listener is not None and made_by == "novasnap":
+        end = listener.wait(image, timeout=max(1, deadline - time.monotonic())) - t0
+        held = listener.held_ms(image)
+    used, provisioned = pool_bytes(image)
+    return Snap(image, active, end, made_by, held, used / MiB, provisioned / MiB)
+
+
+def pool_bytes(image):
+    """(bytes used, bytes provisioned) of Glance's copy images/<image>, its snapshots
+    included, as `rbd du` counts them (the object map's view: what the cluster stores)."""
+    du = json.loads(sh("rbd", "du", "--format", "json", f"images/{image}"))["images"]
+    return sum(i["used_size"] for i in du), max(i["provisioned_size"] for i in du)
+
+
+def others_in_front(limit=300):
+    """Waits, at most `limit` s, until no novasnap is in front of the stack's compute host (a
+    test's worker beside nova-compute would take the bench's snapshots); says if one stays."""
+    deadline = time.monotonic() + limit
+    while relay_consumers(ENV["NOVASNAP_HOST"]):
+        if time.monotonic() > deadline:
+            log(f"a novasnap is still in front of compute.{ENV['NOVASNAP_HOST']}: the table's 'made by' tells")
+            return
+        time.sleep(2)
+
+
+@contextlib.contextmanager
+def snapshotter(who):
+    """`nova-compute` alone serves the host's snapshots, or `novasnap` beside it."""
+    if who == "nova-compute":
+        others_in_front()
+        yield
+        return
+    with Worker(beside_nova=True):
+        yield
+
+
+def nova_against_novasnap(listener):
+    """nova-compute's own snapshot of a server against novasnap's beside it, on the same
+    Nova-built, fully written server (issue 15), with the bytes each image takes in Glance's
+    pool."""
+    rows = []
+    for size in NOVA_SIZES:
+        room(2 * size, f"the Nova section's {size} MiB server (its disk and one image at a time)")
+        with nova_servers([size], fill=True) as (server,):
+            for who in ("nova-compute", "novasnap"):
+                snaps = []
+                with snapshotter(who):
+                    for _ in range(RUNS):
+                        snap = nova_snapshot(server, listener if who == "novasnap" else None)
+                        glance_delete(snap.image)
+                        snaps.append(snap)
+                log(f"{size} MiB {who}: {snaps}")
+                rows.append((size, who, snaps))
+    return rows
+
+
+class Downtime:
+    """The time a domain was not running, from its state (`virsh domstate`) polled every
+    ~50 ms in a thread: a cold snapshot's suspension seen from outside, whoever makes it."""
+
+    def __init__(self, domain):
+        self.domain, self.stopped, self.samples = domain, threading.Event(), []
+        self.thread = threading.Thread(target=self._poll, daemon=True)
+        self.thread.start()
+
+    def _poll(self):
+        while not self.stopped.is_set():
+            r = attempt("virsh", "-c", "qemu:///system", "domstate", self.domain, timeout=10)
+            state = r.stdout.strip().splitlines()[0] if r and r.returncode == 0 and r.stdout.strip() else "?"
+            self.samples.append((time.monotonic(), state))
+            self.stopped.wait(0.05)
+
+    def stop(self):
+        """Milliseconds not running: each sample not `running` counts until the next."""
+        self.stopped.set()
+        self.thread.join(timeout=30)
+        s = self.samples
+        return 1000 * sum(b[0] - a[0] for a, b in zip(s, s[1:]) if a[1] != "running")
+
+
+def check_image(spec, *args):
+    """`scripts/check-image`'s key=value line for `spec`."""
+    r = subprocess.run([ENV["CHECK_IMAGE"], *args, spec], capture_output=True, text=True, timeout=600)
+    if r.returncode == 3:
+        raise RuntimeError(f"check-image {spec}: {r.stderr.strip() or r.stdout[-1000:]}")
+    last = r.stdout.strip().splitlines()[-1] if r.stdout.strip() else ""
+    return dict(kv.split("=", 1) for kv in last.split() if "=" in kv)
+
+
+def writer_gap(server, image, limit=120):
+    """(the image's filesystem clean, the writer's largest gap in ms right after the image's
+    last record, measured on the live disk once the guest has written on)."""
+    made = check_image(f"rbd:images/{image}")
+    seq = made.get("last_record", "none")
+    if not seq.isdigit():
+        raise RuntimeError(f"no record in image {image}: {made}")
+    deadline = time.monotonic() + limit
+    while (gap := check_image(f"rbd:vms/{server.disk}", "--gap-after", seq).get("gap_after_ms", "none")) == "none":
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the guest of {server.id} wrote nothing after record {seq} within {limit}s")
+        time.sleep(2)
+    return made.get("clean") == "yes", float(gap)
+
+
+def nova_compute_mode(server, log_from):
+    """live or cold, as nova-compute's log says it began this server's snapshot (after byte
+    `log_from`): the bench's check that the setting took."""
+    with open(NOVA_COMPUTE_LOG, errors="replace") as f:
+        f.seek(log_from)
+        text = f.read()
+    modes = re.findall(rf"\[instance: {server.id}\] Beginning (live|cold) snapshot process", text)
+    return modes[-1] if modes else "?"
+
+
+def held_run(server, who, listener):
+    """One snapshot of `server` by `who`, with the neutral measures of how long its guest was
+    held beside novasnap's own figures."""
+    log_from = os.path.getsize(NOVA_COMPUTE_LOG)
+    down = Downtime(server.domain)
+    try:
+        snap = nova_snapshot(server, listener if who == "novasnap" else None)
+    finally:
+        down_ms = down.stop()
+    try:
+        clean, gap = writer_gap(server, snap.image)
+    finally:
+        glance_delete(snap.image)
+    if snap.made_by == "novasnap":
+        mode = "cold" if snap.held and snap.held[1] else "live"
+    else:
+        mode = nova_compute_mode(server, log_from)
+    return dict(made_by=snap.made_by, mode=mode, active_s=snap.active_s, frozen_ms=snap.held and snap.held[0],
+                suspended_ms=snap.held and snap.held[1], gap_ms=gap, down_ms=down_ms, clean=clean)
+
+
+@contextlib.contextmanager
+def cold_snapshots():
+    """nova-compute, and novasnap started from the same file, with `[workarounds]
+    disable_libvirt_livesnapshot = True` (the stack setting NOVASNAP_STACK_LIVE_SNAPSHOT=off,
+    which restarts nova-compute), and live again however the block ends."""
+    stack_nova(live=False)
+    try:
+        yield
+    finally:
+        stack_nova(live=True)
+
+
+def stack_nova(live):
+    env = {k: v for k, v in ENV.items() if k != "NOVASNAP_STACK_LIVE_SNAPSHOT"}
+    if not live:
+        env["NOVASNAP_STACK_LIVE_SNAPSHOT"] = "off"
+    t0 = time.monotonic()
+    sh(os.path.join(ROOT, "scripts/stack"), "up", "nova", env=env, timeout=1200)
+    log(f"nova-compute with live snapshots {'on' if live else 'off'} ({time.monotonic() - t0:.0f}s)")
+
+
+def held(listener):
+    """How long the guest is held (issue 13): live and cold snapshots of Nova-built servers
+    (thin disks) by nova-compute and by novasnap beside it; one cold window, so nova-compute
+    restarts twice."""
+    rows = []
+    # Thin disks: the guest's filesystem each, and an image of it at a time.
+    room(256 * (2 * len(HELD_SIZES) + 1), "the held section")
+    with disk_overcommit(4.0), nova_servers(HELD_SIZES) as servers:
+        for mode in ("live", "cold"):
+            with cold_snapshots() if mode == "cold" else contextlib.nullcontext():
+                for who in ("nova-compute", "novasnap"):
+                    with snapshotter(who):
+                        for server in servers:
+                            for _ in range(HELD_RUNS):
+                                row = held_run(server, who, listener)
+                                log(f"held {server.size_mib} MiB {mode} {who}: {row}")
+                                rows.append(dict(row, size=server.size_mib, asked=mode, who=who))
+    return rows
 
 
 # ---------------------------------------------------------------- report
@@ -586,71 +1071,242 @@ def svg(rows):
     return "\n".join(out)
 
 
+def fmt(xs, spec="{:.2f}"):
+    """median (min–max) of `xs`, or the one value."""
+    xs = [x for x in xs if x is not None]
+    if not xs:
+        return "–"
+    m, lo, hi = stats(xs)
+    return spec.format(m) if len(xs) == 1 else f"{spec.format(m)} ({spec.format(lo)}–{spec.format(hi)})"
+
+
+def section_snapshot(listener, shared):
+    rows = snapshot_times(listener)
+    shared["svg"] = svg(rows)
+    md = ["## Snapshot wall time (s)", "",
+          "Cast → `instance.snapshot.end` for novasnap on a host of the bench's own (its guests are not "
+          "Nova's), against the same disk copied by Liberty's recipe and by the bare librbd sequence.", "",
+          "| disk | " + " | ".join(rows[0][1].keys()) + " | novasnap direct / floor | Liberty / novasnap direct |",
+          "|---|" + "---|" * (len(rows[0][1]) + 2)]
+    for size, r in rows:
+        direct = stats(r["novasnap direct"])[0]
+        floor = stats(r["bare librbd sequence (floor)"])[0]
+        lib = stats(r["Liberty: qemu-img convert + upload"])[0]
+        md.append(f"| {size} MiB | " + " | ".join(fmt(v) for v in r.values())
+                  + f" | {direct / floor:.2f}× | {lib / direct:.2f}× |")
+    return md
+
+
+def section_concurrency(listener, shared):
+    rows, shared["peak8"] = concurrency(listener)
+    return ["## Concurrency (256 MiB disks, direct path, max_concurrent_snapshots = 8)", "",
+            "| snapshots at once | total (s) | per snapshot p50 (s) | p99 (s) | failed |", "|---|---|---|---|---|"] + \
+        [f"| {n} | {t:.2f} | {p50:.2f} | {p99:.2f} | {f} |" for n, t, p50, p99, f in rows]
+
+
+def section_dispatch(listener, shared):
+    nova_rate, oslo_rate = dispatch_throughput()
+    return [f"## Dispatch throughput ({CASTS} pre-loaded casts, same broker)", "",
+            "| consumer | casts/s |", "|---|---|",
+            f"| novasnap, reject fast path (dead-lettered) | {nova_rate:.0f} |",
+            f"| oslo.messaging RPC server, no-op endpoint, 64 threads | {oslo_rate:.0f} |"]
+
+
+def section_forwarding(listener, shared):
+    latency, forward_rate = forwarding()
+    return [f"## Beside nova-compute: forwarded RPC calls ({CALLS} calls, one at a time)", "",
+            "| path | p50 (ms) | p99 (ms) |", "|---|---|---|",
+            f"| nova-compute alone (oslo RPC servers on compute and compute-alt) | {latency[0]:.2f} | {latency[1]:.2f} |",
+            f"| through novasnap (compute → relay → compute-alt) | {latency[2]:.2f} | {latency[3]:.2f} |",
+            f"| added by novasnap | {latency[2] - latency[0]:.2f} | {latency[3] - latency[1]:.2f} |",
+            "", f"Forwarded casts: {forward_rate:.0f}/s ({CASTS} pre-loaded on compute.<host>, drained through "
+            "novasnap into compute-alt.<host> and by the stand-in nova-compute)."]
+
+
+def section_memory(listener, shared):
+    idle, streamed, steps = memory_and_breakdown(listener)
+    peak8 = [f"| peak during the 8-way run | {shared['peak8']} |"] if "peak8" in shared else []
+    return ["## Memory (worker RSS)", "", "| state | KiB |", "|---|---|", f"| idle | {idle} |", *peak8,
+            f"| peak during a 1 GiB standard (streamed) upload | {streamed} |",
+            "", "## Time breakdown of one 1 GiB direct snapshot (ms, summed per step)", "",
+            "| step | ms |", "|---|---|"] + \
+        [f"| {k} | {v} |" for k, v in sorted(steps.items(), key=lambda kv: -kv[1])]
+
+
+def size_label(mib):
+    return f"{mib // 1024} GiB" if mib >= 1024 and mib % 1024 == 0 else f"{mib} MiB"
+
+
+def section_nova(listener, shared):
+    rows = nova_against_novasnap(listener)
+    md = ["## Against nova-compute, on the same Nova server (s)", "",
+          f"`openstack server image create` of one server Nova built from the stack's raw image, its disk "
+          f"written full of random data beyond the guest's filesystem: its API request → the image active in "
+          f"Glance (polled every 0.2 s) and → novasnap's `instance.snapshot.end`; {RUNS} runs each, "
+          "nova-compute alone (its libvirt driver's RBD direct path), then novasnap beside it. "
+          "*made by*: the images carrying `novasnap_made_by`.", "",
+          "| disk | snapshotter | made by | request → image active | request → instance.snapshot.end "
+          "| nova-compute / novasnap (image active) |", "|---|---|---|---|---|---|"]
+    active = {(size, who): stats([s.active_s for s in snaps])[0] for size, who, snaps in rows}
+    for size, who, snaps in rows:
+        made = collections.Counter(s.made_by for s in snaps)
+        ratio = f"{active[(size, 'nova-compute')] / active[(size, who)]:.2f}×" if who == "novasnap" else ""
+        md.append(f"| {size_label(size)} | {who} | " + ", ".join(f"{k} {v}/{len(snaps)}" for k, v in made.items())
+                  + f" | {fmt([s.active_s for s in snaps])} | {fmt([s.end_s for s in snaps])} | {ratio} |")
+    md += ["", "## Bytes written per snapshot: the new image in Glance's pool (MiB)", "",
+           "`rbd du images/<image id>` right after each snapshot of the table above (its `snap` included): "
+           "what the cluster stores for the image, against the disk's size.", "",
+           "| disk | snapshotter | provisioned | used | used / provisioned |", "|---|---|---|---|---|"]
+    for size, who, snaps in rows:
+        used, prov = [s.used_mib for s in snaps], [s.provisioned_mib for s in snaps]
+        md.append(f"| {size_label(size)} | {who} | {fmt(prov, '{:.0f}')} | {fmt(used, '{:.0f}')} "
+                  f"| {stats(used)[0] / stats(prov)[0]:.2f} |")
+    return md
+
+
+def section_held(listener, shared):
+    rows = held(listener)
+    cell = lambda v, spec="{:.0f}": "–" if v is None else spec.format(v)
+    md = ["## How long the guest is held (ms)", "",
+          f"Nova-built servers (thin disks, the guest's writer appending a record every 200 ms), snapshots asked of "
+          f"Nova, {HELD_RUNS} run(s) each: nova-compute alone, then novasnap beside it; live, then cold "
+          "(`[workarounds] disable_libvirt_livesnapshot = True`, nova-compute restarted). *frozen*, *suspended*: "
+          "novasnap's own figures (`compute.instance.snapshot.end`). Neutral, for both: *writer gap*, the "
+          "writer's largest gap right after the image's last record (`check-image --gap-after` on the live "
+          "disk; 200 ms is no hold; guest time, which a managed save stops too, so a cold suspension barely "
+          "shows there); *not running*, how long `virsh domstate` (polled every ~50 ms) said anything but "
+          "running. *ran* is the mode seen: nova-compute's log, or novasnap's suspended time. *clean*: the "
+          "image's filesystem needs no journal replay (quiesced).", "",
+          "| disk | asked | snapshotter | ran | request → image active (s) | frozen | suspended | writer gap "
+          "| not running | clean |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        md.append(f"| {size_label(r['size'])} | {r['asked']} | {r['who']} | {r['mode']} | {r['active_s']:.2f} "
+                  f"| {cell(r['frozen_ms'])} | {cell(r['suspended_ms'])} | {r['gap_ms']:.0f} | {r['down_ms']:.0f} "
+                  f"| {'yes' if r['clean'] else 'no'} |")
+    md += ["", "Against the aims (issue 13):", ""]
+    for size in HELD_SIZES:
+        of = lambda who, asked, key: [r[key] for r in rows if (r["size"], r["who"], r["asked"]) == (size, who, asked)
+                                      and r[key] is not None]
+        frozen = of("novasnap", "live", "frozen_ms")
+        if frozen:
+            p50 = statistics.median(frozen)
+            md.append(f"- {size_label(size)}, live: novasnap frozen {p50:.0f} ms at p50 "
+                      f"({'within' if p50 <= 100 else 'above'} the 100 ms aim)")
+        suspended, active = of("novasnap", "cold", "suspended_ms"), of("novasnap", "cold", "active_s")
+        nova_down = of("nova-compute", "cold", "down_ms")
+        if suspended and active:
+            md.append(f"- {size_label(size)}, cold: novasnap suspended {statistics.median(suspended):.0f} ms of a "
+                      f"{statistics.median(active):.2f} s snapshot"
+                      + (f"; nova-compute's guest not running for {statistics.median(nova_down):.0f} ms"
+                         if nova_down else ""))
+    return md
+
+
+def stack_versions():
+    """What the results were measured on, beside the machine."""
+    venv = os.path.join(ENV["NOVASNAP_STACK_STATE"], "venv-openstack", "bin", "python")
+    nova_v, glance_v = sh(venv, "-c", "import importlib.metadata as m; print(m.version('nova'), m.version('glance'))",
+                          timeout=60).split()
+    paxos = re.search(r'"paxos_propose_interval":\s*"([^"]+)"',
+                      sh("ceph", "tell", "mon.*", "config", "get", "paxos_propose_interval", timeout=60))
+    return {
+        "Ceph": sh("ceph", "--version").split()[2],
+        "QEMU": sh("qemu-system-x86_64", "--version").splitlines()[0].split()[3],
+        "libvirt": sh("virsh", "--version").strip(),
+        "Nova": nova_v, "Glance": glance_v,
+        "paxos_propose_interval": paxos.group(1) if paxos else "?",
+    }
+
+
+def commit():
+    """This checkout's commit, `-dirty` when tracked files differ from it."""
+    head = sh("git", "-C", ROOT, "rev-parse", "--short", "HEAD").strip()
+    dirty = subprocess.run(["git", "-C", ROOT, "diff", "--quiet", "HEAD"], timeout=60).returncode != 0
+    return head + ("-dirty" if dirty else "")
+
+
+STOPPING = threading.Event()
+
+
+def on_sigterm(*_):
+    """A bench stopped with SIGTERM cleans up as one that failed (guests, servers, images,
+    settings), and runs no further section."""
+    STOPPING.set()
+    sys.exit(143)
+
+
+def run_sections(shared):
+    """Each chosen section in turn, timed; one that fails is reported and the next runs."""
+    md, failed, times = [], [], []
+    listener = Listener()
+    try:
+        for name in ONLY:
+            t0 = time.monotonic()
+            log(f"section {name}")
+            try:
+                md += [""] + globals()[f"section_{name}"](listener, shared)
+            except Exception as e:
+                if STOPPING.is_set():  # a cleanup that failed after SIGTERM
+                    raise
+                traceback.print_exc()
+                failed.append(name)
+                md += ["", f"## {name}: failed", "", "```", str(e)[-3000:], "```"]
+            times.append((name, time.monotonic() - t0))
+    finally:
+        for image in sorted(MADE_IMAGES):
+            glance_delete(image, limit=60)
+        listener.stop()
+    return md, failed, times
+
+
 def main():
+    unknown = set(ONLY) - set(SECTIONS)
+    if unknown:
+        sys.exit(f"BENCH_ONLY: unknown section(s) {sorted(unknown)}; the sections: {', '.join(SECTIONS)}")
+    signal.signal(signal.SIGTERM, on_sigterm)
+    started, t0 = commit(), time.monotonic()
+    pool_before = set(rbd.RBD().list(images))
     # Benchmarks run with Ceph's default paxos_propose_interval (1 s), as production does;
     # the test stack lowers it to 0.05 s, so set it for the run and restore it after.
     sh("ceph", "tell", "mon.*", "config", "set", "paxos_propose_interval", "1")
-    listener = Listener()
+    shared = {}
     try:
-        snap_rows = snapshot_times(listener)
-        conc_rows, peak8 = concurrency(listener)
-        nova_rate, oslo_rate = dispatch_throughput()
-        latency, forward_rate = forwarding()
-        idle, streamed, steps = memory_and_breakdown(listener)
+        versions = stack_versions()
+        body, failed, times = run_sections(shared)
     finally:
-        listener.stop()
         sh("ceph", "tell", "mon.*", "config", "set", "paxos_propose_interval", "0.05")
+    servers_left = [s["id"] for s in nova("GET", "/servers?all_tenants=1", admin=True)["servers"]
+                    if s["name"].startswith("novasnap-bench-")]
+    pool_new = sorted(set(rbd.RBD().list(images)) - pool_before)
     date = datetime.date.today().isoformat()
     machine = {
         "cores": os.cpu_count(),
         "RAM": sh("free", "-g").splitlines()[1].split()[1] + " GiB",
         "kernel": os.uname().release,
-        "Ceph": sh("ceph", "--version").split()[2],
-        "QEMU": sh("qemu-system-x86_64", "--version").splitlines()[0].split()[3],
-        "novasnap": sh("git", "-C", ROOT, "rev-parse", "--short", "HEAD").strip(),
     }
     md = [f"# novasnap benchmarks, {date}", "",
-          "Machine: " + ", ".join(f"{k} {v}" for k, v in machine.items()) + ".",
-          "One-node Ceph 16 (memstore OSD, loopback), Glance 33 under gunicorn, `paxos_propose_interval = 1` "
-          "(Ceph's default) for the run. Times are cast → `instance.snapshot.end` at a stock oslo listener, "
-          f"medians of {RUNS} runs (min–max). Produced by `make bench`.", "",
-          "## Snapshot wall time (s)", "",
-          "| disk | " + " | ".join(snap_rows[0][1].keys()) + " | novasnap direct / floor | Liberty / novasnap direct |",
-          "|---|" + "---|" * (len(snap_rows[0][1]) + 2)]
-    for size, r in snap_rows:
-        cells = [f"{m:.2f} ({lo:.2f}–{hi:.2f})" for m, lo, hi in (stats(v) for v in r.values())]
-        direct = stats(r["novasnap direct"])[0]
-        floor = stats(r["bare librbd sequence (floor)"])[0]
-        lib = stats(r["Liberty: qemu-img convert + upload"])[0]
-        md.append(f"| {size} MiB | " + " | ".join(cells) + f" | {direct / floor:.2f}× | {lib / direct:.2f}× |")
-    md += ["", "## Concurrency (256 MiB disks, direct path, max_concurrent_snapshots = 8)", "",
-           "| snapshots at once | total (s) | per snapshot p50 (s) | p99 (s) | failed |", "|---|---|---|---|---|"]
-    md += [f"| {n} | {t:.2f} | {p50:.2f} | {p99:.2f} | {f} |" for n, t, p50, p99, f in conc_rows]
-    md += ["", f"## Dispatch throughput ({CASTS} pre-loaded casts, same broker)", "",
-           "| consumer | casts/s |", "|---|---|",
-           f"| novasnap, reject fast path (dead-lettered) | {nova_rate:.0f} |",
-           f"| oslo.messaging RPC server, no-op endpoint, 64 threads | {oslo_rate:.0f} |",
-           "", f"## Beside nova-compute: forwarded RPC calls ({CALLS} calls, one at a time)", "",
-           "| path | p50 (ms) | p99 (ms) |", "|---|---|---|",
-           f"| nova-compute alone (oslo RPC servers on compute and compute-alt) | {latency[0]:.2f} | {latency[1]:.2f} |",
-           f"| through novasnap (compute → relay → compute-alt) | {latency[2]:.2f} | {latency[3]:.2f} |",
-           f"| added by novasnap | {latency[2] - latency[0]:.2f} | {latency[3] - latency[1]:.2f} |",
-           "", f"Forwarded casts: {forward_rate:.0f}/s ({CASTS} pre-loaded on compute.<host>, drained through "
-           "novasnap into compute-alt.<host> and by the stand-in nova-compute).",
-           "", "## Memory (worker RSS)", "", "| state | KiB |", "|---|---|",
-           f"| idle | {idle} |", f"| peak during the 8-way run | {peak8} |",
-           f"| peak during a 1 GiB standard (streamed) upload | {streamed} |",
-           "", "## Time breakdown of one 1 GiB direct snapshot (ms, summed per step)", "",
-           "| step | ms |", "|---|---|"]
-    md += [f"| {k} | {v} |" for k, v in sorted(steps.items(), key=lambda kv: -kv[1])]
-    os.makedirs(os.path.join(ROOT, "bench/results"), exist_ok=True)
-    path = os.path.join(ROOT, f"bench/results/{date}.md")
-    md.append("")
-    md.append(f"![snapshot times]({date}-snapshot.svg)")
+          f"novasnap {started}. Machine: " + ", ".join(f"{k} {v}" for k, v in machine.items()) + ". Stack: "
+          + ", ".join(f"{k} {v}" for k, v in versions.items()) + " (Ceph's default, set for the run).",
+          "One-node Ceph (memstore OSD, loopback), Glance under gunicorn. Medians of "
+          f"{RUNS} runs (min–max) unless a table says otherwise. Produced by `make bench`"
+          + ("" if ONLY == list(SECTIONS) else f" with BENCH_ONLY={','.join(ONLY)}") + "."]
+    md += body
+    md += ["", "## This run", "",
+           "Wall time per section: " + ", ".join(f"{n} {t / 60:.1f} min" for n, t in times)
+           + f"; in all {(time.monotonic() - t0) / 60:.1f} min."
+           + (f" Failed: {', '.join(failed)}." if failed else ""),
+           f"Left behind: servers {servers_left or 'none'}; images in Glance's pool new since the start "
+           f"{pool_new or 'none'} (the stack is shared: other work may own some)."]
+    path = ENV.get("BENCH_OUT") or os.path.join(ROOT, f"bench/results/{date}.md")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    if "svg" in shared:
+        chart = os.path.splitext(path)[0] + "-snapshot.svg"
+        md += ["", f"![snapshot times]({os.path.basename(chart)})"]
+        open(chart, "w").write(shared["svg"])
     open(path, "w").write("\n".join(md) + "\n")
-    open(os.path.join(ROOT, f"bench/results/{date}-snapshot.svg"), "w").write(svg(snap_rows))
     print("\n".join(md))
     print(f"\nwritten: {path}")
+    sys.exit(1 if failed else 0)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,16 @@ case $NOVA_RABBIT_QUEUES in
   quorum) NOVA_TRANSPORT_URL=${TRANSPORT_URL%/}/$NOVA_QUORUM_VHOST ;;
   *) die "NOVASNAP_STACK_RABBIT_QUEUES=$NOVA_RABBIT_QUEUES: expected classic or quorum" ;;
 esac
+# Live snapshots, a stack setting: `on` (Nova's default), or `off` for cold ones
+# (`[workarounds] disable_libvirt_livesnapshot = True` in nova-cpu.conf, which novasnap beside
+# nova-compute reads too). Only nova-compute reads it: switching restarts nova-compute alone.
+# The benchmark switches it with `NOVASNAP_STACK_LIVE_SNAPSHOT=off scripts/stack up nova`,
+# and back without it.
+NOVA_LIVE_SNAPSHOT=${NOVASNAP_STACK_LIVE_SNAPSHOT:-on}
+case $NOVA_LIVE_SNAPSHOT in
+  on | off) ;;
+  *) die "NOVASNAP_STACK_LIVE_SNAPSHOT=$NOVA_LIVE_SNAPSHOT: expected on or off" ;;
+esac
 
 nova_manage() {
   "$OPENSTACK_VENV/bin/nova-manage" --config-file "$NOVA_CONTROL_CONF" "$@" >>"$LOGS/nova-manage.log" 2>&1
@@ -34,6 +44,10 @@ nova_api_healthy() { curl -fsS -m 5 "http://127.0.0.1:8774/" >/dev/null 2>&1; }
 
 nova_rabbit_conf() {
   if [ "$NOVA_RABBIT_QUEUES" = quorum ]; then printf '\n[oslo_messaging_rabbit]\nrabbit_quorum_queue = True\n'; fi
+}
+
+nova_workarounds_conf() {
+  if [ "$NOVA_LIVE_SNAPSHOT" = off ]; then printf '[workarounds]\ndisable_libvirt_livesnapshot = True\n'; fi
 }
 
 # What both files say the same way; the arguments are more [DEFAULT] lines.
@@ -68,11 +82,13 @@ $(keystone_auth_section nova)
 EOC
 }
 
+# Writes both files; NOVA_CONTROL_CHANGED and NOVA_COMPUTE_CHANGED say which changed (1),
+# so that a change to nova-cpu.conf alone restarts nova-compute alone.
 write_nova_confs() {
   mkdir -p "$NOVA_DIR/etc" "$NOVA_DIR/locks" "$NOVA_DIR/instances"
   cp "$OPENSTACK_VENV/etc/nova/api-paste.ini" "$NOVA_DIR/etc/"
-  local changed=1
-  write_if_changed "$NOVA_CONTROL_CONF" <<EOC && changed=0
+  NOVA_CONTROL_CHANGED= NOVA_COMPUTE_CHANGED=
+  write_if_changed "$NOVA_CONTROL_CONF" <<EOC && NOVA_CONTROL_CHANGED=1
 # Written by novasnap scripts/stack: Nova's control services of the local test stack.
 $(nova_common_conf)
 
@@ -96,7 +112,7 @@ $(keystone_auth_section nova)
 # Hosts are mapped to the cell by \`nova-manage cell_v2 discover_hosts\` when compute starts.
 discover_hosts_in_cells_interval = -1
 EOC
-  write_if_changed "$NOVA_CONF" <<EOC && changed=0
+  write_if_changed "$NOVA_CONF" <<EOC && NOVA_COMPUTE_CHANGED=1
 # Written by novasnap scripts/stack: nova-compute of the local test stack, and novasnap
 # beside it (its [novasnap] section; Nova ignores it).
 $(nova_common_conf "host = $COMPUTE_HOST" "compute_driver = libvirt.LibvirtDriver" \
@@ -121,8 +137,10 @@ enabled = False
 helper_command = $OPENSTACK_VENV/bin/privsep-helper --config-file $NOVA_CONF
 
 $(novasnap_conf_section)
+
+$(nova_workarounds_conf)
 EOC
-  return $changed
+  return 0
 }
 
 # nova_daemon_start NAME: one of NOVA_DAEMONS, with its log and pid under the stack's state.
@@ -160,6 +178,16 @@ compute_registered() {
     grep -qx "$COMPUTE_HOST up"
 }
 
+# nova-compute serves its host: its second RPC server consumes compute-alt.<host> (novasnap
+# never consumes that queue). After a restart, `compute_registered` may still see the old
+# process's heartbeat; a queue's consumer goes with its process.
+compute_consuming() {
+  local vhost=/
+  [ "$NOVA_RABBIT_QUEUES" = quorum ] && vhost=$NOVA_QUORUM_VHOST
+  rabbitmqctl -q list_queues -p "$vhost" name consumers |
+    awk -v q="compute-alt.$COMPUTE_HOST" '$1 == q && $2 > 0 { found = 1 } END { exit !found }'
+}
+
 # The quorum vhost, made afresh (switching to quorum queues) or removed (switching back).
 nova_rabbit_vhost() {
   rabbitmqctl -q delete_vhost "$NOVA_QUORUM_VHOST" >/dev/null 2>&1 || true
@@ -180,9 +208,9 @@ nova_cell1_transport() {
 }
 
 nova_up() {
-  local t0=$SECONDS d changed=
-  if write_nova_confs; then
-    changed=1
+  local t0=$SECONDS d
+  write_nova_confs
+  if [ -n "$NOVA_CONTROL_CHANGED" ]; then
     local running=
     for d in "${NOVA_DAEMONS[@]}" nova-api; do pid_alive "$STATE/run/$d.pid" && running=1; done
     if [ -n "$running" ]; then
@@ -190,9 +218,12 @@ nova_up() {
       nova_stop
     fi
     nova_rabbit_vhost
+  elif [ -n "$NOVA_COMPUTE_CHANGED" ] && pid_alive "$STATE/run/nova-compute.pid"; then
+    say "nova: nova-cpu.conf changed, restarting nova-compute"
+    stop_pidfile "$STATE/run/nova-compute.pid"
   fi
   nova_databases
-  [ -z "$changed" ] || nova_cell1_transport
+  [ -z "$NOVA_CONTROL_CHANGED" ] || nova_cell1_transport
   for d in nova-conductor nova-scheduler; do nova_daemon_start "$d"; done
   # The API reads only files: its log file is set in one of its own.
   printf '[DEFAULT]\nlog_file = %s\n' "$LOGS/nova-api.log" >"$NOVA_DIR/etc/nova-api-log.conf"
@@ -204,6 +235,7 @@ nova_up() {
   nova_daemon_start nova-compute
   OS_AUTH_URL=$KEYSTONE_URL OS_USER_DOMAIN_NAME=Default OS_PROJECT_DOMAIN_NAME=Default \
     wait_service 120 nova-compute "$STATE/run/nova-compute.pid" "$LOGS/nova-compute.log" compute_registered
+  wait_service 120 nova-compute "$STATE/run/nova-compute.pid" "$LOGS/nova-compute.log" compute_consuming
   nova_manage cell_v2 discover_hosts || die "nova-manage cell_v2 discover_hosts failed; see $LOGS/nova-manage.log"
   say "nova up ($((SECONDS - t0))s)"
 }
