@@ -149,18 +149,22 @@ async fn a_wrong_ca_fails_naming_the_endpoint_it_could_not_trust() {
         (tls_overrides(&ca, &wrong, &ca), env("KEYSTONE_HTTPS_URL")),
         (tls_overrides(&ca, &ca, &wrong), env("GLANCE_HTTPS_URL")),
     ] {
-        let config = config_with(&overrides);
-        let worker = WorkerProcess::start(&config).await;
-        let image_id = nova_api(&config, "snapshot", &guest(1), &[]).await;
-        wait_until(Duration::from_secs(120), || async {
-            worker.log_text().lines().any(|l| l.contains(&endpoint) && l.contains("UnknownIssuer"))
-        })
-        .await
-        .unwrap_or_else(|| panic!("no TLS error naming {endpoint}:\n{}", worker.log_text()));
-        assert!(worker.stop().await.success());
-        glance_delete(&image_id).await;
-        delete_queue(&format!("novasnap.snapshots.{}", config.host)).await;
+        snapshot_fails_naming(&config_with(&overrides), &endpoint, "UnknownIssuer").await;
     }
+}
+
+/// A snapshot with `config` fails, its worker logging `error` of `endpoint`.
+async fn snapshot_fails_naming(config: &TestConfig, endpoint: &str, error: &str) {
+    let worker = WorkerProcess::start(config).await;
+    let image_id = nova_api(config, "snapshot", &guest(1), &[]).await;
+    wait_until(Duration::from_secs(120), || async {
+        worker.log_text().lines().any(|l| l.contains(endpoint) && l.contains(error))
+    })
+    .await
+    .unwrap_or_else(|| panic!("no TLS error naming {endpoint}:\n{}", worker.log_text()));
+    assert!(worker.stop().await.success());
+    glance_delete(&image_id).await;
+    delete_queue(&format!("novasnap.snapshots.{}", config.host)).await;
 }
 
 /// The stack's listeners verify a client certificate when one is presented (RabbitMQ's
@@ -187,16 +191,5 @@ async fn client_certificates_are_presented_to_rabbitmq_keystone_and_glance() {
     let mut overrides = tls_overrides(&ca, &ca, &ca);
     overrides.push(("glance", "certfile", stranger.clone()));
     overrides.push(("glance", "keyfile", stranger_key.clone()));
-    let config = config_with(&overrides);
-    let worker = WorkerProcess::start(&config).await;
-    let image_id = nova_api(&config, "snapshot", &guest(1), &[]).await;
-    let endpoint = env("GLANCE_HTTPS_URL");
-    wait_until(Duration::from_secs(120), || async {
-        worker.log_text().lines().any(|l| l.contains(&endpoint) && l.contains("UnknownCA"))
-    })
-    .await
-    .unwrap_or_else(|| panic!("no TLS error naming {endpoint}:\n{}", worker.log_text()));
-    assert!(worker.stop().await.success());
-    glance_delete(&image_id).await;
-    delete_queue(&format!("novasnap.snapshots.{}", config.host)).await;
+    snapshot_fails_naming(&config_with(&overrides), &env("GLANCE_HTTPS_URL"), "UnknownCA").await;
 }
