@@ -39,6 +39,7 @@ async fn crash_then_recover_casting(point: &str, overrides: &[(&str, &str, &str)
         // The cast was not acknowledged: the next worker gets it again and finishes it.
         let survivor = WorkerProcess::start(&config).await;
         listener.wait_for("instance.snapshot.end", &image_id, Duration::from_secs(300)).await;
+        survivor.wait_settled(&image_id).await;
         let image = glance_image(&image_id).await.expect("image exists");
         assert_eq!(image["status"], "active", "run {run} at {point}: {image:#}\n{}", survivor.log_text());
         assert_image_holds_guest(&image_id).await;

@@ -82,6 +82,7 @@ async fn glance_refusing_locations_falls_back_to_the_standard_path() {
     let worker = WorkerProcess::start(&config).await;
     let image_id = nova_api(&config, "snapshot", &guest, &[]).await;
     listener.wait_for("instance.snapshot.end", &image_id, Duration::from_secs(300)).await;
+    worker.wait_settled(&image_id).await;
     let log = worker.log_text();
     assert!(
         log.contains("performing standard snapshot") && log.contains("refuses"),
@@ -143,6 +144,7 @@ async fn a_guest_stopped_right_after_the_cast_still_gets_a_clean_snapshot() {
         .await
         .expect("Nova stops the server");
     listener.wait_for("instance.snapshot.end", &image_id, Duration::from_secs(300)).await;
+    worker.wait_settled(&image_id).await;
     let state = domain_state(&guest.domain).await;
     // Wherever the stop met the pipeline, the image holds the disk and nothing is left.
     assert_eq!(glance_image(&image_id).await.unwrap()["status"], "active");

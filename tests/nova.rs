@@ -13,8 +13,10 @@ use common::*;
 
 const LIMIT: Duration = Duration::from_secs(300);
 
-/// What a snapshot novasnap made looks like in Glance and in Nova.
+/// What a snapshot novasnap made looks like in Glance and in Nova, once novasnap has
+/// settled its cast.
 async fn assert_made_by_novasnap(server: &Server, image_id: &str, worker: &WorkerProcess) {
+    worker.wait_settled(image_id).await;
     let image = image_show(image_id).await;
     let log = worker.log_text();
     assert_eq!(image["status"], "active", "{image:#}\n{log}");

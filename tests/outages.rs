@@ -33,9 +33,11 @@ async fn glance_failing_updates(down: Arc<AtomicBool>) -> (String, Arc<AtomicUsi
     (url, refused)
 }
 
-/// The snapshot ended: its end notification seen, the image active with the disk's bytes.
-async fn assert_completed(listener: &mut Listener, image_id: &str) {
+/// The snapshot ended: its end notification seen, the image active with the disk's bytes,
+/// the cast settled by `worker`.
+async fn assert_completed(listener: &mut Listener, worker: &WorkerProcess, image_id: &str) {
     listener.wait_for("instance.snapshot.end", image_id, Duration::from_secs(300)).await;
+    worker.wait_settled(image_id).await;
     assert_eq!(glance_image(image_id).await.unwrap()["status"], "active");
     assert_image_holds_guest(image_id).await;
 }
@@ -69,7 +71,7 @@ async fn glance_answering_503_for_a_while_only_delays_the_snapshot() {
     tokio::time::sleep(Duration::from_secs(3)).await;
     down.store(false, Ordering::SeqCst);
 
-    assert_completed(&mut listener, &image_id).await;
+    assert_completed(&mut listener, &worker, &image_id).await;
     let log = worker.log_text();
     assert!(log.contains("transient fault, retrying") && log.contains("503"), "the retries are logged:\n{log}");
     glance_delete(&image_id).await;
@@ -100,7 +102,7 @@ where
     let images_before = rbd_images("images").await;
     let image_id = nova_api(&config, "snapshot", &guest, &[]).await;
 
-    assert_completed(&mut listener, &image_id).await;
+    assert_completed(&mut listener, &worker, &image_id).await;
     let log = worker.log_text();
     glance_delete(&image_id).await;
     assert_nothing_left(&guest, &images_before, &worker).await;
@@ -261,7 +263,7 @@ async fn an_unresponsive_osd_for_a_while_only_delays_the_snapshot() {
     let marked = tokio::process::Command::new("ceph").args(["osd", "down", "0"]).output().await.unwrap();
     assert!(marked.status.success(), "ceph osd down 0: {}", String::from_utf8_lossy(&marked.stderr));
 
-    assert_completed(&mut listener, &image_id).await;
+    assert_completed(&mut listener, &worker, &image_id).await;
     // The pause met the snapshot: between the cast's arrival and its end the worker waited
     // on Ceph for seconds, in a pipeline step or in the ledger lookup before the first.
     let log = worker.log_text();
@@ -303,7 +305,7 @@ async fn a_libvirtd_restart_only_delays_the_snapshot() {
         .unwrap();
     assert!(up.status.success(), "scripts/stack up restarts libvirtd: {}", String::from_utf8_lossy(&up.stderr));
 
-    assert_completed(&mut listener, &image_id).await;
+    assert_completed(&mut listener, &worker, &image_id).await;
     assert!(worker.log_text().contains("transient fault, retrying"), "{}", worker.log_text());
     glance_delete(&image_id).await;
     assert_nothing_left(&guest, &images_before, &worker).await;
@@ -369,7 +371,7 @@ async fn a_full_glance_pool_fails_cleanly_and_the_next_snapshot_works() {
     let lifted = wait_until(Duration::from_secs(60), || async { !pool_is_full("images").await }).await;
     assert!(lifted.is_some(), "quota lifted");
     let image_id = nova_api(&config, "snapshot", &guest, &[]).await;
-    assert_completed(&mut listener, &image_id).await;
+    assert_completed(&mut listener, &worker, &image_id).await;
     glance_delete(&image_id).await;
     assert!(worker.stop().await.success());
 }

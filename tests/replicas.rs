@@ -137,6 +137,7 @@ async fn a_worker_paused_past_its_lease_stops_and_changes_nothing_more() {
         rados(&["lock", "break", &object, "snapshot", &rados_locker(&object).await, "--lock-cookie", "other-replica"])
             .await;
     listener.wait_for("instance.snapshot.end", &image_id, Duration::from_secs(300)).await;
+    worker.wait_settled(&image_id).await;
     assert_eq!(glance_image(&image_id).await.unwrap()["status"], "active");
     assert_image_holds_guest(&image_id).await;
     assert!(novasnap_disk_snapshots(&guest).await.is_empty());

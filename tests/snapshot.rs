@@ -65,6 +65,7 @@ async fn snapshot_checked(guest_n: u8, overrides: &[(&str, &str, &str)], expect_
 
     let image_id = nova_api(&config, "snapshot", &guest, &[]).await;
     listener.wait_for("instance.snapshot.end", &image_id, SNAPSHOT_LIMIT).await;
+    worker.wait_settled(&image_id).await;
     let log = worker.log_text();
 
     let image = glance_image(&image_id).await.expect("image exists");
@@ -159,6 +160,7 @@ async fn a_guest_with_the_agent_is_quiesced_and_its_image_fscks_clean() {
     let worker = WorkerProcess::start(&config).await;
     let image_id = nova_api(&config, "snapshot", &guest, &["--system-metadata", "image_hw_qemu_guest_agent=yes"]).await;
     listener.wait_for("instance.snapshot.end", &image_id, SNAPSHOT_LIMIT).await;
+    worker.wait_settled(&image_id).await;
     let log = worker.log_text();
     assert!(log.contains("guest filesystems frozen") && log.contains("guest filesystems thawed"), "{log}");
     let check = common::openstack::check_image(&format!("rbd:images/{image_id}"), true).await;
