@@ -227,11 +227,10 @@ async fn hostile_casts_are_dead_lettered_small_and_the_worker_goes_on() {
     delete_queue(&dlq).await;
 }
 
-/// A broker that blocks publishers (a memory alarm) does not stall a snapshot in flight:
-/// notifications wait off its path, and the snapshot finishes; they are delivered once the
-/// alarm clears.
-#[tokio::test]
-async fn a_memory_alarm_does_not_stall_a_snapshot_in_flight() {
+/// A broker that blocks publishers (a memory or disk alarm) does not stall a snapshot in
+/// flight: notifications wait off its path, and the snapshot finishes; they are delivered
+/// once the alarm clears.
+async fn an_alarm_does_not_stall_a_snapshot_in_flight(kind: Alarm) {
     let guest = guest(1);
     let config = TestConfig::new(&[]);
     let mut listener = Listener::start(&config).await;
@@ -240,31 +239,67 @@ async fn a_memory_alarm_does_not_stall_a_snapshot_in_flight() {
     wait_until(Duration::from_secs(60), || async { worker.log_text().contains("beginning") })
         .await
         .unwrap_or_else(|| panic!("snapshot started:\n{}", worker.log_text()));
-    let alarm = MemoryAlarm::raise().await;
+    let alarm = BrokerAlarm::raise(kind).await;
     let finished = wait_until(Duration::from_secs(240), || async {
         glance_image(&image).await.is_some_and(|i| i["status"] == "active")
     })
     .await;
     drop(alarm);
-    assert!(finished.is_some(), "the image went active under the alarm:\n{}", worker.log_text());
+    assert!(finished.is_some(), "the image went active under the {kind:?} alarm:\n{}", worker.log_text());
     listener.wait_for("instance.snapshot.end", &image, Duration::from_secs(120)).await;
     assert!(worker.stop().await.success());
     glance_delete(&image).await;
 }
 
-/// A RabbitMQ memory alarm, cleared (back to the broker's default watermark, 0.4) however the
-/// test ends.
-struct MemoryAlarm;
+#[tokio::test]
+async fn a_memory_alarm_does_not_stall_a_snapshot_in_flight() {
+    an_alarm_does_not_stall_a_snapshot_in_flight(Alarm::Memory).await;
+}
 
-impl MemoryAlarm {
-    async fn raise() -> Self {
-        rabbitmqctl(&["set_vm_memory_high_watermark", "0.0000001"]).await;
-        Self
+#[tokio::test]
+async fn a_disk_alarm_does_not_stall_a_snapshot_in_flight() {
+    an_alarm_does_not_stall_a_snapshot_in_flight(Alarm::Disk).await;
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Alarm {
+    Memory,
+    Disk,
+}
+
+impl Alarm {
+    /// The `rabbitmqctl` setting that raises it, and the broker's default that clears it.
+    fn setting(self, raised: bool) -> [&'static str; 2] {
+        match (self, raised) {
+            (Alarm::Memory, true) => ["set_vm_memory_high_watermark", "0.0000001"],
+            (Alarm::Memory, false) => ["set_vm_memory_high_watermark", "0.4"],
+            (Alarm::Disk, true) => ["set_disk_free_limit", "100000GB"],
+            (Alarm::Disk, false) => ["set_disk_free_limit", "50MB"],
+        }
     }
 }
 
-impl Drop for MemoryAlarm {
+/// A RabbitMQ resource alarm, in effect once `raise` returns (the broker looks at free disk
+/// every few seconds), and cleared however the test ends.
+struct BrokerAlarm(Alarm);
+
+impl BrokerAlarm {
+    async fn raise(kind: Alarm) -> Self {
+        rabbitmqctl(&kind.setting(true)).await;
+        let alarm = Self(kind);
+        let name = format!("{kind:?}").to_lowercase();
+        let raised = wait_until(Duration::from_secs(60), || async {
+            let out = tokio::process::Command::new("rabbitmq-diagnostics").args(["-q", "alarms"]).output().await;
+            // "Memory alarm on node …", "Free disk space alarm on node …"
+            out.is_ok_and(|o| String::from_utf8_lossy(&o.stdout).to_lowercase().contains(&name))
+        });
+        assert!(raised.await.is_some(), "the broker reports a {name} alarm");
+        alarm
+    }
+}
+
+impl Drop for BrokerAlarm {
     fn drop(&mut self) {
-        let _ = std::process::Command::new("rabbitmqctl").args(["set_vm_memory_high_watermark", "0.4"]).status();
+        let _ = std::process::Command::new("rabbitmqctl").args(self.0.setting(false)).status();
     }
 }
