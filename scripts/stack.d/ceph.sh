@@ -35,8 +35,10 @@ mon data avail warn = 2
 # Test stack only: commit monitor proposals every 50 ms instead of every second so pool
 # and snapshot operations return quickly. Benchmarks run against this note it.
 paxos propose interval = 0.05
-# A dead or full OSD must give clients an error, not a hang.
-rados osd op timeout = 30
+# A dead monitor must give the stack's tools an error, not a hang. No OSD op timeout: the
+# guests' QEMU reads this file too, and with one their writes failed while a test held the
+# OSD paused, their filesystems turning read-only (no cloud sets it for its hypervisors).
+# novasnap sets its own bounds on its own connection.
 rados mon op timeout = 30
 client mount timeout = 30
 run dir = $CEPH_RUN
@@ -60,8 +62,9 @@ log file = $LOGS/\$name.log
 admin socket = $CEPH_RUN/\$name.asok
 osd data = $CEPH_DIR/osd/\$cluster-\$id
 osd objectstore = memstore
-# RAM-backed: room for a few 1 GiB disks and their snapshots on a 24 GiB machine.
-memstore device bytes = 6442450944
+# RAM-backed: room for the guests, the images and what a test or the bench makes (eight
+# 256 MiB disks and their copies at once) on a 24 GiB machine; RAM is taken as data comes.
+memstore device bytes = 10737418240
 EOF
 }
 
