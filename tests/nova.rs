@@ -138,8 +138,7 @@ async fn novasnap_killed_mid_flatten_finishes_the_snapshot_itself_when_it_comes_
     let config = TestConfig::beside_nova(&[]);
     server.wait_idle(LIMIT).await;
     let mut doomed = WorkerProcess::start_with(&config, &[("NOVASNAP_CRASH_AT", "mid-flatten")]).await;
-    let image = openstack(&["server", "image", "create", "--name", &unique("test-crash"), &server.id]).await;
-    let image_id = image["id"].as_str().unwrap().to_string();
+    let image_id = server.image_request(&unique("test-crash")).await;
     let status = doomed.wait_exit(LIMIT).await;
     assert_eq!(status.signal(), Some(6), "died mid-flatten:\n{}", doomed.log_text());
     // nova-compute, the other consumer of compute.<host>, must not get the cast meanwhile.

@@ -163,6 +163,13 @@ impl Server {
         let image = openstack(&["server", "image", "create", "--wait", "--name", name, &self.id]).await;
         image["id"].as_str().unwrap().to_string()
     }
+
+    /// `openstack server image create` without waiting: the id of the image Nova has just
+    /// created (queued) and asked its compute host to fill.
+    pub async fn image_request(&self, name: &str) -> String {
+        let image = openstack(&["server", "image", "create", "--name", name, &self.id]).await;
+        image["id"].as_str().unwrap().to_string()
+    }
 }
 
 /// A server Nova built for one test, deleted when dropped, however the test ends.
