@@ -51,7 +51,7 @@ server_up() {
     "") ;;
     *)
       say "servers: $name is $status; making it again"
-      os_demo server delete --wait "$name" || die "cannot delete $name; see $LOGS/nova-compute.log"
+      server_delete "$name" || die "cannot delete $name; see $LOGS/nova-compute.log"
       status=
       ;;
   esac
@@ -155,13 +155,25 @@ servers_status() {
   [ "$(file_guest_state)" = running ]
 }
 
+# Deletes server NAME and waits until it is gone. Asked again when the client fails: nova-api
+# once closed the connection of a `delete --wait` whose delete had been accepted.
+server_delete() {
+  local name=$1 _
+  for _ in 1 2 3; do
+    os_demo server delete --wait "$name" && return 0
+    os_demo server show "$name" >/dev/null 2>&1 || return 0
+    sleep 5
+  done
+  return 1
+}
+
 servers_stop() {
   local n
   file_guest_remove
   if nova_api_healthy && keystone_healthy; then
     for n in 1 2; do
       if os_demo server show "$(server_name "$n")" >/dev/null 2>&1; then
-        os_demo server delete --wait "$(server_name "$n")" || die "cannot delete $(server_name "$n")"
+        server_delete "$(server_name "$n")" || die "cannot delete $(server_name "$n"); see $LOGS/nova-api.log"
       fi
     done
   fi
