@@ -22,43 +22,15 @@ async fn crash_then_recover(point: &str, overrides: &[(&str, &str, &str)]) {
     crash_then_recover_asked(point, overrides, Asked::ByCast(&[])).await;
 }
 
-/// How the snapshot is asked for.
-enum Asked<'a> {
-    /// A cast straight to a worker on a host of the test's own, with these extra arguments
-    /// (`tests/peer/nova_api.py`); Nova's record of the instance is left alone.
-    ByCast(&'a [&'a str]),
-    /// Of Nova's API, served by a worker beside the stack's nova-compute: the instance holds
-    /// a task_state until the end, as in production. Where the guest stays off long (in
-    /// managed save after a crash), only this is a real test: nova-compute stops a server
-    /// whose guest has been off for 15 s and whose task_state is none
-    /// (`ComputeManager.handle_lifecycle_event`, `_sync_instance_power_state`), and a cast
-    /// that bypasses nova-api leaves it none.
-    OfNova,
-}
-
 async fn crash_then_recover_asked(point: &str, overrides: &[(&str, &str, &str)], asked: Asked<'_>) {
     for run in 1..=runs() {
         let guest = guest(1);
-        let server = openstack::server(1);
-        let config = match asked {
-            Asked::ByCast(_) => TestConfig::new(overrides),
-            Asked::OfNova => {
-                // A crashed worker's lease lapses quickly, so the survivor need not wait long.
-                let lease = [("novasnap", "instance_lease", "6")];
-                TestConfig::beside_nova(&[overrides, &lease].concat())
-            }
-        };
+        let config = asked.config(overrides);
         let mut listener = Listener::start(&config).await;
         let images_before = rbd_images("images").await;
-        if let Asked::OfNova = asked {
-            server.wait_idle(Duration::from_secs(300)).await;
-        }
 
         let mut doomed = WorkerProcess::start_with(&config, &[("NOVASNAP_CRASH_AT", point)]).await;
-        let image_id = match asked {
-            Asked::ByCast(cast) => nova_api(&config, "snapshot", &guest, cast).await,
-            Asked::OfNova => server.image_request(&unique("test-crash")).await,
-        };
+        let image_id = asked.snapshot(&config, &guest).await;
         let status = doomed.wait_exit(Duration::from_secs(180)).await;
         assert_eq!(status.signal(), Some(libc_sigabrt()), "run {run}: worker died at {point}:\n{}", doomed.log_text());
         assert!(doomed.log_text().contains(&format!("crash injected at {point}")));
@@ -84,11 +56,7 @@ async fn crash_then_recover_asked(point: &str, overrides: &[(&str, &str, &str)],
         assert_eq!(domain_state(&guest.domain).await, "running");
         let freeze = virsh(&["qemu-agent-command", &guest.domain, r#"{"execute":"guest-fsfreeze-status"}"#]).await;
         assert!(freeze.contains("thawed"), "run {run} at {point}: the guest's filesystems are thawed: {freeze}");
-        if let Asked::OfNova = asked {
-            server.wait_idle(Duration::from_secs(300)).await;
-            let shown = server.show().await;
-            assert_eq!(shown["status"], "ACTIVE", "run {run} at {point}: Nova still has the server running: {shown:#}");
-        }
+        asked.assert_nova_left_it_running(&guest).await;
         assert!(survivor.stop().await.success());
         glance_delete(&image_id).await;
     }
@@ -151,6 +119,7 @@ async fn crash_while_the_guest_is_frozen() {
 /// save only while its disk snapshot is made. Killed right then, the worker leaves it
 /// suspended; the next one resumes it as soon as it finds it so, and finishes. Asked of Nova,
 /// whose nova-compute would otherwise stop the server it sees off (see `Asked::OfNova`).
+/// (The frozen and live crash points need not be: the guest runs throughout.)
 const COLD: (&str, &str, &str) = ("workarounds", "disable_libvirt_livesnapshot", "true");
 
 #[tokio::test]
@@ -160,5 +129,5 @@ async fn crash_while_the_guest_is_suspended_on_a_cold_snapshot() {
 
 #[tokio::test]
 async fn crash_mid_flatten_on_a_cold_snapshot() {
-    crash_then_recover("mid-flatten", &[COLD]).await;
+    crash_then_recover_asked("mid-flatten", &[COLD], Asked::OfNova).await;
 }

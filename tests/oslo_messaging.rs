@@ -157,7 +157,7 @@ async fn same_topology_as_oslo(tag: &str, options: &[(&str, &str)]) {
         vec![("DEFAULT", "transport_url", ours_vhost.url("127.0.0.1", 5672))];
     overrides.extend(options.iter().map(|(k, v)| ("oslo_messaging_rabbit", *k, v.to_string())));
     let refs: Vec<(&str, &str, &str)> = overrides.iter().map(|(s, k, v)| (*s, *k, v.as_str())).collect();
-    let config = TestConfig::new(&refs);
+    let config = TestConfig::beside_other_tests(&refs);
 
     let mut peer = oslo_declares(&oslo_vhost, &config, options).await;
     let oslo = declared(&oslo_vhost).await;
@@ -253,7 +253,7 @@ async fn ghost_cast_is_handled(config: &TestConfig, worker: &WorkerProcess, rabb
 
 #[tokio::test]
 async fn a_broker_on_ipv6_loopback_through_an_ipv6_transport_url() {
-    let config = TestConfig::new(&[("DEFAULT", "transport_url", "rabbit://guest:guest@[::1]:5672/")]);
+    let config = TestConfig::beside_other_tests(&[("DEFAULT", "transport_url", "rabbit://guest:guest@[::1]:5672/")]);
     let worker = WorkerProcess::start(&config).await;
     let connections = worker_connections(&config.host).await;
     let ipv6_loopback = [0, 0, 0, 0, 0, 0, 0, 1];
@@ -265,7 +265,7 @@ async fn a_broker_on_ipv6_loopback_through_an_ipv6_transport_url() {
 #[tokio::test]
 async fn heartbeat_timeout_threshold_0_means_no_heartbeats_and_others_are_negotiated() {
     for (threshold, expected) in [("0", 0), ("20", 20)] {
-        let config = TestConfig::new(&[("oslo_messaging_rabbit", "heartbeat_timeout_threshold", threshold)]);
+        let config = TestConfig::beside_other_tests(&[("oslo_messaging_rabbit", "heartbeat_timeout_threshold", threshold)]);
         let worker = WorkerProcess::start(&config).await;
         let connections = worker_connections(&config.host).await;
         let named = |prefix: &str| connections.iter().any(|c| c.name.starts_with(prefix));
@@ -301,7 +301,7 @@ async fn channel_prefetch_counts(name: &str) -> Vec<u64> {
 async fn with_transient_queue_ttl_0_the_worker_consumes_and_calls_the_conductor() {
     // nova_writeback on: the ghost's task_state goes to Nova's conductor through an RPC
     // call, whose reply queue is declared with the TTL and consumed with oslo's prefetch.
-    let config = TestConfig::new(&[
+    let config = TestConfig::beside_other_tests(&[
         ("oslo_messaging_rabbit", "rabbit_transient_queues_ttl", "0"),
         ("oslo_messaging_rabbit", "rabbit_qos_prefetch_count", "7"),
         ("novasnap", "nova_writeback", "true"),
@@ -318,7 +318,7 @@ async fn with_transient_queue_ttl_0_the_worker_consumes_and_calls_the_conductor(
 #[tokio::test]
 async fn compressed_casts_are_read_and_notifications_compressed_as_kombu_does() {
     // In: nova-api compressing its casts (gzip, then bz2); the worker compresses nothing.
-    let config = TestConfig::new(&[]);
+    let config = TestConfig::beside_other_tests(&[]);
     let worker = WorkerProcess::start(&config).await;
     for method in ["gzip", "bzip2"] {
         ghost_cast_is_handled(&config, &worker, &[&format!("kombu_compression={method}")]).await;
@@ -327,7 +327,7 @@ async fn compressed_casts_are_read_and_notifications_compressed_as_kombu_does() 
 
     // Out: a worker with kombu_compression; a stock oslo listener reads its notifications,
     // and on the wire they carry kombu's header.
-    let config = TestConfig::new(&[("oslo_messaging_rabbit", "kombu_compression", "gzip")]);
+    let config = TestConfig::beside_other_tests(&[("oslo_messaging_rabbit", "kombu_compression", "gzip")]);
     let tap = unique("novasnap-test-tap");
     tap_notifications(&config.notification_exchange, &tap).await;
     let worker = WorkerProcess::start(&config).await;
@@ -366,7 +366,7 @@ async fn tap_notifications(exchange: &str, queue: &str) {
 #[tokio::test]
 async fn every_notification_driver_line_gets_every_notification() {
     // `driver` is a MultiStrOpt: one line each, as oslo.config reads them.
-    let config = TestConfig::new(&[("oslo_messaging_notifications", "driver", "messagingv2")]);
+    let config = TestConfig::beside_other_tests(&[("oslo_messaging_notifications", "driver", "messagingv2")]);
     let text = std::fs::read_to_string(&config.path).unwrap();
     let three = "driver = messagingv2\ndriver = messaging\ndriver = log";
     std::fs::write(&config.path, text.replacen("driver = messagingv2", three, 1)).unwrap();
@@ -398,7 +398,7 @@ async fn a_broker_that_does_not_answer_is_passed_over_for_the_next() {
     // Nothing listens on 5999: whichever comes first in the shuffled order, the worker
     // ends up on 5672.
     let url = "rabbit://guest:guest@127.0.0.1:5999,guest:guest@[::1]:5672/";
-    let config = TestConfig::new(&[("DEFAULT", "transport_url", url)]);
+    let config = TestConfig::beside_other_tests(&[("DEFAULT", "transport_url", url)]);
     let worker = WorkerProcess::start(&config).await;
     assert!(worker.log_text().contains("connected to RabbitMQ broker=[::1]:5672"), "{}", worker.log_text());
     ghost_cast_is_handled(&config, &worker, &[]).await;
@@ -410,7 +410,7 @@ async fn the_login_method_is_oslo_s_amqplain_unless_configured() {
     for (method, expected) in [(None, "AMQPLAIN"), (Some("PLAIN"), "PLAIN")] {
         let overrides: Vec<(&str, &str, &str)> =
             method.map(|m| ("oslo_messaging_rabbit", "rabbit_login_method", m)).into_iter().collect();
-        let config = TestConfig::new(&overrides);
+        let config = TestConfig::beside_other_tests(&overrides);
         let worker = WorkerProcess::start(&config).await;
         let connections = worker_connections(&config.host).await;
         assert!(connections.len() >= 2 && connections.iter().all(|c| c.auth_mechanism == expected), "{connections:?}");
@@ -420,7 +420,7 @@ async fn the_login_method_is_oslo_s_amqplain_unless_configured() {
 
 #[tokio::test]
 async fn consumers_ask_for_cancel_on_ha_failover_when_enabled() {
-    let config = TestConfig::new(&[("oslo_messaging_rabbit", "enable_cancel_on_failover", "true")]);
+    let config = TestConfig::beside_other_tests(&[("oslo_messaging_rabbit", "enable_cancel_on_failover", "true")]);
     let worker = WorkerProcess::start(&config).await;
     let consumers = rabbitmqctl_json(&["-q", "list_consumers", "queue_name", "arguments"]).await;
     for queue in [format!("compute.{}", config.host), format!("novasnap.snapshots.{}", config.host)] {

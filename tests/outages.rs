@@ -281,11 +281,13 @@ async fn an_unresponsive_osd_for_a_while_only_delays_the_snapshot() {
 
 /// libvirtd is down when the cast arrives and is started again a few seconds later: the
 /// worker reconnects and a cold snapshot (suspend, resume: libvirt calls at both ends)
-/// completes with the guest running again.
+/// completes with the guest running again. Asked of Nova (the guest is off meanwhile: see
+/// `Asked::OfNova`).
 #[tokio::test]
 async fn a_libvirtd_restart_only_delays_the_snapshot() {
     let guest = guest(1);
-    let config = TestConfig::new(&[PATIENT, ("workarounds", "disable_libvirt_livesnapshot", "true")]);
+    let asked = Asked::OfNova;
+    let config = asked.config(&[PATIENT, ("workarounds", "disable_libvirt_livesnapshot", "true")]);
     let mut listener = Listener::start(&config).await;
     let worker = WorkerProcess::start(&config).await;
     let images_before = rbd_images("images").await;
@@ -294,7 +296,7 @@ async fn a_libvirtd_restart_only_delays_the_snapshot() {
     let gone =
         wait_until(Duration::from_secs(30), || async { !std::path::Path::new("/proc").join(&libvirtd).exists() }).await;
     assert!(gone.is_some(), "libvirtd {libvirtd} did not exit");
-    let image_id = nova_api(&config, "snapshot", &guest, &[]).await;
+    let image_id = asked.snapshot(&config, &guest).await;
     tokio::time::sleep(Duration::from_secs(3)).await;
     // libvirtd alone: bringing the guests up too would start the guest the worker has just
     // managed-saved for its cold snapshot.
@@ -307,6 +309,7 @@ async fn a_libvirtd_restart_only_delays_the_snapshot() {
 
     assert_completed(&mut listener, &worker, &image_id).await;
     assert!(worker.log_text().contains("transient fault, retrying"), "{}", worker.log_text());
+    asked.assert_nova_left_it_running(&guest).await;
     glance_delete(&image_id).await;
     assert_nothing_left(&guest, &images_before, &worker).await;
     assert!(worker.stop().await.success());

@@ -50,20 +50,25 @@ async fn assert_no_leftovers(guest: &DemoGuest) {
 /// Snapshots `guest` through a fresh worker and checks everything a snapshot must leave:
 /// an active image with the disk's bytes, nothing stray, the notifications in order; then
 /// deletes the image.
-async fn snapshot_and_check(guest_n: u8, overrides: &[(&str, &str, &str)], expect_direct: bool) {
-    let image_id = snapshot_checked(guest_n, overrides, expect_direct).await;
+async fn snapshot_and_check(guest_n: u8, overrides: &[(&str, &str, &str)], expect_direct: bool, asked: Asked<'_>) {
+    let image_id = snapshot_checked(guest_n, overrides, expect_direct, asked).await;
     glance_delete(&image_id).await;
 }
 
 /// The same, keeping the image: its id.
-async fn snapshot_checked(guest_n: u8, overrides: &[(&str, &str, &str)], expect_direct: bool) -> String {
+async fn snapshot_checked(
+    guest_n: u8,
+    overrides: &[(&str, &str, &str)],
+    expect_direct: bool,
+    asked: Asked<'_>,
+) -> String {
     let guest = guest(guest_n);
-    let config = TestConfig::new(overrides);
+    let config = asked.config(overrides);
     let state_before = domain_state(&guest.domain).await;
     let mut listener = Listener::start(&config).await;
     let worker = WorkerProcess::start(&config).await;
 
-    let image_id = nova_api(&config, "snapshot", &guest, &[]).await;
+    let image_id = asked.snapshot(&config, &guest).await;
     listener.wait_for("instance.snapshot.end", &image_id, SNAPSHOT_LIMIT).await;
     worker.wait_settled(&image_id).await;
     let log = worker.log_text();
@@ -87,6 +92,7 @@ async fn snapshot_checked(guest_n: u8, overrides: &[(&str, &str, &str)], expect_
     assert_image_holds_guest(&image_id).await;
     assert_no_leftovers(&guest).await;
     assert_eq!(domain_state(&guest.domain).await, state_before, "guest back as it was");
+    asked.assert_nova_left_it_running(&guest).await;
 
     // What a subscriber sees, in order.
     // This image's notifications only: queue names are global, other traffic may share them.
@@ -120,32 +126,33 @@ async fn snapshot_checked(guest_n: u8, overrides: &[(&str, &str, &str)], expect_
 
 #[tokio::test]
 async fn clone_backed_rbd_guest_live_direct_snapshot() {
-    snapshot_and_check(1, &[], true).await;
+    snapshot_and_check(1, &[], true, Asked::ByCast(&[])).await;
 }
 
+/// Asked of Nova, as every cold snapshot of a Nova server in these tests (`Asked::OfNova`).
 #[tokio::test]
 async fn clone_backed_rbd_guest_cold_direct_snapshot() {
-    snapshot_and_check(1, &[COLD], true).await;
+    snapshot_and_check(1, &[COLD], true, Asked::OfNova).await;
 }
 
 #[tokio::test]
 async fn non_clone_rbd_guest_finds_glance_pool_through_base_image_locations() {
-    snapshot_and_check(2, &[], true).await;
+    snapshot_and_check(2, &[], true, Asked::ByCast(&[])).await;
 }
 
 #[tokio::test]
 async fn file_backed_qcow2_guest_live_standard_snapshot() {
-    snapshot_and_check(3, &[RAW], false).await;
+    snapshot_and_check(3, &[RAW], false, Asked::ByCast(&[])).await;
 }
 
 #[tokio::test]
 async fn file_backed_qcow2_guest_cold_standard_snapshot() {
-    snapshot_and_check(3, &[RAW, COLD], false).await;
+    snapshot_and_check(3, &[RAW, COLD], false, Asked::ByCast(&[])).await;
 }
 
 #[tokio::test]
 async fn forced_standard_path_on_rbd_streams_the_disk_to_glance() {
-    snapshot_and_check(1, &[("novasnap", "direct_snapshot", "false")], false).await;
+    snapshot_and_check(1, &[("novasnap", "direct_snapshot", "false")], false, Asked::ByCast(&[])).await;
 }
 
 /// A guest whose image says it runs the QEMU guest agent (`hw_qemu_guest_agent`, which
@@ -193,7 +200,7 @@ async fn a_guest_with_the_agent_is_quiesced_and_its_image_fscks_clean() {
 /// instance wrote: Ceph stores a fraction of the disk, and the image reads as the disk did.
 #[tokio::test]
 async fn on_base_the_image_holds_only_what_the_instance_wrote() {
-    let image_id = snapshot_checked(1, &[("novasnap", "image_layout", "on_base")], true).await;
+    let image_id = snapshot_checked(1, &[("novasnap", "image_layout", "on_base")], true, Asked::ByCast(&[])).await;
     let copy = format!("images/{image_id}");
     let info = rbd_json(&["info", &copy]).await;
     let base = env("SERVER1_IMAGE");
