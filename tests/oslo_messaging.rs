@@ -265,7 +265,8 @@ async fn a_broker_on_ipv6_loopback_through_an_ipv6_transport_url() {
 #[tokio::test]
 async fn heartbeat_timeout_threshold_0_means_no_heartbeats_and_others_are_negotiated() {
     for (threshold, expected) in [("0", 0), ("20", 20)] {
-        let config = TestConfig::beside_other_tests(&[("oslo_messaging_rabbit", "heartbeat_timeout_threshold", threshold)]);
+        let config =
+            TestConfig::beside_other_tests(&[("oslo_messaging_rabbit", "heartbeat_timeout_threshold", threshold)]);
         let worker = WorkerProcess::start(&config).await;
         let connections = worker_connections(&config.host).await;
         let named = |prefix: &str| connections.iter().any(|c| c.name.starts_with(prefix));

@@ -357,7 +357,8 @@ impl WorkerProcess {
     /// Waits until this worker has settled the snapshot of `image_id`: what it does after
     /// the end notification (removing the disk snapshot) done, its cast acknowledged.
     pub async fn wait_settled(&self, image_id: &str) {
-        const SETTLED: [&str; 3] = ["snapshot completed", "snapshot was already completed", "snapshot ended in failure"];
+        const SETTLED: [&str; 3] =
+            ["snapshot completed", "snapshot was already completed", "snapshot ended in failure"];
         let settled = |line: &str| line.contains(image_id) && SETTLED.iter().any(|m| line.contains(m));
         wait_until(Duration::from_secs(120), || async { self.log_text().lines().any(settled) })
             .await
