@@ -31,3 +31,5 @@ pub mod request;
 pub mod retry;
 pub mod storage;
 pub mod worker;
+
+pub use ffi::map_large_allocations_apart;

@@ -91,6 +91,7 @@ impl ConfigArgs {
 }
 
 fn main() -> ExitCode {
+    novasnap::map_large_allocations_apart();
     let matches = Cli::command().get_matches();
     let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     let matches = matches.subcommand().map(|(_, sub)| sub).expect("a subcommand is required");
