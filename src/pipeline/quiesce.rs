@@ -170,7 +170,9 @@ impl Job<'_> {
                 frozen.since.elapsed()
             ),
             Ok(filesystems) => {
-                info!(%instance, filesystems, "guest filesystems frozen");
+                // The agent's share of the time frozen, apart from the point-in-time step's.
+                let freeze_ms = frozen.since.elapsed().as_millis() as u64;
+                info!(%instance, filesystems, freeze_ms, "guest filesystems frozen");
                 return Ok(Some(frozen));
             }
             // The agent may have frozen some before it failed, or answered late; but one
@@ -206,12 +208,14 @@ impl Job<'_> {
             return Ok(());
         }
         let (hv, instance) = (&self.b.hypervisor, self.instance());
+        let asked = Instant::now();
         let thawed = self.fenced(Step::Thaw, None, || hv.thaw_filesystems(instance)).await;
         frozen.armed = false;
         let held = frozen.since.elapsed();
         self.held.add_frozen(held);
         match &thawed {
-            Ok(()) => info!(%instance, frozen_ms = held.as_millis() as u64, "guest filesystems thawed"),
+            Ok(()) => info!(%instance, frozen_ms = held.as_millis() as u64, thaw_ms = asked.elapsed().as_millis() as u64,
+                            "guest filesystems thawed"),
             Err(_) => self.held.set_left_frozen(true),
         }
         thawed
