@@ -7,7 +7,8 @@ peers run in the peer venv. Environment: the `scripts/stack env` variables, NOVA
 (the release binary), BENCH_RUNS (default 5), BENCH_SIZES (MiB, default "256,1024"),
 BENCH_CASTS (dispatch casts, default 5000), BENCH_CALLS (forwarded RPC calls timed, default 500),
 BENCH_NOVA_SIZES (root disks of the Nova-built server, MiB, default "1024,256"; 256 is the
-image's own size), BENCH_HELD_SIZES (MiB, default "1024,4096"), BENCH_HELD_RUNS (default 1),
+image's own size), BENCH_HELD_SIZES (MiB, default "1024,4096"), BENCH_HELD_RUNS (default 3), BENCH_OWN_SIZES (MiB,
+default "1024,4096") and BENCH_OWN_MIB (what the instance writes itself, default 64),
 BENCH_ONLY (sections, comma-separated, default all: see SECTIONS), BENCH_OUT (the results
 file, default bench/results/<date>.md: a partial or trial run can write elsewhere).
 Every wait is bounded; a peer that fails to start is reported with its output; a section
@@ -43,8 +44,10 @@ CASTS = int(ENV.get("BENCH_CASTS", "5000"))
 CALLS = int(ENV.get("BENCH_CALLS", "500"))
 NOVA_SIZES = [int(s) for s in ENV.get("BENCH_NOVA_SIZES", "1024,256").split(",")]
 HELD_SIZES = [int(s) for s in ENV.get("BENCH_HELD_SIZES", "1024,4096").split(",")]
-HELD_RUNS = int(ENV.get("BENCH_HELD_RUNS", "1"))
-SECTIONS = ("snapshot", "concurrency", "dispatch", "forwarding", "memory", "nova", "held")
+HELD_RUNS = int(ENV.get("BENCH_HELD_RUNS", "3"))
+OWN_SIZES = [int(s) for s in ENV.get("BENCH_OWN_SIZES", "1024,4096").split(",")]
+OWN_MIB = int(ENV.get("BENCH_OWN_MIB", "64"))
+SECTIONS = ("snapshot", "concurrency", "dispatch", "forwarding", "memory", "nova", "own", "held")
 ONLY = [s for s in ENV.get("BENCH_ONLY", "").split(",") if s] or list(SECTIONS)
 PEER = ENV["NOVASNAP_PEER_PYTHON"]
 GLANCE = ENV["GLANCE_URL"]
@@ -261,13 +264,14 @@ class Worker:
     it in front of an oslo server standing for nova-compute instead. `beside_nova=True` is
     novasnap as an operator runs it beside the stack's own nova-compute (as the tests'
     `TestConfig::beside_nova`): the file unchanged but for a notification exchange of the
-    bench's own, so Nova's record follows every step (its task_state none at the end lets
+    bench's own (and `image_layout`, Nova's `flattened` unless asked), so Nova's record follows every step (its task_state none at the end lets
     the next snapshot through)."""
 
-    def __init__(self, direct=True, concurrency=8, log_level="info", host=HOST, relay=False, beside_nova=False):
+    def __init__(self, direct=True, concurrency=8, log_level="info", host=HOST, relay=False, beside_nova=False,
+                 image_layout="flattened"):
         self.dir = tempfile.mkdtemp(prefix="novasnap-bench-")
         conf = open(ENV["NOVA_CONF"]).read()
-        settings = [("novasnap", "notification_exchange", EXCHANGE)]
+        settings = [("novasnap", "notification_exchange", EXCHANGE), ("novasnap", "image_layout", image_layout)]
         if beside_nova:
             host = ENV["NOVASNAP_HOST"]
         else:
@@ -766,16 +770,18 @@ class NovaServer:
             time.sleep(2)
         return self
 
-    def fill(self):
+    def fill(self, mib=None):
         """Random data over the disk beyond the guest's filesystem (the image's size: the
         guest never grows it), so that the disk is fully written like the bench's other guests
-        without breaking the filesystem the guest writes to. QEMU holds the disk's exclusive
-        lock; librbd hands it over for these writes and QEMU takes it back."""
+        without breaking the filesystem the guest writes to; only the first `mib` MiB of that
+        if given. QEMU holds the disk's exclusive lock; librbd hands it over for these writes
+        and QEMU takes it back."""
         start = glance("GET", f"/v2/images/{ENV['SERVER1_IMAGE']}")["size"]
         chunk = os.urandom(8 * MiB)
         with rbd.Image(vms, self.disk) as d:
-            for off in range(start, d.size(), len(chunk)):
-                d.write(chunk[:d.size() - off], off)
+            end = d.size() if mib is None else min(d.size(), start + mib * MiB)
+            for off in range(start, end, len(chunk)):
+                d.write(chunk[:end - off], off)
 
     def wait_idle(self, limit=600):
         """Nova refuses a snapshot while another task runs: waits for task_state none."""
@@ -899,12 +905,13 @@ def others_in_front(limit=300):
 
 @contextlib.contextmanager
 def snapshotter(who):
-    """`nova-compute` alone serves the host's snapshots, or `novasnap` beside it."""
+    """`nova-compute` alone serves the host's snapshots, or `novasnap` beside it (`novasnap
+    on_base`: with `image_layout = on_base`)."""
     if who == "nova-compute":
         others_in_front()
         yield
         return
-    with Worker(beside_nova=True):
+    with Worker(beside_nova=True, image_layout="on_base" if who.endswith("on_base") else "flattened"):
         yield
 
 
@@ -925,6 +932,30 @@ def nova_against_novasnap(listener):
                         snaps.append(snap)
                 log(f"{size} MiB {who}: {snaps}")
                 rows.append((size, who, snaps))
+    return rows
+
+
+def own_bytes(listener):
+    """Issue 15's opt-in: images holding only the instance's own bytes. Thin Nova servers of
+    OWN_SIZES whose instance wrote OWN_MIB beyond its filesystem; each snapshotted by
+    nova-compute, by novasnap (flattened, Nova's layout) and by novasnap with `image_layout
+    = on_base`, RUNS times: time to the image active and what the image takes in Glance's
+    pool."""
+    rows = []
+    room(256 * (len(OWN_SIZES) + 1) + OWN_MIB * (len(OWN_SIZES) + 1), "the own-bytes section")
+    with disk_overcommit(4.0), nova_servers(OWN_SIZES) as servers:
+        for server in servers:
+            server.fill(OWN_MIB)
+        for who in ("nova-compute", "novasnap", "novasnap on_base"):
+            with snapshotter(who):
+                for server in servers:
+                    snaps = []
+                    for _ in range(RUNS):
+                        snap = nova_snapshot(server, listener if who != "nova-compute" else None)
+                        glance_delete(snap.image)
+                        snaps.append(snap)
+                    log(f"own bytes {server.size_mib} MiB {who}: {snaps}")
+                    rows.append((server.size_mib, who, snaps))
     return rows
 
 
@@ -1161,6 +1192,35 @@ def section_nova(listener, shared):
         used, prov = [s.used_mib for s in snaps], [s.provisioned_mib for s in snaps]
         md.append(f"| {size_label(size)} | {who} | {fmt(prov, '{:.0f}')} | {fmt(used, '{:.0f}')} "
                   f"| {stats(used)[0] / stats(prov)[0]:.2f} |")
+    return md
+
+
+def section_own(listener, shared):
+    rows = own_bytes(listener)
+    md = ["## Only the instance's own bytes (`image_layout = on_base`)", "",
+          "Thin Nova servers built from the stack's raw image (256 MiB; each disk a clone of it), the "
+          f"instance having written {OWN_MIB} MiB of random data beyond its "
+          f"filesystem; {RUNS} snapshots each through Nova's API by nova-compute alone, by novasnap beside it "
+          "with Nova's flattened layout, and with `image_layout = on_base` (a clone of the same Glance image "
+          "holding the disk's own extents). *used*: `rbd du images/<image id>`, what the cluster stores for "
+          "the image (a clone's parent not counted).", "",
+          "| disk | snapshotter | made by | request → image active (s) | used (MiB) | provisioned (MiB) |",
+          "|---|---|---|---|---|---|"]
+    for size, who, snaps in rows:
+        made = collections.Counter(s.made_by for s in snaps)
+        md.append(f"| {size_label(size)} | {who} | " + ", ".join(f"{k} {v}/{len(snaps)}" for k, v in made.items())
+                  + f" | {fmt([s.active_s for s in snaps])} | {fmt([s.used_mib for s in snaps], '{:.0f}')} "
+                  f"| {fmt([s.provisioned_mib for s in snaps], '{:.0f}')} |")
+    md += ["", "Against the aims (issue 15):", ""]
+    for size in OWN_SIZES:
+        of = {who: snaps for s, who, snaps in rows if s == size}
+        base, nova_ = of.get("novasnap on_base"), of.get("nova-compute")
+        if base and nova_:
+            active = stats([s.active_s for s in base])[0]
+            used, nova_used = stats([s.used_mib for s in base])[0], stats([s.used_mib for s in nova_])[0]
+            md.append(f"- {size_label(size)}: on_base image active in {active:.2f} s "
+                      f"({'within' if active < 2 else 'above'} the 2 s aim), {used:.0f} MiB stored against "
+                      f"nova-compute's {nova_used:.0f} MiB, the instance having written {OWN_MIB} MiB")
     return md
 
 
