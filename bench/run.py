@@ -8,7 +8,8 @@ peers run in the peer venv. Environment: the `scripts/stack env` variables, NOVA
 BENCH_CASTS (dispatch casts, default 5000), BENCH_CALLS (forwarded RPC calls timed, default 500),
 BENCH_NOVA_SIZES (root disks of the Nova-built server, MiB, default "1024,256"; 256 is the
 image's own size), BENCH_HELD_SIZES (MiB, default "1024,4096"), BENCH_HELD_RUNS (default 3), BENCH_OWN_SIZES (MiB,
-default "1024,4096") and BENCH_OWN_MIB (what the instance writes itself, default 64),
+default "1024,4096"), BENCH_OWN_MIB (what the instance writes itself, default 64) and
+BENCH_OWN_BASE_MIB (data its base image holds beyond the guest's disk, default 512),
 BENCH_ONLY (sections, comma-separated, default all: see SECTIONS), BENCH_OUT (the results
 file, default bench/results/<date>.md: a partial or trial run can write elsewhere).
 Every wait is bounded; a peer that fails to start is reported with its output; a section
@@ -47,6 +48,7 @@ HELD_SIZES = [int(s) for s in ENV.get("BENCH_HELD_SIZES", "1024,4096").split(","
 HELD_RUNS = int(ENV.get("BENCH_HELD_RUNS", "3"))
 OWN_SIZES = [int(s) for s in ENV.get("BENCH_OWN_SIZES", "1024,4096").split(",")]
 OWN_MIB = int(ENV.get("BENCH_OWN_MIB", "64"))
+OWN_BASE_MIB = int(ENV.get("BENCH_OWN_BASE_MIB", "512"))
 SECTIONS = ("snapshot", "concurrency", "dispatch", "forwarding", "memory", "nova", "own", "held")
 ONLY = [s for s in ENV.get("BENCH_ONLY", "").split(",") if s] or list(SECTIONS)
 PEER = ENV["NOVASNAP_PEER_PYTHON"]
@@ -731,11 +733,12 @@ class NovaServer:
     no network, the stack's raw image, whose disk Nova clones) with a root disk of `size_mib`:
     a flavor of the bench's own with that disk, which Nova grows the clone to. 256 MiB is the
     image's own size: a flavor with no disk, which Nova's policy lets only an admin boot, so
-    that server is the admin's. The constructor only asks Nova (servers build side by side);
+    that server is the admin's. `image`: another Glance image to boot from (one that
+    `large_base` made). The constructor only asks Nova (servers build side by side);
     `ready` waits for the guest's agent. `delete` removes server and flavor, whatever state
     they are in."""
 
-    def __init__(self, size_mib):
+    def __init__(self, size_mib, image=None):
         self.size_mib, self.admin = size_mib, size_mib < 1024
         self.id = self.flavor = None
         name = "novasnap-bench-" + uuid.uuid4().hex[:8]
@@ -745,7 +748,8 @@ class NovaServer:
             admin=True)["flavor"]["id"]
         try:
             self.id = nova("POST", "/servers", {"server": {
-                "name": name, "imageRef": ENV["SERVER1_IMAGE"], "flavorRef": self.flavor, "networks": "none"}},
+                "name": name, "imageRef": image or ENV["SERVER1_IMAGE"], "flavorRef": self.flavor,
+                "networks": "none"}},
                 admin=self.admin, version="2.37")["server"]["id"]
         except Exception:
             self.delete()
@@ -841,12 +845,12 @@ def disk_overcommit(ratio):
 
 
 @contextlib.contextmanager
-def nova_servers(sizes, fill=False):
+def nova_servers(sizes, fill=False, image=None):
     """Servers of `sizes` MiB built side by side, deleted however the block ends."""
     servers = []
     try:
         for size in sizes:
-            servers.append(NovaServer(size))
+            servers.append(NovaServer(size, image))
         for server in servers:
             server.ready()
             if fill:
@@ -935,15 +939,45 @@ def nova_against_novasnap(listener):
     return rows
 
 
+@contextlib.contextmanager
+def large_base(extra_mib):
+    """A Glance image as the stack's server image (its properties, its 256 MiB disk, whose
+    filesystem is the whole of it) followed by `extra_mib` MiB of random data the guest never
+    reads: a base image that holds more than an instance of it writes, as a real one does.
+    Uploaded through Glance's API; deleted however the block ends."""
+    src = glance("GET", f"/v2/images/{ENV['SERVER1_IMAGE']}")
+    props = {k: src[k] for k in ("hw_qemu_guest_agent", "kernel_id", "ramdisk_id", "os_command_line") if k in src}
+    image = glance("POST", "/v2/images", dict(props, name="novasnap-bench-base-" + uuid.uuid4().hex[:6],
+                                              disk_format="raw", container_format="bare", visibility="public"))["id"]
+    MADE_IMAGES.add(image)
+    try:
+        with tempfile.TemporaryFile() as data:
+            with open(os.path.join(ENV["NOVASNAP_STACK_STATE"], "guest-image", "disk.raw"), "rb") as disk:
+                shutil.copyfileobj(disk, data)
+            for _ in range(extra_mib):
+                data.write(os.urandom(MiB))
+            length = data.tell()
+            data.seek(0)
+            req = urllib.request.Request(f"{GLANCE}/v2/images/{image}/file", data=data, method="PUT", headers={
+                "X-Auth-Token": token(True), "Content-Type": "application/octet-stream",
+                "Content-Length": str(length)})
+            urllib.request.urlopen(req, timeout=600).read()
+        yield image
+    finally:
+        glance_delete(image)
+
+
 def own_bytes(listener):
     """Issue 15's opt-in: images holding only the instance's own bytes. Thin Nova servers of
-    OWN_SIZES whose instance wrote OWN_MIB beyond its filesystem; each snapshotted by
-    nova-compute, by novasnap (flattened, Nova's layout) and by novasnap with `image_layout
-    = on_base`, RUNS times: time to the image active and what the image takes in Glance's
-    pool."""
+    OWN_SIZES booted from a base image holding OWN_BASE_MIB beyond the guest's disk, whose
+    instance wrote OWN_MIB beyond its filesystem; each snapshotted by nova-compute, by
+    novasnap (flattened, Nova's layout) and by novasnap with `image_layout = on_base`, RUNS
+    times: time to the image active and what the image takes in Glance's pool."""
     rows = []
-    room(256 * (len(OWN_SIZES) + 1) + OWN_MIB * (len(OWN_SIZES) + 1), "the own-bytes section")
-    with disk_overcommit(4.0), nova_servers(OWN_SIZES) as servers:
+    base_mib = 256 + OWN_BASE_MIB
+    # The base, each disk's own writes, and one flattened image at a time.
+    room(base_mib + (OWN_MIB + 64) * len(OWN_SIZES) + base_mib + OWN_MIB, "the own-bytes section")
+    with disk_overcommit(4.0), large_base(OWN_BASE_MIB) as base, nova_servers(OWN_SIZES, image=base) as servers:
         for server in servers:
             server.fill(OWN_MIB)
         for who in ("nova-compute", "novasnap", "novasnap on_base"):
@@ -1198,8 +1232,9 @@ def section_nova(listener, shared):
 def section_own(listener, shared):
     rows = own_bytes(listener)
     md = ["## Only the instance's own bytes (`image_layout = on_base`)", "",
-          "Thin Nova servers built from the stack's raw image (256 MiB; each disk a clone of it), the "
-          f"instance having written {OWN_MIB} MiB of random data beyond its "
+          f"Thin Nova servers built from a base image in Glance's pool holding {256 + OWN_BASE_MIB} MiB "
+          f"(the stack's 256 MiB guest disk and {OWN_BASE_MIB} MiB of random data after it; each disk a clone "
+          f"of it), the instance having written {OWN_MIB} MiB of random data beyond its "
           f"filesystem; {RUNS} snapshots each through Nova's API by nova-compute alone, by novasnap beside it "
           "with Nova's flattened layout, and with `image_layout = on_base` (a clone of the same Glance image "
           "holding the disk's own extents). *used*: `rbd du images/<image id>`, what the cluster stores for "
@@ -1220,7 +1255,8 @@ def section_own(listener, shared):
             used, nova_used = stats([s.used_mib for s in base])[0], stats([s.used_mib for s in nova_])[0]
             md.append(f"- {size_label(size)}: on_base image active in {active:.2f} s "
                       f"({'within' if active < 2 else 'above'} the 2 s aim), {used:.0f} MiB stored against "
-                      f"nova-compute's {nova_used:.0f} MiB, the instance having written {OWN_MIB} MiB")
+                      f"nova-compute's {nova_used:.0f} MiB, the instance having written {OWN_MIB} MiB beyond its "
+                      "filesystem (its own writes to the filesystem come on top)")
     return md
 
 

@@ -214,8 +214,10 @@ impl Job<'_> {
         let held = frozen.since.elapsed();
         self.held.add_frozen(held);
         match &thawed {
-            Ok(()) => info!(%instance, frozen_ms = held.as_millis() as u64, thaw_ms = asked.elapsed().as_millis() as u64,
-                            "guest filesystems thawed"),
+            Ok(()) => {
+                info!(%instance, frozen_ms = held.as_millis() as u64, thaw_ms = asked.elapsed().as_millis() as u64,
+                            "guest filesystems thawed")
+            }
             Err(_) => self.held.set_left_frozen(true),
         }
         thawed
