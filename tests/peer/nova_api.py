@@ -2,7 +2,10 @@
 
 As nova-api's compute API does: creates the queued Glance image the snapshot will fill,
 then casts `snapshot_instance` / `backup_instance` with `nova.compute.rpcapi.ComputeAPI`
-to the compute host's topic. Prints {"image_id": ...} as JSON on stdout.
+to the compute host's topic. Given several `--instance`, does the same for each, one cast
+right after the other (the benchmarks' snapshots at once). Prints as JSON on stdout
+{"image_id": the first image, "image_ids": [...], "cast_at": [...]}, `cast_at` each cast's
+CLOCK_MONOTONIC time once sent.
 
 Run with the peer venv's python (scripts/venvs): nova 34, oslo.messaging 18.3.1.
 """
@@ -11,6 +14,7 @@ import json
 import os
 import sys
 import tempfile
+import time
 import urllib.request
 import uuid
 
@@ -41,7 +45,7 @@ def nova_conf(transport_url, host, glance, rabbit_options):
 def main():
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("method", choices=["snapshot", "backup"])
-    p.add_argument("--instance", required=True, help="instance UUID")
+    p.add_argument("--instance", required=True, action="append", help="instance UUID; repeatable")
     p.add_argument("--host", required=True, help="compute host the instance is on")
     p.add_argument("--glance", default=os.environ.get("GLANCE_URL", "http://127.0.0.1:9292"))
     p.add_argument("--transport-url", default=os.environ.get("TRANSPORT_URL", "rabbit://guest:guest@127.0.0.1:5672/"))
@@ -58,6 +62,8 @@ def main():
     p.add_argument("--token", required=True,
                    help="the user's Keystone token: Glance's, and the cast's context's, as nova-api sends it")
     args = p.parse_args()
+    if len(args.instance) > 1 and args.image_id:
+        p.error("--image-id names the image of one --instance")
 
     import nova.conf
     from nova import config, context, objects
@@ -76,19 +82,23 @@ def main():
         remote_address="127.0.0.1")
     image_type = "snapshot" if args.method == "snapshot" else "backup"
     extra = {"backup_type": args.backup_type} if args.method == "backup" else {}
-    image_id = args.image_id or create_image(args.glance, args.token, args.name, args.instance, image_type, args.image_ref, extra)
-    instance = objects.Instance(
-        id=1, uuid=args.instance, host=args.host, node=args.host, image_ref=args.image_ref,
-        vm_state="active", display_name="novasnap-guest", hostname="novasnap-guest",
-        user_id=ctxt.user_id, project_id=ctxt.project_id,
-        task_state="image_snapshot_pending" if args.method == "snapshot" else "image_backup",
-        system_metadata=dict(kv.split("=", 1) for kv in args.system_metadata))
+    image_ids = [args.image_id or create_image(args.glance, args.token, args.name, uuid_, image_type, args.image_ref, extra)
+                 for uuid_ in args.instance]
     api = rpcapi.ComputeAPI()
-    if args.method == "snapshot":
-        api.snapshot_instance(ctxt, instance, image_id)
-    else:
-        api.backup_instance(ctxt, instance, image_id, args.backup_type, args.rotation)
-    print(json.dumps({"image_id": image_id}))
+    cast_at = []
+    for uuid_, image_id in zip(args.instance, image_ids):
+        instance = objects.Instance(
+            id=1, uuid=uuid_, host=args.host, node=args.host, image_ref=args.image_ref,
+            vm_state="active", display_name="novasnap-guest", hostname="novasnap-guest",
+            user_id=ctxt.user_id, project_id=ctxt.project_id,
+            task_state="image_snapshot_pending" if args.method == "snapshot" else "image_backup",
+            system_metadata=dict(kv.split("=", 1) for kv in args.system_metadata))
+        if args.method == "snapshot":
+            api.snapshot_instance(ctxt, instance, image_id)
+        else:
+            api.backup_instance(ctxt, instance, image_id, args.backup_type, args.rotation)
+        cast_at.append(time.monotonic())
+    print(json.dumps({"image_id": image_ids[0], "image_ids": image_ids, "cast_at": cast_at}))
     sys.stdout.flush()
 
 
