@@ -266,8 +266,8 @@ class Worker:
     it in front of an oslo server standing for nova-compute instead. `beside_nova=True` is
     novasnap as an operator runs it beside the stack's own nova-compute (as the tests'
     `TestConfig::beside_nova`): the file unchanged but for a notification exchange of the
-    bench's own (and `image_layout`, Nova's `flattened` unless asked), so Nova's record follows every step (its task_state none at the end lets
-    the next snapshot through)."""
+    bench's own (and `image_layout`, Nova's `flattened` unless asked), so Nova's record
+    follows every step (its task_state none at the end lets the next snapshot through)."""
 
     def __init__(self, direct=True, concurrency=8, log_level="info", host=HOST, relay=False, beside_nova=False,
                  image_layout="flattened"):
@@ -307,15 +307,14 @@ class Worker:
             if line.startswith("VmHWM:"):
                 return int(line.split()[1])
 
-    def rss_kib(self):
-        for line in open(f"/proc/{self.proc.pid}/status"):
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-
     def rollup_kib(self):
         """/proc/<pid>/smaps_rollup's figures (KiB) by name: Rss, Pss, Anonymous, ..."""
-        return {k: int(v.split()[0]) for k, v in (line.split(":", 1) for line in open(f"/proc/{self.proc.pid}/smaps_rollup")
-                                                  if ":" in line and line.split(":", 1)[1].strip().endswith("kB"))}
+        rollup = {}
+        for line in open(f"/proc/{self.proc.pid}/smaps_rollup"):
+            name, _, value = line.partition(":")
+            if value.strip().endswith("kB"):
+                rollup[name] = int(value.split()[0])
+        return rollup
 
     def __enter__(self):
         return self
@@ -897,6 +896,16 @@ def nova_snapshot(server, listener=None, timeout=1800):
     return Snap(image, active, end, made_by, held, used / MiB, provisioned / MiB)
 
 
+def nova_snapshots(server, who, listener):
+    """RUNS snapshots of `server` by `who` (the `snapshotter` in front), each image deleted
+    once looked at."""
+    snaps = []
+    for _ in range(RUNS):
+        snaps.append(nova_snapshot(server, None if who == "nova-compute" else listener))
+        glance_delete(snaps[-1].image)
+    return snaps
+
+
 def pool_bytes(image):
     """(bytes used, bytes provisioned) of Glance's copy images/<image>, its snapshots
     included, as `rbd du` counts them (the object map's view: what the cluster stores)."""
@@ -936,12 +945,8 @@ def nova_against_novasnap(listener):
         room(2 * size, f"the Nova section's {size} MiB server (its disk and one image at a time)")
         with nova_servers([size], fill=True) as (server,):
             for who in ("nova-compute", "novasnap"):
-                snaps = []
                 with snapshotter(who):
-                    for _ in range(RUNS):
-                        snap = nova_snapshot(server, listener if who == "novasnap" else None)
-                        glance_delete(snap.image)
-                        snaps.append(snap)
+                    snaps = nova_snapshots(server, who, listener)
                 log(f"{size} MiB {who}: {snaps}")
                 rows.append((size, who, snaps))
     return rows
@@ -991,11 +996,7 @@ def own_bytes(listener):
         for who in ("nova-compute", "novasnap", "novasnap on_base"):
             with snapshotter(who):
                 for server in servers:
-                    snaps = []
-                    for _ in range(RUNS):
-                        snap = nova_snapshot(server, listener if who != "nova-compute" else None)
-                        glance_delete(snap.image)
-                        snaps.append(snap)
+                    snaps = nova_snapshots(server, who, listener)
                     log(f"own bytes {server.size_mib} MiB {who}: {snaps}")
                     rows.append((server.size_mib, who, snaps))
     return rows
@@ -1217,6 +1218,12 @@ def section_memory(listener, shared):
         [f"| {k} | {v} |" for k, v in sorted(steps.items(), key=lambda kv: -kv[1])]
 
 
+def made_by(snaps):
+    """Who made the images of `snaps`, counted: `novasnap 5/5`."""
+    made = collections.Counter(s.made_by for s in snaps)
+    return ", ".join(f"{k} {v}/{len(snaps)}" for k, v in made.items())
+
+
 def size_label(mib):
     return f"{mib // 1024} GiB" if mib >= 1024 and mib % 1024 == 0 else f"{mib} MiB"
 
@@ -1233,10 +1240,9 @@ def section_nova(listener, shared):
           "| nova-compute / novasnap (image active) |", "|---|---|---|---|---|---|"]
     active = {(size, who): stats([s.active_s for s in snaps])[0] for size, who, snaps in rows}
     for size, who, snaps in rows:
-        made = collections.Counter(s.made_by for s in snaps)
         ratio = f"{active[(size, 'nova-compute')] / active[(size, who)]:.2f}×" if who == "novasnap" else ""
-        md.append(f"| {size_label(size)} | {who} | " + ", ".join(f"{k} {v}/{len(snaps)}" for k, v in made.items())
-                  + f" | {fmt([s.active_s for s in snaps])} | {fmt([s.end_s for s in snaps])} | {ratio} |")
+        md.append(f"| {size_label(size)} | {who} | {made_by(snaps)} | {fmt([s.active_s for s in snaps])} "
+                  f"| {fmt([s.end_s for s in snaps])} | {ratio} |")
     md += ["", "## Bytes written per snapshot: the new image in Glance's pool (MiB)", "",
            "`rbd du images/<image id>` right after each snapshot of the table above (its `snap` included): "
            "what the cluster stores for the image, against the disk's size.", "",
@@ -1261,9 +1267,8 @@ def section_own(listener, shared):
           "| disk | snapshotter | made by | request → image active (s) | used (MiB) | provisioned (MiB) |",
           "|---|---|---|---|---|---|"]
     for size, who, snaps in rows:
-        made = collections.Counter(s.made_by for s in snaps)
-        md.append(f"| {size_label(size)} | {who} | " + ", ".join(f"{k} {v}/{len(snaps)}" for k, v in made.items())
-                  + f" | {fmt([s.active_s for s in snaps])} | {fmt([s.used_mib for s in snaps], '{:.0f}')} "
+        md.append(f"| {size_label(size)} | {who} | {made_by(snaps)} | {fmt([s.active_s for s in snaps])} "
+                  f"| {fmt([s.used_mib for s in snaps], '{:.0f}')} "
                   f"| {fmt([s.provisioned_mib for s in snaps], '{:.0f}')} |")
     md += ["", "Against the aims (issue 15):", ""]
     for size in OWN_SIZES:

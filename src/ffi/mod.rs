@@ -40,10 +40,10 @@ fn check(ret: c_int) -> Result<c_int, Errno> {
 /// unmapped when freed, instead of its default, which after the first such free serves
 /// allocations up to 32 MiB from its arenas and keeps what they held. librbd's flatten reads
 /// and writes whole objects (4 MiB) with up to `rbd_concurrent_management_ops` of them in
-/// flight: with the default, one 1 GiB flatten took the worker's peak RSS from 66 to some
-/// 210 MiB and eight 256 MiB flattens at once to 300 MiB; with this, 120 and 190 MiB (bench
-/// `memory` and `concurrency` sections). The cost: fresh pages for each object, some 10% of a
-/// lone 1 GiB flatten on the bench's machine. Called once, first thing in `main`.
+/// flight: with the default, one 1 GiB direct snapshot took the worker's peak RSS from 66 to
+/// 204–247 MiB, with this to 116–120 MiB (the bench's worker and guests, four runs each). The
+/// cost: fresh pages for each object, some 10% of a lone 1 GiB flatten on the bench's
+/// machine. Called once, first thing in `main`.
 pub fn map_large_allocations_apart() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only sets a parameter of glibc's allocator; it is called before any
