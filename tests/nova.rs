@@ -81,6 +81,9 @@ async fn three_backups_with_rotation_two_leave_two() {
         .await;
         server.wait_idle(LIMIT).await;
     }
+    // The rotation follows the end of the third backup (Nova's `backup_instance`), after
+    // task_state is none: waited for.
+    wait_until(LIMIT, || async { glance_backups(&server.id).await.len() <= 2 }).await;
     let backups = glance_backups(&server.id).await;
     assert_eq!(backups.len(), 2, "{backups:#?}\n{}", worker.log_text());
     assert!(worker.stop().await.success());
