@@ -22,10 +22,10 @@ async fn a_cast_published_twice_makes_one_snapshot_across_two_replicas() {
     listener.wait_for("instance.snapshot.end", &image_id, Duration::from_secs(300)).await;
     // The second delivery handled too: recognised as a duplicate (the relay's queue being
     // empty says only that both were passed on). Then what the listener has in flight.
-    let recognised = || a.log_text() + &b.log_text();
-    wait_until(Duration::from_secs(120), || async { recognised().contains("duplicate cast") })
+    let logs = || a.log_text() + &b.log_text();
+    wait_until(Duration::from_secs(120), || async { logs().contains("duplicate cast") })
         .await
-        .unwrap_or_else(|| panic!("the second delivery was recognised:\n{}", recognised()));
+        .unwrap_or_else(|| panic!("the second delivery was recognised:\n{}", logs()));
     tokio::time::sleep(Duration::from_secs(2)).await;
     listener.collect();
 
