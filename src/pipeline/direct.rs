@@ -125,37 +125,22 @@ impl DirectSnapshot<'_, '_> {
         };
         let owner = image_id.to_string();
         job.step(Step::Clone, || storage.set_metadata(&copy, OWNER_METADATA_KEY, &owner)).await?;
-        if base.is_some() {
-            // Written again by a redelivery, whatever an earlier try wrote: the same bytes.
-            let reporter = job.progress_reporter("copy");
-            let progress = reporter.callback();
-            let copied = job
-                .step(Step::CopyOwnExtents, || storage.copy_own_extents(&disk, &snap, &copy, progress.clone()))
-                .await;
-            reporter.finish().await;
-            let written = copied?;
-            info!(instance = %job.req.instance.uuid, image = %image_id, written, "the instance's own extents copied onto its base");
-        } else if needs_flatten {
-            let reporter = job.progress_reporter("flatten");
-            let report = reporter.callback();
-            let progress: crate::hypervisor::Progress = std::sync::Arc::new(move |percent| {
-                if percent >= 50 {
-                    crash::point("mid-flatten");
-                }
-                report(percent)
-            });
+        let fill = match (&base, needs_flatten) {
+            (Some(_), _) => Fill::OwnExtents,
             // Only the first attempt on a clone this try made may trust its object map.
-            let mut clone = if copy_exists { CloneState::MaybePartlyFlattened } else { CloneState::Fresh };
-            let flattened = job
-                .step(Step::Flatten, || {
-                    let state = std::mem::replace(&mut clone, CloneState::MaybePartlyFlattened);
-                    storage.flatten(&copy, state, progress.clone())
-                })
-                .await;
-            reporter.finish().await;
-            flattened?;
-            crash::point("after-flatten");
-        }
+            (None, true) if copy_exists => Fill::Flatten(CloneState::MaybePartlyFlattened),
+            (None, true) => Fill::Flatten(CloneState::Fresh),
+            (None, false) => Fill::Nothing,
+        };
+        // The image's metadata goes to Glance while librbd fills the copy: neither waits for
+        // the other, and the fill is the direct path's longest step.
+        let (images, ctx) = (&job.b.images, &job.req.context);
+        let (filled, updated) = tokio::join!(
+            fill_copy(job, storage, fill, &disk, &snap, &copy),
+            job.step(Step::UpdateMetadata, || images.update(ctx, image_id, metadata)),
+        );
+        filled?;
+        updated?;
         // The disk snapshot is no longer the copy's parent; it is removed once the image is
         // active and announced (`Job::remove_disk_snapshot`), off the image's critical path.
         job.step(Step::ImageSnapshot, || storage.create_snapshot(&copy, IMAGE_SNAPSHOT)).await?;
@@ -165,8 +150,6 @@ impl DirectSnapshot<'_, '_> {
         job.step(Step::ImageSnapshot, || storage.release(&copy)).await?;
         crash::point("after-image-snapshot");
 
-        let (images, ctx) = (&job.b.images, &job.req.context);
-        job.step(Step::UpdateMetadata, || images.update(ctx, image_id, metadata)).await?;
         let location = format!("rbd://{fsid}/{image_pool}/{image_id}/{IMAGE_SNAPSHOT}");
         let register = || async {
             // Glance reverts a failed location_import task by removing the location, and with
@@ -194,6 +177,62 @@ impl DirectSnapshot<'_, '_> {
         info!(instance = %job.req.instance.uuid, image = %image_id, %location, "direct snapshot registered");
         Ok(Direct::Done)
     }
+}
+
+/// What the copy still needs before its `snap`.
+enum Fill {
+    /// `on_base`: the instance's own extents written onto the clone of its base image.
+    OwnExtents,
+    /// Nova's layout: the clone of the disk snapshot flattened.
+    Flatten(CloneState),
+    /// An earlier try got past it.
+    Nothing,
+}
+
+async fn fill_copy(
+    job: &Job<'_>,
+    storage: &dyn BlockStorage,
+    fill: Fill,
+    disk: &RbdImage,
+    snap: &str,
+    copy: &RbdImage,
+) -> Result<(), SnapshotError> {
+    match fill {
+        Fill::OwnExtents => {
+            // Written again by a redelivery, whatever an earlier try wrote: the same bytes.
+            let reporter = job.progress_reporter("copy");
+            let progress = reporter.callback();
+            let copied =
+                job.step(Step::CopyOwnExtents, || storage.copy_own_extents(disk, snap, copy, progress.clone())).await;
+            reporter.finish().await;
+            let written = copied?;
+            info!(instance = %job.req.instance.uuid, image = %job.req.image_id, written,
+                  "the instance's own extents copied onto its base");
+        }
+        Fill::Flatten(first_state) => {
+            let reporter = job.progress_reporter("flatten");
+            let report = reporter.callback();
+            let progress: crate::hypervisor::Progress = std::sync::Arc::new(move |percent| {
+                if percent >= 50 {
+                    crash::point("mid-flatten");
+                }
+                report(percent)
+            });
+            // A retry of the step may find the flatten begun.
+            let mut clone = first_state;
+            let flattened = job
+                .step(Step::Flatten, || {
+                    let state = std::mem::replace(&mut clone, CloneState::MaybePartlyFlattened);
+                    storage.flatten(copy, state, progress.clone())
+                })
+                .await;
+            reporter.finish().await;
+            flattened?;
+            crash::point("after-flatten");
+        }
+        Fill::Nothing => {}
+    }
+    Ok(())
 }
 
 /// Glance's pool: the pool the instance disk was cloned from, else the pool of the first

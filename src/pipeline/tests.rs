@@ -940,6 +940,29 @@ async fn a_permanent_failure_cleans_up_everything_and_reports_it() {
     assert!(matches!(events.last(), Some(SnapshotEvent::Error { exception, .. }) if exception == "StorageError"));
 }
 
+/// The image's metadata goes to Glance while the copy is flattened: Glance refusing it fails
+/// the snapshot as cleanly, the flatten it ran beside over before anything is removed.
+#[tokio::test]
+async fn metadata_refused_beside_the_flatten_fails_cleanly_after_the_flatten() {
+    let w = World::clone_backed(FakeImages::default());
+    w.images.faults.inject("update", 1, || ImageError::Http {
+        operation: "update image",
+        target: "fake".into(),
+        status: 400,
+        body: "a property Glance refuses".into(),
+    });
+    let err = w.pipeline(|_| {}).run(&w.req).await.unwrap_err().error;
+    assert_eq!(err.step, Step::UpdateMetadata, "{err}");
+    let timeline = w.timeline.lock().unwrap().clone();
+    let at =
+        |op: &str| timeline.iter().position(|t| t.starts_with(op)).unwrap_or_else(|| panic!("no {op}: {timeline:?}"));
+    assert!(at("storage flatten") < at("storage remove_image"), "{timeline:?}");
+    assert!(w.storage.get(&w.copy()).is_none(), "the copy removed");
+    assert!(w.disk_snapshots().is_empty(), "the disk snapshot removed");
+    assert!(w.images.image(w.req.image_id).is_none(), "the queued image is deleted");
+    assert_eq!(w.nova.task_state(), None, "reverted");
+}
+
 #[tokio::test]
 async fn retries_are_bounded_then_the_failure_is_clean() {
     let w = World::clone_backed(FakeImages::default());
