@@ -88,7 +88,7 @@ async fn crash_after_flatten_before_cleanup() {
 }
 
 #[tokio::test]
-async fn crash_after_snap_before_glance_update() {
+async fn crash_after_snap_before_the_location_is_registered() {
     crash_then_recover("after-image-snapshot", &[]).await;
 }
 
