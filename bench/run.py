@@ -1361,8 +1361,7 @@ def section_held(listener, shared):
         frozen = of("novasnap", "live", "frozen_ms")
         if frozen:
             p50 = statistics.median(frozen)
-            unpaced = [r["frozen_ms"] for r in rows if (r["size"], r["who"], r["asked"], r["paxos"])
-                       == (size, "novasnap", "live", 0.05) and r["frozen_ms"] is not None]
+            unpaced = [r["frozen_ms"] for r in novasnap_live(rows, size, 0.05) if r["frozen_ms"] is not None]
             md.append(f"- {size_label(size)}, live: novasnap frozen {p50:.0f} ms at p50 "
                       f"({'within' if p50 <= 100 else 'above'} the 100 ms aim)"
                       + (f"; {statistics.median(unpaced):.0f} ms with the monitor at 0.05 s" if unpaced else ""))
@@ -1374,6 +1373,11 @@ def section_held(listener, shared):
                       + (f"; nova-compute's guest not running for {statistics.median(nova_down):.0f} ms"
                          if nova_down else ""))
     return md
+
+
+def novasnap_live(rows, size, paxos):
+    """The held section's live snapshots by novasnap of a `size` MiB server at monitor interval `paxos`."""
+    return [r for r in rows if (r["size"], r["who"], r["asked"], r["paxos"]) == (size, "novasnap", "live", paxos)]
 
 
 def held_by_monitor_pace(rows):
@@ -1388,8 +1392,7 @@ def held_by_monitor_pace(rows):
           "|---|---|---|---|---|---|---|"]
     for size in HELD_SIZES:
         for paxos in (1.0, 0.05):
-            runs = [r for r in rows if (r["size"], r["who"], r["asked"], r["paxos"]) == (size, "novasnap", "live", paxos)
-                    and r["parts"]]
+            runs = [r for r in novasnap_live(rows, size, paxos) if r["parts"]]
             if not runs:
                 continue
             p50 = lambda key: statistics.median(r["parts"][key] for r in runs)
