@@ -18,7 +18,7 @@ from oslo_config import cfg
 class Printer:
     def __init__(self, image, until, done):
         self.image, self.until, self.done = image, set(until), done
-        # The threading executor calls endpoints concurrently: one line at a time.
+        # One line at a time, should the executor ever run endpoints concurrently.
         self.lock = threading.Lock()
 
     def _emit(self, priority, ctxt, publisher_id, event_type, payload, metadata):
@@ -64,7 +64,11 @@ def main():
     listener = oslo_messaging.get_notification_listener(
         transport, targets, [Printer(args.image, args.until.split(","), done)],
         executor="threading", pool=args.pool)
-    listener.start()
+    # One worker thread: oslo's threading executor hands each message to a pool
+    # (`executor_thread_pool_size`, 64 by default), whose threads may print two notifications
+    # in the opposite order to the one they were published and delivered in. Subscribers and
+    # tests compare that order (task_state transitions), so it is kept.
+    listener.start(override_pool_size=1)
     threading.Thread(target=exit_with_parent, args=(os.getppid(),), daemon=True).start()
     print("ready", file=sys.stderr, flush=True)
     ok = done.wait(args.timeout)
