@@ -11,7 +11,9 @@ image's own size), BENCH_HELD_SIZES (MiB, default "1024,4096"), BENCH_HELD_RUNS 
 default "1024,4096"), BENCH_OWN_MIB (what the instance writes itself, default 64) and
 BENCH_OWN_BASE_MIB (data its base image holds beyond the guest's disk, default 512),
 BENCH_ONLY (sections, comma-separated, default all: see SECTIONS), BENCH_OUT (the results
-file, default bench/results/<date>.md: a partial or trial run can write elsewhere).
+file, default bench/results/<date>.md: a partial or trial run can write elsewhere),
+BENCH_WORKER_SET (options set in every worker's config, `section.option=value` separated by
+spaces, e.g. "novasnap.concurrent_flattens=1"; named in the results).
 Every wait is bounded; a peer that fails to start is reported with its output; a section
 that fails is reported in the results and the others still run.
 """
@@ -51,6 +53,20 @@ OWN_MIB = int(ENV.get("BENCH_OWN_MIB", "64"))
 OWN_BASE_MIB = int(ENV.get("BENCH_OWN_BASE_MIB", "512"))
 SECTIONS = ("snapshot", "concurrency", "dispatch", "forwarding", "memory", "nova", "own", "held")
 ONLY = [s for s in ENV.get("BENCH_ONLY", "").split(",") if s] or list(SECTIONS)
+
+
+def worker_settings(spec):
+    """BENCH_WORKER_SET's `section.option=value` items as (section, option, value)."""
+    settings = []
+    for item in spec.split():
+        m = re.fullmatch(r"([^.=]+)\.([^=]+)=(.*)", item)
+        if not m:
+            sys.exit(f"BENCH_WORKER_SET: {item!r} is not section.option=value")
+        settings.append(m.groups())
+    return settings
+
+
+WORKER_SET = worker_settings(ENV.get("BENCH_WORKER_SET", ""))
 PEER = ENV["NOVASNAP_PEER_PYTHON"]
 GLANCE = ENV["GLANCE_URL"]
 CEPH_CONF = ENV["CEPH_CONF"]
@@ -284,7 +300,7 @@ class Worker:
                 ("novasnap", "dead_letter_queue", f"{EXCHANGE}-dlq"),
                 ("novasnap", "serve_whole_host", "false" if relay else "true"),
                 ("novasnap", "nova_writeback", "false")]
-        for section, key, value in settings:
+        for section, key, value in settings + WORKER_SET:
             conf = ini_set(conf, section, key, value)
         self.conf = os.path.join(self.dir, "novasnap.conf")
         open(self.conf, "w").write(conf)
@@ -1220,7 +1236,9 @@ def section_snapshot(listener, shared):
 def section_concurrency(listener, shared):
     rows, shared["peak8"] = concurrency(listener)
     total = {n: t for n, t, *_ in rows}
-    return ["## Concurrency (256 MiB disks, direct path, max_concurrent_snapshots = 8)", "",
+    flattens = dict(((s, k), v) for s, k, v in WORKER_SET).get(("novasnap", "concurrent_flattens"), "2")
+    return [f"## Concurrency (256 MiB disks, direct path, max_concurrent_snapshots = 8, "
+            f"concurrent_flattens = {flattens})", "",
             "One nova-api (the peer) casts the snapshots one right after the other. *total*: the first cast "
             "sent → the last `instance.snapshot.end`; *per snapshot*: its cast → its end.", "",
             "| snapshots at once | total (s) | per snapshot p50 (s) | p99 (s) | failed |", "|---|---|---|---|---|"] + \
@@ -1484,7 +1502,8 @@ def main():
           + ", ".join(f"{k} {v}" for k, v in versions.items()) + " (Ceph's default, set for the run).",
           "One-node Ceph (memstore OSD, loopback), Glance under gunicorn. Medians of "
           f"{RUNS} runs (min–max) unless a table says otherwise. Produced by `make bench`"
-          + ("" if ONLY == list(SECTIONS) else f" with BENCH_ONLY={','.join(ONLY)}") + "."]
+          + ("" if ONLY == list(SECTIONS) else f" with BENCH_ONLY={','.join(ONLY)}")
+          + (f", the workers' config with {ENV['BENCH_WORKER_SET']}" if WORKER_SET else "") + "."]
     md += body
     md += ["", "## This run", "",
            "Wall time per section: " + ", ".join(f"{n} {t / 60:.1f} min" for n, t in times)

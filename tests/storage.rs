@@ -26,6 +26,7 @@ fn rbd_config() -> RbdConfig {
         osd_op_timeout: Duration::from_secs(30),
         mon_op_timeout: Duration::from_secs(30),
         mount_timeout: Duration::from_secs(30),
+        concurrent_flattens: 2,
     }
 }
 
@@ -155,6 +156,49 @@ async fn flatten_copies_up_an_object_the_object_map_wrongly_marks_present() {
     assert_eq!(rbd.metadata(&copy, "novasnap.object_map_off").await.unwrap(), None);
 
     rbd.remove_image(&copy).await.unwrap();
+    rbd.remove_snapshot(&disk, "s1").await.unwrap();
+    rbd.remove_image(&disk).await.unwrap();
+}
+
+/// `[novasnap] concurrent_flattens = 1`: three flattens asked at once run one after the
+/// other, in the order asked (each one's progress, to 100, before the next one's starts),
+/// and each copies every byte.
+#[tokio::test]
+async fn flattens_take_turns() {
+    let rbd = CephRbd::connect(&RbdConfig { concurrent_flattens: 1, ..rbd_config() }).await.unwrap();
+    let disk = RbdImage::new("vms", unique("test-disk"));
+    // 40 MiB: ten objects, so each flatten reports progress ten times.
+    let data = pattern(40 << 20, 3);
+    rbd_import(&disk, &data).await;
+    rbd.create_snapshot(&disk, "s1").await.unwrap();
+    rbd.protect_snapshot(&disk, "s1").await.unwrap();
+    let copies: Vec<RbdImage> = (0..3).map(|_| RbdImage::new("images", unique("test-copy"))).collect();
+    for copy in &copies {
+        rbd.clone_image(&disk, "s1", copy).await.unwrap();
+    }
+
+    let seen = Arc::new(std::sync::Mutex::new(Vec::<(usize, u8)>::new()));
+    let flattens = copies.iter().enumerate().map(|(i, copy)| {
+        let seen = seen.clone();
+        rbd.flatten(copy, CloneState::Fresh, Arc::new(move |p| seen.lock().unwrap().push((i, p))))
+    });
+    for done in futures::future::join_all(flattens).await {
+        done.unwrap();
+    }
+    let seen = seen.lock().unwrap().clone();
+    let mut runs: Vec<usize> = seen.iter().map(|(i, _)| *i).collect();
+    runs.dedup();
+    assert_eq!(runs, vec![0, 1, 2], "one flatten at a time, in turn: {seen:?}");
+    for i in 0..3 {
+        let of_i: Vec<u8> = seen.iter().filter(|(j, _)| *j == i).map(|(_, p)| *p).collect();
+        assert!(of_i.len() > 2 && of_i.last() == Some(&100), "flatten {i}: {of_i:?}");
+    }
+    for copy in &copies {
+        assert_eq!(rbd.parent(copy).await.unwrap(), None);
+        let bytes: Vec<bytes::Bytes> = rbd.read(copy, None).try_collect().await.unwrap();
+        assert!(bytes.concat() == data, "{copy} holds every byte of the disk");
+        rbd.remove_image(copy).await.unwrap();
+    }
     rbd.remove_snapshot(&disk, "s1").await.unwrap();
     rbd.remove_image(&disk).await.unwrap();
 }

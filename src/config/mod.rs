@@ -162,6 +162,9 @@ pub struct RbdConfig {
     pub mon_op_timeout: Duration,
     /// `[novasnap] client_mount_timeout`: bound on connecting to the cluster.
     pub mount_timeout: Duration,
+    /// `[novasnap] concurrent_flattens`: flattens running at once in this worker; more wait
+    /// their turn. Each holds up to `rbd_concurrent_management_ops` whole objects in memory.
+    pub concurrent_flattens: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -430,7 +433,11 @@ impl Config {
             osd_op_timeout: r.positive_seconds("novasnap", "rados_osd_op_timeout", 30)?,
             mon_op_timeout: r.positive_seconds("novasnap", "rados_mon_op_timeout", 30)?,
             mount_timeout: r.positive_seconds("novasnap", "client_mount_timeout", 30)?,
+            concurrent_flattens: r.parse("novasnap", "concurrent_flattens", 2)?,
         };
+        if rbd.concurrent_flattens == 0 {
+            return Err(r.invalid("novasnap", "concurrent_flattens", "0", "must be at least 1".into()));
+        }
 
         let api_servers = r.list("glance", "api_servers", &[])?;
         for server in &api_servers {

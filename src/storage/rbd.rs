@@ -40,6 +40,12 @@ struct Inner {
     closer: ffi::DeferredClose,
     pools: Mutex<HashMap<String, Arc<ffi::Pool>>>,
     cluster: Arc<Cluster>,
+    /// Turns to flatten (`[novasnap] concurrent_flattens`), handed out in the order asked.
+    /// librbd's flatten copies whole objects up, `rbd_concurrent_management_ops` of them
+    /// (10 × 4 MiB by default) held in memory per flatten: eight at once held some 280 MiB.
+    /// Taking turns keeps the worker's memory at a few flattens' worth while the cluster,
+    /// not the count of flattens, bounds how fast they finish together.
+    flatten_turns: Arc<tokio::sync::Semaphore>,
 }
 
 /// The error for `operation` on `target` failing with `errno`.
@@ -207,7 +213,8 @@ impl CephRbd {
         .map_err(|e| StorageError::Connect(e.to_string()))??;
         let closer =
             ffi::DeferredClose::start().map_err(|e| StorageError::Connect(format!("starting the closer: {e}")))?;
-        Ok(Self { inner: Arc::new(Inner { closer, pools: Mutex::default(), cluster }) })
+        let flatten_turns = Arc::new(tokio::sync::Semaphore::new(config.concurrent_flattens));
+        Ok(Self { inner: Arc::new(Inner { closer, pools: Mutex::default(), cluster, flatten_turns }) })
     }
 
     /// Runs `f` on the blocking pool with the connection, counted in flight by the request.
@@ -342,7 +349,11 @@ impl BlockStorage for CephRbd {
     async fn flatten(&self, image: &RbdImage, clone: CloneState, progress: Progress) -> Result<(), StorageError> {
         let image = image.clone();
         let stop = inflight::stop_signal().unwrap_or_default();
+        // Held by the blocking call itself: a flatten whose caller gave up runs on, in its turn.
+        let turn =
+            self.inner.flatten_turns.clone().acquire_owned().await.expect("the flatten semaphore is never closed");
         self.blocking(move |inner| {
+            let _turn = turn;
             let mut report = |done: u64, total: u64| {
                 progress((done.saturating_mul(100) / total.max(1)).min(100) as u8);
                 !stop.is_cancelled()
