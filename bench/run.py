@@ -1236,7 +1236,7 @@ def section_snapshot(listener, shared):
 def section_concurrency(listener, shared):
     rows, shared["peak8"] = concurrency(listener)
     total = {n: t for n, t, *_ in rows}
-    flattens = dict(((s, k), v) for s, k, v in WORKER_SET).get(("novasnap", "concurrent_flattens"), "2")
+    flattens = dict(((s, k), v) for s, k, v in WORKER_SET).get(("novasnap", "concurrent_flattens"), "8 (its default)")
     return [f"## Concurrency (256 MiB disks, direct path, max_concurrent_snapshots = 8, "
             f"concurrent_flattens = {flattens})", "",
             "One nova-api (the peer) casts the snapshots one right after the other. *total*: the first cast "

@@ -164,6 +164,8 @@ pub struct RbdConfig {
     pub mount_timeout: Duration,
     /// `[novasnap] concurrent_flattens`: flattens running at once in this worker; more wait
     /// their turn. Each holds up to `rbd_concurrent_management_ops` whole objects in memory.
+    /// Defaults to `max_concurrent_snapshots` (no turns): on the bench's two cores, eight
+    /// snapshots at once took ~1 s longer in all with 2 turns, for ~70 MiB less at the peak.
     pub concurrent_flattens: usize,
 }
 
@@ -421,6 +423,10 @@ impl Config {
             block_copy_timeout: r.seconds("novasnap", "block_copy_timeout", 3600)?,
         };
 
+        let max_concurrent_snapshots: usize = r.parse("novasnap", "max_concurrent_snapshots", 5)?;
+        if max_concurrent_snapshots == 0 {
+            return Err(r.invalid("novasnap", "max_concurrent_snapshots", "0", "must be at least 1".into()));
+        }
         let pool = r.string("libvirt", "images_rbd_pool", "rbd")?;
         let ceph_conf = r.string("libvirt", "images_rbd_ceph_conf", "")?;
         let rbd_user = r.string("libvirt", "rbd_user", "")?;
@@ -433,7 +439,7 @@ impl Config {
             osd_op_timeout: r.positive_seconds("novasnap", "rados_osd_op_timeout", 30)?,
             mon_op_timeout: r.positive_seconds("novasnap", "rados_mon_op_timeout", 30)?,
             mount_timeout: r.positive_seconds("novasnap", "client_mount_timeout", 30)?,
-            concurrent_flattens: r.parse("novasnap", "concurrent_flattens", 2)?,
+            concurrent_flattens: r.parse("novasnap", "concurrent_flattens", max_concurrent_snapshots)?,
         };
         if rbd.concurrent_flattens == 0 {
             return Err(r.invalid("novasnap", "concurrent_flattens", "0", "must be at least 1".into()));
@@ -461,10 +467,6 @@ impl Config {
             novasnap_service_user: r.password_auth("novasnap_service_user")?,
         };
 
-        let max_concurrent_snapshots: usize = r.parse("novasnap", "max_concurrent_snapshots", 5)?;
-        if max_concurrent_snapshots == 0 {
-            return Err(r.invalid("novasnap", "max_concurrent_snapshots", "0", "must be at least 1".into()));
-        }
         let instance_lease = r.seconds("novasnap", "instance_lease", 30)?;
         if instance_lease < Duration::from_secs(1) {
             // RADOS takes a lock of 0 s as one that never expires.
@@ -1108,6 +1110,7 @@ mod tests {
         assert_eq!(c.rbd.state_pool, "vms");
         assert_eq!(c.notifications.drivers, [NotificationDriver::MessagingV2]);
         assert_eq!(c.worker.max_concurrent_snapshots, 5);
+        assert_eq!(c.rbd.concurrent_flattens, 5, "as many flattens as snapshots unless set");
         assert_eq!(c.libvirt.connection_uri, "qemu:///system");
         assert_eq!(c.libvirt.snapshots_directory, PathBuf::from("/var/lib/nova/instances/snapshots"));
     }
@@ -1116,6 +1119,12 @@ mod tests {
     fn invalid_values_name_file_section_and_key() {
         let err = load("[novasnap]\nmax_concurrent_snapshots = lots\n").unwrap_err().to_string();
         assert!(err.contains("nova.conf") && err.contains("[novasnap] max_concurrent_snapshots"), "{err}");
+        let c = load("[novasnap]\nmax_concurrent_snapshots = 8\n").unwrap();
+        assert_eq!(c.rbd.concurrent_flattens, 8);
+        let c = load("[novasnap]\nmax_concurrent_snapshots = 8\nconcurrent_flattens = 2\n").unwrap();
+        assert_eq!(c.rbd.concurrent_flattens, 2);
+        let err = load("[novasnap]\nconcurrent_flattens = 0\n").unwrap_err().to_string();
+        assert!(err.contains("[novasnap] concurrent_flattens") && err.contains("at least 1"), "{err}");
         let err = load("[workarounds]\ndisable_libvirt_livesnapshot = maybe\n").unwrap_err().to_string();
         assert!(err.contains("[workarounds] disable_libvirt_livesnapshot"), "{err}");
         let err = load("[DEFAULT]\ntransport_url = kafka://x\n").unwrap_err().to_string();
